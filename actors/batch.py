@@ -1,0 +1,132 @@
+"""Columnar event batches: the one shape events have inside the platform.
+
+A batch holds each field as a column (numpy arrays for codes, times and values;
+lists for strings and maps) so that encoding, validation and state updates work
+per batch rather than per event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import numpy as np
+
+from actors.events import EVENT_TYPES, SOURCE_CODE, SOURCES, TYPE_CODE, Event, Scalar
+
+NO_VALUE = float("nan")
+
+
+@dataclass
+class EventBatch:
+    """Events as parallel columns. ``value`` is NaN where an event has none."""
+
+    event_id: list[str]
+    user_id: list[str]
+    type: np.ndarray  # uint8 codes, see EventType
+    ts: np.ndarray  # int64 epoch milliseconds
+    item_id: list[str | None]
+    category: list[str | None]
+    value: np.ndarray  # float64
+    source: np.ndarray  # uint8 codes, see Source
+    traits: list[dict[str, Scalar] | None] = field(default_factory=list)
+    properties: list[dict[str, Scalar] | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        n = len(self.event_id)
+        if not self.traits:
+            self.traits = [None] * n
+        if not self.properties:
+            self.properties = [None] * n
+
+    def __len__(self) -> int:
+        return len(self.event_id)
+
+    @classmethod
+    def empty(cls) -> EventBatch:
+        """A batch with no events."""
+        return cls.from_events([])
+
+    @classmethod
+    def from_events(cls, events: Sequence[Event]) -> EventBatch:
+        """Columns from validated events."""
+        return cls(
+            event_id=[e.event_id for e in events],
+            user_id=[e.user_id for e in events],
+            type=np.fromiter((TYPE_CODE[e.type] for e in events), np.uint8, len(events)),
+            ts=np.fromiter((e.ts_ms for e in events), np.int64, len(events)),
+            item_id=[e.item_id for e in events],
+            category=[e.category for e in events],
+            value=np.fromiter(
+                (NO_VALUE if e.value is None else e.value for e in events),
+                np.float64,
+                len(events),
+            ),
+            source=np.fromiter((SOURCE_CODE[e.source] for e in events), np.uint8, len(events)),
+            traits=[e.traits for e in events],
+            properties=[e.properties for e in events],
+        )
+
+    def take(self, indices: Sequence[int] | np.ndarray) -> EventBatch:
+        """The events at ``indices``, in that order."""
+        idx = np.asarray(indices, dtype=np.int64)
+        pick = idx.tolist()
+        return EventBatch(
+            event_id=[self.event_id[i] for i in pick],
+            user_id=[self.user_id[i] for i in pick],
+            type=self.type[idx],
+            ts=self.ts[idx],
+            item_id=[self.item_id[i] for i in pick],
+            category=[self.category[i] for i in pick],
+            value=self.value[idx],
+            source=self.source[idx],
+            traits=[self.traits[i] for i in pick],
+            properties=[self.properties[i] for i in pick],
+        )
+
+    @classmethod
+    def concat(cls, batches: Iterable[EventBatch]) -> EventBatch:
+        """One batch holding the events of ``batches`` in order."""
+        parts = [b for b in batches if len(b)]
+        if not parts:
+            return cls.empty()
+        if len(parts) == 1:
+            return parts[0]
+        return cls(
+            event_id=[x for b in parts for x in b.event_id],
+            user_id=[x for b in parts for x in b.user_id],
+            type=np.concatenate([b.type for b in parts]),
+            ts=np.concatenate([b.ts for b in parts]),
+            item_id=[x for b in parts for x in b.item_id],
+            category=[x for b in parts for x in b.category],
+            value=np.concatenate([b.value for b in parts]),
+            source=np.concatenate([b.source for b in parts]),
+            traits=[x for b in parts for x in b.traits],
+            properties=[x for b in parts for x in b.properties],
+        )
+
+    def event_dict(self, i: int) -> dict[str, Any]:
+        """Event ``i`` as the JSON-ready dict an :class:`Event` would serialise to."""
+        out: dict[str, Any] = {
+            "event_id": self.event_id[i],
+            "user_id": self.user_id[i],
+            "type": _name(EVENT_TYPES, int(self.type[i])),
+            "ts": int(self.ts[i]),
+            "source": _name(SOURCES, int(self.source[i])),
+        }
+        optional = {
+            "item_id": self.item_id[i],
+            "category": self.category[i],
+            "value": None if np.isnan(self.value[i]) else float(self.value[i]),
+            "traits": self.traits[i],
+            "properties": self.properties[i],
+        }
+        out.update({k: v for k, v in optional.items() if v is not None})
+        return out
+
+
+def _name(members: Sequence[Enum], code: int) -> str | int:
+    """The name behind a wire code; the code itself when it is unknown (a bad batch)."""
+    return members[code].value if code < len(members) else code

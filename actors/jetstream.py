@@ -1,0 +1,66 @@
+"""The JetStream streams the platform needs, created idempotently.
+
+``AUDIENCE_EVENTS`` holds ``audience.events.<partition>``; its duplicate window
+makes a re-sent batch (same ``Nats-Msg-Id``) a no-op. ``AUDIENCE_DLQ`` keeps
+dead letters on ``audience.dlq.<reason>`` so they can be counted and inspected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nats.js import JetStreamContext
+from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import NotFoundError
+
+from actors.partitioning import DLQ_SUBJECT_PREFIX, EVENTS_SUBJECT_PREFIX
+
+
+@dataclass(frozen=True)
+class StreamNames:
+    """Names of the two streams, so every component agrees on them."""
+
+    events: str = "AUDIENCE_EVENTS"
+    dlq: str = "AUDIENCE_DLQ"
+
+
+async def ensure_streams(
+    js: JetStreamContext,
+    names: StreamNames,
+    duplicate_window_s: float = 120.0,
+    dlq_max_age_s: float = 7 * 86_400,
+) -> None:
+    """Create the event and dead-letter streams if they do not exist yet."""
+    wanted = [
+        StreamConfig(
+            name=names.events,
+            subjects=[f"{EVENTS_SUBJECT_PREFIX}.*"],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            duplicate_window=duplicate_window_s,
+        ),
+        StreamConfig(
+            name=names.dlq,
+            subjects=[f"{DLQ_SUBJECT_PREFIX}.>"],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=dlq_max_age_s,
+        ),
+    ]
+    for config in wanted:
+        try:
+            await js.stream_info(str(config.name))
+        except NotFoundError:
+            await js.add_stream(config)
+
+
+async def subject_counts(js: JetStreamContext, stream: str, subjects: str) -> dict[str, int]:
+    """Messages currently held per subject matching ``subjects`` (a wildcard)."""
+    info = await js.stream_info(stream, subjects_filter=subjects)
+    return dict(info.state.subjects or {})
+
+
+async def dead_letter_counts(js: JetStreamContext, names: StreamNames) -> dict[str, int]:
+    """Dead-lettered events held, by reason."""
+    counts = await subject_counts(js, names.dlq, f"{DLQ_SUBJECT_PREFIX}.>")
+    return {subject.rsplit(".", 1)[1]: n for subject, n in counts.items()}

@@ -1,0 +1,106 @@
+"""The shard pool: N named shard actors, partitions assigned, queries fanned out in batches.
+
+Routing is user -> partition (CRC-32) -> owning shard. A query for many users
+costs one actor call per shard involved, never one per user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.actor import ActorHandle
+
+from actors.partitioning import assign_partitions, partition_of
+from actors.shard_actor import ShardActor
+from actors.state import StateRules
+from actors.validation import ValidationPolicy
+
+NAMESPACE = "audience"
+
+
+def shard_name(pool: str, shard_id: int) -> str:
+    """The Ray actor name of a shard, so other processes can find it."""
+    return f"{pool}-shard-{shard_id}"
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """What a pool is made of; enough for any process to find its shards."""
+
+    partitions: int
+    shards: int
+    nats_url: str
+    stream: str
+    shard_cpus: float = 0.5
+    name: str = "audience"
+
+
+class ShardPool:
+    """Handles to the shard actors and the partition map that routes to them."""
+
+    def __init__(self, spec: PoolSpec, handles: Sequence[ActorHandle]) -> None:
+        self.spec = spec
+        self.handles = list(handles)
+        self.assignment = assign_partitions(spec.partitions, spec.shards)
+        self._owner = {p: s for s, parts in enumerate(self.assignment) for p in parts}
+
+    @classmethod
+    def create(
+        cls,
+        spec: PoolSpec,
+        rules: StateRules | None = None,
+        policy: ValidationPolicy | None = None,
+        timeout_s: float = 60.0,
+    ) -> ShardPool:
+        """Start the shard actors (named, in the ``audience`` namespace) and their consumers."""
+        assignment = assign_partitions(spec.partitions, spec.shards)
+        handles = [
+            ShardActor.options(  # type: ignore[attr-defined]
+                name=shard_name(spec.name, i), namespace=NAMESPACE, num_cpus=spec.shard_cpus
+            ).remote(i, parts, spec.nats_url, spec.stream, rules, policy)
+            for i, parts in enumerate(assignment)
+        ]
+        ray.get([h.start.remote() for h in handles], timeout=timeout_s)
+        return cls(spec, handles)
+
+    @classmethod
+    def connect(cls, spec: PoolSpec) -> ShardPool:
+        """Handles to a pool another process created."""
+        handles = [ray.get_actor(shard_name(spec.name, i), namespace=NAMESPACE) for i in range(spec.shards)]
+        return cls(spec, handles)
+
+    def owner(self, user_id: str) -> int:
+        """The shard that holds ``user_id``."""
+        return self._owner[partition_of(user_id, self.spec.partitions)]
+
+    async def profiles(self, user_ids: Sequence[str]) -> list[dict[str, Any] | None]:
+        """Profiles of ``user_ids`` in order; one call per shard involved."""
+        by_shard: dict[int, list[int]] = defaultdict(list)
+        for index, user_id in enumerate(user_ids):
+            by_shard[self.owner(user_id)].append(index)
+        shards = list(by_shard)
+        answers = await asyncio.gather(
+            *(self.handles[s].profiles.remote([user_ids[i] for i in by_shard[s]]) for s in shards)
+        )
+        out: list[dict[str, Any] | None] = [None] * len(user_ids)
+        for shard, profiles in zip(shards, answers, strict=True):
+            for index, profile in zip(by_shard[shard], profiles, strict=True):
+                out[index] = profile
+        return out
+
+    async def status(self) -> list[dict[str, Any]]:
+        """Every shard's status, in shard order."""
+        return list(await asyncio.gather(*(h.status.remote() for h in self.handles)))
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Stop consuming and end the actors."""
+        try:
+            ray.get([h.stop.remote() for h in self.handles], timeout=timeout_s)
+        finally:
+            for handle in self.handles:
+                ray.kill(handle, no_restart=True)

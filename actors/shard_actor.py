@@ -1,0 +1,109 @@
+"""The Ray edge of a shard: an async actor that consumes its partitions itself.
+
+There is no router hop: the actor pulls its own subjects from JetStream, so
+events go stream -> shard in one step, and queries are answered from the same
+event loop between two applied batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import nats
+import ray
+from nats.aio.client import Client
+
+from actors.consumer import StreamReader
+from actors.deadletter import DeadLetters
+from actors.shard import Shard
+from actors.state import StateRules
+from actors.validation import ValidationPolicy
+
+log = logging.getLogger(__name__)
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0)
+class ShardActor:
+    """Owns partitions: consumes them, keeps their users' state, answers queries."""
+
+    def __init__(
+        self,
+        shard_id: int,
+        partitions: Sequence[int],
+        nats_url: str,
+        stream: str,
+        rules: StateRules | None = None,
+        policy: ValidationPolicy | None = None,
+        max_messages_per_apply: int = 32,
+    ) -> None:
+        self.shard = Shard(shard_id, partitions, rules, policy)
+        self.nats_url = nats_url
+        self.stream = stream
+        self.max_messages_per_apply = max_messages_per_apply
+        self._nc: Client | None = None
+        self._reader: StreamReader | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+        self._dead_letters: DeadLetters | None = None
+
+    async def start(self) -> dict[str, Any]:
+        """Connect to NATS and start consuming; returns the shard's status."""
+        if self._loop_task is None:
+            self._nc = await nats.connect(
+                self.nats_url, name=f"audience-shard-{self.shard.shard_id}", max_reconnect_attempts=-1
+            )
+            js = self._nc.jetstream()
+            self._dead_letters = DeadLetters(js, origin=f"shard:{self.shard.shard_id}")
+            self._reader = StreamReader(self._nc, js, self.stream, dict(self.shard.positions))
+            await self._reader.start()
+            self._loop_task = asyncio.create_task(self._consume())
+            self._loop_task.add_done_callback(self._log_crash)
+        return self.shard.status()
+
+    async def _consume(self) -> None:
+        assert self._reader is not None and self._dead_letters is not None
+        while True:
+            deliveries = await self._reader.take(self.max_messages_per_apply, timeout_s=0.5)
+            if not deliveries:
+                continue
+            result = self.shard.apply(deliveries)
+            if result.rejected:
+                try:
+                    await self._dead_letters.publish(result.rejected)
+                except Exception:  # the records are counted; keep consuming
+                    log.exception("shard %s could not dead-letter", self.shard.shard_id)
+
+    def _log_crash(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("shard %s stopped consuming", self.shard.shard_id, exc_info=task.exception())
+
+    async def profiles(self, user_ids: Sequence[str]) -> list[dict[str, Any] | None]:
+        """Live profiles for ``user_ids``, None for unknown users."""
+        return self.shard.profiles(user_ids)
+
+    async def status(self) -> dict[str, Any]:
+        """Counters, positions and per-partition lag of this shard."""
+        status = self.shard.status()
+        if self._reader is not None:
+            status["lag"] = await self._reader.lag()
+            status["buffered_messages"] = self._reader.buffered
+        status["consuming"] = self._loop_task is not None and not self._loop_task.done()
+        return status
+
+    async def stop(self) -> None:
+        """Stop consuming and close the NATS connection."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+            self._loop_task = None
+        if self._reader is not None:
+            await self._reader.stop()
+            self._reader = None
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.close()
+            self._nc = None

@@ -1,0 +1,208 @@
+"""The ``audience`` command: ``up``, ``simulate``, ``status``.
+
+Every failure a user can cause (bad settings, a taken port, nothing running)
+ends in one ``error:`` line and exit code 2, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from actors.errors import AudienceError
+from cluster.settings import Settings
+
+EXIT_USAGE = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
+        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+        result: int = args.run(args, settings)
+        return result
+    except ValidationError as exc:
+        return _fail("invalid settings: " + "; ".join(_describe(e) for e in exc.errors()))
+    except AudienceError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return 130
+
+
+def _describe(error: Any) -> str:
+    field = ".".join(str(x) for x in error["loc"])
+    return f"{field}: {error['msg']}" if field else str(error["msg"])
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="audience", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="start NATS, Ray, the shard pool and the API")
+    up.add_argument("--demo", action="store_true", help="also publish simulated traffic")
+    up.add_argument("--shards", type=int, help="shard actors (AUDIENCE_SHARDS)")
+    up.add_argument("--http-port", type=int, help="API port (AUDIENCE_HTTP_PORT)")
+    up.set_defaults(run=_up)
+
+    sim = commands.add_parser("simulate", help="publish a simulated audience")
+    sim.add_argument("--users", type=int, default=100_000)
+    sim.add_argument("--rate", type=float, default=20_000, help="events per second")
+    sim.add_argument("--duration", type=float, default=60, help="seconds")
+    sim.add_argument("--seed", type=int, default=1)
+    sim.add_argument("--time-scale", type=float, default=1.0, help="event-time speed-up")
+    sim.add_argument("--nats-url", help="NATS URL; default: the running `audience up`")
+    sim.set_defaults(run=_simulate)
+
+    status = commands.add_parser("status", help="lag, applied events and dead letters")
+    status.add_argument("--url", help="API base URL; default: the running `audience up`")
+    status.add_argument("--json", action="store_true", help="print raw JSON")
+    status.set_defaults(run=_status)
+    return parser
+
+
+def _up(args: argparse.Namespace, settings: Settings) -> int:
+    from cluster.launcher import Platform
+
+    platform = Platform(settings)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        info = platform.start()
+        print(f"NATS      {info.nats_url}")
+        print(f"API       {info.http_url}   (docs: {info.http_url}/docs)")
+        print(f"status    audience status   (or {info.http_url}/v1/status)")
+        demo = _start_demo(settings, info.nats_url, stop) if args.demo else None
+        if demo is not None:
+            print(f"demo      {settings.demo_rate:.0f} events/s over {settings.demo_users} users")
+        print("ready     press Ctrl-C to stop", flush=True)
+        stop.wait()
+        print("stopping...", flush=True)
+        if demo is not None:
+            demo.join(timeout=10)
+    finally:
+        platform.stop()
+    print("stopped", flush=True)
+    return 0
+
+
+def _start_demo(settings: Settings, nats_url: str, stop: threading.Event) -> threading.Thread:
+    from cluster.simulate import publish_simulation
+
+    async def run() -> None:
+        halt = asyncio.Event()
+        task = asyncio.create_task(
+            publish_simulation(
+                nats_url,
+                settings.partitions,
+                users=settings.demo_users,
+                rate=settings.demo_rate,
+                duration_s=365 * 86_400,
+                seed=1,
+                stop=halt,
+            )
+        )
+        while not stop.is_set() and not task.done():
+            await asyncio.sleep(0.2)
+        halt.set()
+        await task
+
+    thread = threading.Thread(target=lambda: asyncio.run(run()), name="demo", daemon=True)
+    thread.start()
+    return thread
+
+
+def _simulate(args: argparse.Namespace, settings: Settings) -> int:
+    from cluster.launcher import RuntimeInfo, policy_of
+    from cluster.simulate import publish_simulation
+
+    nats_url = args.nats_url or (None if settings.embedded_nats else settings.nats_url)
+    partitions = settings.partitions
+    if nats_url is None:
+        info = RuntimeInfo.load(settings.data_dir)
+        if info is None:
+            return _fail("no running `audience up` found; start one or pass --nats-url")
+        nats_url, partitions = info.nats_url, info.partitions
+    report = asyncio.run(
+        publish_simulation(
+            nats_url,
+            partitions,
+            users=args.users,
+            rate=args.rate,
+            duration_s=args.duration,
+            seed=args.seed,
+            time_scale=args.time_scale,
+            max_batch=settings.batch_max_events,
+            linger_ms=settings.linger_ms,
+            policy=policy_of(settings),
+        )
+    )
+    print(
+        f"published {report.events} events in {report.messages} messages "
+        f"({report.events_per_s:,.0f} events/s), {report.rejected} rejected"
+    )
+    return 0
+
+
+def _status(args: argparse.Namespace, settings: Settings) -> int:
+    from cluster.launcher import RuntimeInfo
+
+    url = args.url
+    if url is None:
+        info = RuntimeInfo.load(settings.data_dir)
+        url = info.http_url if info else f"http://127.0.0.1:{settings.http_port}"
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/v1/status", timeout=30) as answer:
+            status = json.load(answer)
+    except (urllib.error.URLError, OSError) as exc:
+        return _fail(f"cannot reach the API at {url}: {exc}")
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(format_status(status))
+    return 0
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """A readable summary of ``GET /v1/status``."""
+    lines = ["shard  users      applied    rejected  partitions  lag  fresh p50/p99 ms"]
+    for s in status["shards"]:
+        lag = sum(s.get("lag", {}).values())
+        fresh = s.get("freshness_ms", {})
+        p50, p99 = fresh.get("p50"), fresh.get("p99")
+        fresh_text = f"{p50:.1f}/{p99:.1f}" if p50 is not None and p99 is not None else "-"
+        parts = s["partitions"]
+        span = f"{parts[0]}-{parts[-1]}" if parts else "-"
+        lines.append(
+            f"{s['shard']:>5}  {s['users']:>9}  {s['applied_events']:>9}  "
+            f"{sum(s['rejected'].values()):>8}  {span:>10}  {lag:>3}  {fresh_text}"
+        )
+    lagging = {p: n for p, n in status["lag"].items() if n}
+    lines.append("lag per partition: " + (json.dumps(lagging) if lagging else "none"))
+    dead = status["dead_letters"]
+    lines.append("dead letters: " + (", ".join(f"{k}={v}" for k, v in dead.items()) or "none"))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Bring the whole platform up on one machine, or attach it to existing NATS and Ray.
+
+``Platform.start`` is ``audience up``: NATS (embedded or by URL), the streams, a
+Ray instance, the shard pool and the Serve application, in that order;
+``Platform.stop`` takes them down in reverse, so nothing is left running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import nats
+import ray
+from ray import serve
+
+from actors.jetstream import StreamNames, ensure_streams
+from actors.pool import NAMESPACE, PoolSpec, ShardPool
+from actors.validation import ValidationPolicy
+from cluster.nats_server import EmbeddedNats
+from cluster.settings import Settings
+from serving.app import GatewayConfig, build_app
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "audience"
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """Where a running platform can be reached; written to the data folder for other commands."""
+
+    nats_url: str
+    http_url: str
+    pid: int
+    partitions: int
+    shards: int
+
+    @staticmethod
+    def path(data_dir: Path) -> Path:
+        """The file a running ``audience up`` describes itself in."""
+        return data_dir / "runtime.json"
+
+    @classmethod
+    def load(cls, data_dir: Path) -> RuntimeInfo | None:
+        """The running platform's info, or None when none is running."""
+        try:
+            return cls(**json.loads(cls.path(data_dir).read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+
+def streams_of(settings: Settings) -> StreamNames:
+    """Stream names from settings."""
+    return StreamNames(events=settings.stream, dlq=settings.dlq_stream)
+
+
+def policy_of(settings: Settings) -> ValidationPolicy:
+    """Validation limits from settings."""
+    return ValidationPolicy(max_future_ms=int(settings.max_future_s * 1000))
+
+
+async def prepare_streams(nats_url: str, names: StreamNames) -> None:
+    """Create the streams on the server at ``nats_url`` if missing."""
+    nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=0)
+    try:
+        await ensure_streams(nc.jetstream(), names)
+    finally:
+        await nc.close()
+
+
+class Platform:
+    """NATS, Ray, the shard pool and the API, started and stopped together."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.nats: EmbeddedNats | None = None
+        self.pool: ShardPool | None = None
+        self.nats_url = settings.nats_url
+        self._owns_ray = False
+        self.info: RuntimeInfo | None = None
+
+    def start(self) -> RuntimeInfo:
+        """Start every part; on failure, stop what already started and re-raise."""
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> RuntimeInfo:
+        s = self.settings
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        if s.embedded_nats:
+            self.nats = EmbeddedNats(s.data_dir / "nats", port=s.nats_port).start()
+            self.nats_url = self.nats.url
+        asyncio.run(prepare_streams(self.nats_url, streams_of(s)))
+        if not ray.is_initialized():
+            self._init_ray()
+        spec = PoolSpec(s.partitions, s.shards, self.nats_url, s.stream)
+        self.pool = ShardPool.create(spec, policy=policy_of(s))
+        serve.start(http_options={"host": s.http_host, "port": s.http_port})
+        config = GatewayConfig(pool=spec, streams=streams_of(s), policy=policy_of(s))
+        serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
+        host = "127.0.0.1" if s.http_host in ("0.0.0.0", "::") else s.http_host
+        self.info = RuntimeInfo(
+            nats_url=self.nats_url,
+            http_url=f"http://{host}:{s.http_port}",
+            pid=os.getpid(),
+            partitions=s.partitions,
+            shards=s.shards,
+        )
+        RuntimeInfo.path(s.data_dir).write_text(json.dumps(asdict(self.info)))
+        return self.info
+
+    def _init_ray(self) -> None:
+        s = self.settings
+        if s.ray_address == "local":
+            ray.init(
+                num_cpus=s.num_cpus or os.cpu_count() or 1,
+                include_dashboard=False,
+                namespace=NAMESPACE,
+                logging_level=logging.WARNING,
+                log_to_driver=False,
+            )
+        else:
+            ray.init(address=s.ray_address, namespace=NAMESPACE, logging_level=logging.WARNING)
+        self._owns_ray = True
+
+    def stop(self) -> None:
+        """Stop everything this platform started, in reverse order; idempotent."""
+        if ray.is_initialized():
+            with contextlib.suppress(Exception):
+                serve.shutdown()
+            if self.pool is not None:
+                with contextlib.suppress(Exception):
+                    self.pool.shutdown()
+            self.pool = None
+            if self._owns_ray:
+                ray.shutdown()
+                self._owns_ray = False
+        if self.nats is not None:
+            self.nats.stop()
+            self.nats = None
+        if self.info is not None:
+            with contextlib.suppress(OSError):
+                RuntimeInfo.path(self.settings.data_dir).unlink()
+            self.info = None

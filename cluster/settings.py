@@ -1,0 +1,109 @@
+"""All settings of a process, read once from the environment (prefix ``AUDIENCE_``).
+
+Lower layers never read these: the launcher hands plain values down.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "audience"
+
+
+class Settings(BaseSettings):
+    """Configuration of ``audience up`` and the other commands.
+
+    Every field can be set as ``AUDIENCE_<FIELD>`` (for example
+    ``AUDIENCE_NATS_URL=nats://nats:4222``) or in a ``.env`` file.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="AUDIENCE_", env_file=".env", extra="ignore", validate_default=True
+    )
+
+    nats_url: str = Field(
+        default="embedded",
+        description="NATS server URL (nats://host:port), or 'embedded' to start a local "
+        "nats-server with JetStream in the data folder.",
+    )
+    nats_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Client port of the embedded nats-server; 0 picks a free port.",
+    )
+    stream: str = Field(
+        default="AUDIENCE_EVENTS",
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="JetStream stream that holds the partitioned event subjects.",
+    )
+    dlq_stream: str = Field(
+        default="AUDIENCE_DLQ",
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="JetStream stream that keeps dead-lettered events with their reasons.",
+    )
+    partitions: int = Field(
+        default=64,
+        ge=1,
+        le=4096,
+        description="Partition count P: fixed for the life of a stream, the unit of ownership.",
+    )
+    shards: int = Field(
+        default=2,
+        ge=1,
+        description="Shard actor count N; each owns a disjoint set of partitions (N <= P).",
+    )
+    ray_address: str = Field(
+        default="local",
+        description="Ray cluster address (ray://host:10001 or auto), or 'local' to start one.",
+    )
+    num_cpus: int | None = Field(
+        default=None,
+        ge=1,
+        description="CPUs a local Ray may use; default: all of this machine's.",
+    )
+    http_host: str = Field(default="127.0.0.1", description="Address the HTTP API binds to.")
+    http_port: int = Field(default=8000, ge=0, le=65535, description="Port of the HTTP API.")
+    data_dir: Path = Field(
+        default_factory=_default_data_dir,
+        description="Folder for the embedded NATS store and other local state.",
+    )
+    batch_max_events: int = Field(
+        default=1000, ge=1, le=100_000, description="Most events a producer puts in one message."
+    )
+    linger_ms: float = Field(
+        default=5.0,
+        ge=0,
+        le=10_000,
+        description="How long a producer waits to fill a partition's batch before sending it.",
+    )
+    max_future_s: float = Field(
+        default=86_400,
+        ge=0,
+        description="Events stamped further than this ahead of the wall clock are rejected.",
+    )
+    demo_users: int = Field(default=10_000, ge=1, description="Users simulated by `up --demo`.")
+    demo_rate: float = Field(
+        default=500, gt=0, description="Events per second simulated by `up --demo`."
+    )
+
+    @model_validator(mode="after")
+    def _shards_fit_partitions(self) -> Settings:
+        if self.shards > self.partitions:
+            raise ValueError(
+                f"shards ({self.shards}) must not exceed partitions ({self.partitions})"
+            )
+        if self.nats_url != "embedded" and not self.nats_url.startswith(("nats://", "tls://")):
+            raise ValueError("nats_url must be 'embedded' or a nats:// or tls:// URL")
+        return self
+
+    @property
+    def embedded_nats(self) -> bool:
+        """Whether ``audience up`` starts its own nats-server."""
+        return self.nats_url == "embedded"

@@ -1,0 +1,38 @@
+"""Exceptions to HTTP answers, in one place: clear 4xx/503, never a bare 500 for bad input."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray.exceptions import RayActorError
+
+from actors.errors import AudienceError, UnavailableError
+
+log = logging.getLogger(__name__)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the project's exception -> status code mapping on ``app``."""
+
+    @app.exception_handler(UnavailableError)
+    async def _unavailable(request: Request, exc: UnavailableError) -> JSONResponse:
+        return JSONResponse(
+            {"detail": str(exc)},
+            status_code=503,
+            headers={"Retry-After": str(max(1, round(exc.retry_after_s)))},
+        )
+
+    @app.exception_handler(RayActorError)
+    async def _shard_down(request: Request, exc: RayActorError) -> JSONResponse:
+        log.warning("shard unavailable: %s", exc)
+        return JSONResponse(
+            {"detail": "a shard is restarting; retry shortly"},
+            status_code=503,
+            headers={"Retry-After": "1"},
+        )
+
+    @app.exception_handler(AudienceError)
+    async def _bad_request(request: Request, exc: AudienceError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=400)

@@ -1,0 +1,57 @@
+"""Real parts: a nats-server with JetStream on a free port in a temp folder, one local Ray.
+
+Ray starts once per session (it costs seconds); NATS servers are cheap and start
+per module. The ``platform`` fixture is the whole stack as ``audience up`` builds
+it, pointed at an external NATS by URL.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pytest
+import ray
+
+from actors.pool import NAMESPACE
+from cluster.launcher import Platform
+from cluster.nats_server import EmbeddedNats, free_port
+from cluster.settings import Settings
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        namespace=NAMESPACE,
+        logging_level=logging.WARNING,
+        log_to_driver=False,
+    )
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNats]:
+    with EmbeddedNats(tmp_path_factory.mktemp("nats")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def platform(tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> Iterator[Platform]:
+    with EmbeddedNats(tmp_path_factory.mktemp("platform-nats")) as server:
+        settings = Settings(
+            nats_url=server.url,
+            partitions=8,
+            shards=2,
+            http_port=free_port(),
+            data_dir=tmp_path_factory.mktemp("platform-data"),
+            _env_file=None,  # type: ignore[call-arg]
+        )
+        running = Platform(settings)
+        running.start()
+        try:
+            yield running
+        finally:
+            running.stop()

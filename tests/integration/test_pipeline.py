@@ -1,0 +1,162 @@
+"""Events published through the producer end up, exactly, in the owning shards' state."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Any
+
+import nats
+import orjson
+import pytest
+
+from actors.events import EVENT_TYPES
+from actors.partitioning import events_subject
+from actors.producer import Producer
+from cluster.launcher import Platform
+from tests.support.events import event, random_batch
+from tests.support.waiting import async_wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def truth_of(users: list[str], types: list[int]) -> dict[str, Counter[str]]:
+    """Counts per user and event type, computed straight from the events."""
+    truth: dict[str, Counter[str]] = {}
+    for user, code in zip(users, types, strict=True):
+        truth.setdefault(user, Counter())[EVENT_TYPES[code].value] += 1
+    return truth
+
+
+async def profiles_when_applied(
+    platform: Platform, truth: dict[str, Counter[str]]
+) -> list[dict[str, Any]]:
+    assert platform.pool is not None
+    users = sorted(truth)
+    expected = sum(sum(c.values()) for c in truth.values())
+
+    async def all_applied() -> list[dict[str, Any]] | None:
+        profiles = await platform.pool.profiles(users)  # type: ignore[union-attr]
+        done = sum(p["events"] for p in profiles if p) == expected
+        return profiles if done else None  # type: ignore[return-value]
+
+    return await async_wait_until(all_applied, timeout_s=60)
+
+
+async def dead_letters(url: str, since_seq: int = 0) -> list[tuple[str, str, bytes]]:
+    """(subject, reason header, body) of every dead letter after ``since_seq``."""
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info("AUDIENCE_DLQ")
+        out = []
+        for seq in range(since_seq + 1, info.state.last_seq + 1):
+            msg = await js.get_msg("AUDIENCE_DLQ", seq)
+            out.append((msg.subject, (msg.headers or {}).get("Audience-Reason", ""), msg.data))
+        return out
+    finally:
+        await nc.close()
+
+
+async def dlq_last_seq(url: str) -> int:
+    nc = await nats.connect(url)
+    try:
+        return int((await nc.jetstream().stream_info("AUDIENCE_DLQ")).state.last_seq)
+    finally:
+        await nc.close()
+
+
+def test_counts_per_user_equal_the_ground_truth_of_the_events_sent(platform: Platform) -> None:
+    batch = random_batch(30_000, 800, seed=11, prefix="pipe-")
+
+    async def run() -> list[dict[str, Any]]:
+        nc = await nats.connect(platform.nats_url)
+        producer = await Producer(nc.jetstream(), 8, max_batch=500).start()
+        for start in range(0, len(batch), 3000):
+            await producer.send(batch.take(range(start, min(start + 3000, len(batch)))))
+        await producer.close()
+        await nc.close()
+        assert producer.published_events == len(batch)
+        return await profiles_when_applied(platform, truth)
+
+    truth = truth_of(batch.user_id, batch.type.tolist())
+    profiles = asyncio.run(run())
+    for profile in profiles:
+        expected = truth[profile["user_id"]]
+        assert profile["counts"] == {t.value: expected[t.value] for t in EVENT_TYPES}
+        own = [t for u, t in zip(batch.user_id, batch.ts.tolist(), strict=True) if u == profile["user_id"]]
+        assert (profile["first_seen_ms"], profile["last_seen_ms"]) == (min(own), max(own))
+
+
+def test_a_resent_batch_with_the_same_message_id_is_applied_once(platform: Platform) -> None:
+    batch = random_batch(400, 20, seed=12, prefix="dup-")
+
+    async def run() -> list[dict[str, Any]]:
+        nc = await nats.connect(platform.nats_url)
+        js = nc.jetstream()
+        producer = await Producer(js, 8, max_batch=10_000, producer_id="resender").start()
+        await producer.send(batch)
+        await producer.close()
+        # A producer restarted with the same id re-sends the same numbered messages.
+        again = await Producer(js, 8, max_batch=10_000, producer_id="resender").start()
+        await again.send(batch)
+        await again.close()
+        await nc.close()
+        return await profiles_when_applied(platform, truth)
+
+    truth = truth_of(batch.user_id, batch.type.tolist())
+    profiles = asyncio.run(run())
+    assert sum(p["events"] for p in profiles) == len(batch)
+
+
+def test_malformed_events_land_in_the_dead_letter_subject_with_their_reasons(
+    platform: Platform,
+) -> None:
+    items = [
+        event("dlq-ok-1"),
+        event("dlq-x", type="teleport"),
+        event("", type="click"),
+        event("dlq-y", ts="not a time"),
+        event("dlq-z", surprise=1),
+        event("dlq-ok-2", type="like"),
+    ]
+
+    async def run() -> tuple[list[tuple[str, str, bytes]], int]:
+        before = await dlq_last_seq(platform.nats_url)
+        nc = await nats.connect(platform.nats_url)
+        producer = await Producer(nc.jetstream(), 8).start()
+        checked = await producer.send_json(orjson.dumps(items))
+        await producer.close()
+        await nc.close()
+        await profiles_when_applied(
+            platform, {"dlq-ok-1": Counter(page_view=1), "dlq-ok-2": Counter(like=1)}
+        )
+        return await dead_letters(platform.nats_url, before), len(checked.batch)
+
+    letters, accepted = asyncio.run(run())
+    assert accepted == 2
+    assert [(s, r) for s, r, _ in letters] == [
+        ("audience.dlq.unknown_type", "unknown_type"),
+        ("audience.dlq.missing_user", "missing_user"),
+        ("audience.dlq.bad_timestamp", "bad_timestamp"),
+        ("audience.dlq.unknown_field", "unknown_field"),
+    ]
+    assert [orjson.loads(body) for _, _, body in letters] == items[1:5]
+
+
+def test_a_message_that_is_not_the_wire_format_is_dead_lettered_by_the_shard(
+    platform: Platform,
+) -> None:
+    async def run() -> list[tuple[str, str, bytes]]:
+        before = await dlq_last_seq(platform.nats_url)
+        nc = await nats.connect(platform.nats_url)
+        await nc.jetstream().publish(events_subject(3), b"\x00 not a batch")
+        await nc.close()
+
+        async def letters() -> list[tuple[str, str, bytes]]:
+            return await dead_letters(platform.nats_url, before)
+
+        return await async_wait_until(letters, timeout_s=30)
+
+    letters = asyncio.run(run())
+    assert letters == [("audience.dlq.bad_wire", "bad_wire", b"\x00 not a batch")]

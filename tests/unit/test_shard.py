@@ -1,0 +1,67 @@
+"""A shard applies deliveries once, in order, and turns bad ones into dead letters."""
+
+from collections import Counter
+
+from actors.codec import encode
+from actors.delivery import Delivery
+from actors.events import EVENT_TYPES
+from actors.partitioning import partitions_of
+from actors.shard import Shard
+from actors.validation import RejectReason
+from tests.support.events import random_batch
+
+
+def deliveries_of(batch, partitions: int, per_message: int = 100) -> list[Delivery]:
+    parts = partitions_of(batch.user_id, partitions)
+    out, seq = [], 0
+    for p in range(partitions):
+        rows = [i for i in range(len(batch)) if parts[i] == p]
+        for start in range(0, len(rows), per_message):
+            seq += 1
+            body = encode(batch.take(rows[start : start + per_message]))
+            out.append(Delivery(p, seq, 0, 0, body))
+    return out
+
+
+def test_counts_per_user_equal_a_ground_truth_counted_from_the_events() -> None:
+    batch = random_batch(5000, 200)
+    shard = Shard(0, range(4))
+    result = shard.apply(deliveries_of(batch, 4))
+    assert result.applied == 5000 and not result.rejected
+    truth: Counter[tuple[str, str]] = Counter(
+        (u, EVENT_TYPES[t].value) for u, t in zip(batch.user_id, batch.type.tolist(), strict=True)
+    )
+    for user in set(batch.user_id):
+        (profile,) = shard.profiles([user])
+        assert profile is not None
+        for type_ in EVENT_TYPES:
+            assert profile["counts"][type_.value] == truth[(user, type_.value)]
+
+
+def test_a_delivery_at_or_before_the_partition_position_is_not_applied_twice() -> None:
+    batch = random_batch(1000, 50)
+    deliveries = deliveries_of(batch, 2)
+    shard = Shard(0, [0, 1])
+    shard.apply(deliveries)
+    again = shard.apply(deliveries)
+    assert again.applied == 0 and again.skipped_messages == len(deliveries)
+    assert shard.applied_events == 1000
+    assert shard.positions == {
+        p: max(d.seq for d in deliveries if d.partition == p) for p in (0, 1)
+    }
+
+
+def test_a_partition_the_shard_does_not_own_is_ignored() -> None:
+    shard = Shard(0, [0])
+    result = shard.apply([Delivery(5, 1, 0, 0, encode(random_batch(10, 2)))])
+    assert result.applied == 0 and result.skipped_messages == 1
+
+
+def test_a_body_that_is_not_the_wire_format_becomes_a_bad_wire_rejection() -> None:
+    shard = Shard(0, [0])
+    good = encode(random_batch(10, 2))
+    result = shard.apply([Delivery(0, 1, 0, 0, b"garbage"), Delivery(0, 2, 0, 0, good)])
+    assert result.applied == 10
+    assert [(r.reason, r.raw) for r in result.rejected] == [(RejectReason.BAD_WIRE, b"garbage")]
+    assert shard.status()["rejected"] == {"bad_wire": 1}
+    assert shard.positions[0] == 2
