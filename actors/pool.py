@@ -71,7 +71,9 @@ class ShardPool:
     @classmethod
     def connect(cls, spec: PoolSpec) -> ShardPool:
         """Handles to a pool another process created."""
-        handles = [ray.get_actor(shard_name(spec.name, i), namespace=NAMESPACE) for i in range(spec.shards)]
+        handles = [
+            ray.get_actor(shard_name(spec.name, i), namespace=NAMESPACE) for i in range(spec.shards)
+        ]
         return cls(spec, handles)
 
     def owner(self, user_id: str) -> int:
@@ -84,7 +86,7 @@ class ShardPool:
         for index, user_id in enumerate(user_ids):
             by_shard[self.owner(user_id)].append(index)
         shards = list(by_shard)
-        answers = await asyncio.gather(
+        answers: list[list[dict[str, Any] | None]] = await asyncio.gather(
             *(self.handles[s].profiles.remote([user_ids[i] for i in by_shard[s]]) for s in shards)
         )
         out: list[dict[str, Any] | None] = [None] * len(user_ids)

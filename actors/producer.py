@@ -16,6 +16,7 @@ import contextlib
 import time
 import uuid
 from collections import Counter
+from typing import Any
 
 import numpy as np
 from nats.js import JetStreamContext
@@ -61,7 +62,7 @@ class Producer:
         self._buffered: dict[int, int] = {}
         self._since: dict[int, float] = {}
         self._sequence = 0
-        self._in_flight: set[asyncio.Future[object]] = set()
+        self._in_flight: set[asyncio.Future[Any]] = set()
         self._failures: list[BaseException] = []
         self._timer: asyncio.Task[None] | None = None
         self.published_events = 0
@@ -131,7 +132,7 @@ class Producer:
         self.published_events += len(chunk)
         self.published_messages += 1
 
-    def _settled(self, future: asyncio.Future[object]) -> None:
+    def _settled(self, future: asyncio.Future[Any]) -> None:
         self._in_flight.discard(future)
         if not future.cancelled() and future.exception() is not None:
             self._failures.append(future.exception())  # type: ignore[arg-type]

@@ -53,7 +53,9 @@ class ShardActor:
         """Connect to NATS and start consuming; returns the shard's status."""
         if self._loop_task is None:
             self._nc = await nats.connect(
-                self.nats_url, name=f"audience-shard-{self.shard.shard_id}", max_reconnect_attempts=-1
+                self.nats_url,
+                name=f"audience-shard-{self.shard.shard_id}",
+                max_reconnect_attempts=-1,
             )
             js = self._nc.jetstream()
             self._dead_letters = DeadLetters(js, origin=f"shard:{self.shard.shard_id}")

@@ -48,7 +48,8 @@ async def publish_simulation(
     Falls behind gracefully: when publishing is slower than ``rate``, chunks go
     out back to back instead of piling up.
     """
-    simulator = Simulator(users, seed, now_ms() if start_ms is None else start_ms, time_scale=time_scale)
+    start = now_ms() if start_ms is None else start_ms
+    simulator = Simulator(users, seed, start, time_scale=time_scale)
     nc = await nats.connect(nats_url, name="audience-simulator", max_reconnect_attempts=-1)
     producer = await Producer(
         nc.jetstream(), partitions, policy=policy, max_batch=max_batch, linger_ms=linger_ms

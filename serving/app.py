@@ -1,12 +1,11 @@
-"""The HTTP API: a Ray Serve deployment with a FastAPI ingress.
+"""The HTTP API: a Ray Serve deployment with a FastAPI ingress (no postponed annotations:
+FastAPI reads them at import time).
 
 ``POST /v1/events`` validates and publishes, ``GET /v1/users/{id}`` reads the
 live profile from the owning shard, ``GET /v1/status`` gathers what an
 operator needs, ``GET /healthz`` answers probes. Errors map to status codes in
 :mod:`serving.errors`, in one place.
 """
-
-from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from actors.pool import PoolSpec, ShardPool
 from actors.producer import Producer
 from actors.validation import ValidationPolicy, parse_events
 from serving.errors import install_error_handlers
-from serving.schemas import IngestResult, Profile
+from serving.schemas import IngestResult, Profile, RejectedEvent
 
 app = FastAPI(
     title="audience-insights",
@@ -32,6 +31,9 @@ app = FastAPI(
     description="Real-time audience insights: ingest events, read live per-user state.",
 )
 install_error_handlers(app)
+
+# Helpers stand above the deployment: Serve pickles the ingress class by value,
+# with the module globals defined at that point.
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,22 @@ class GatewayConfig:
     max_batch: int = 1000
     max_body_bytes: int = 8 * 1024 * 1024
     max_events_per_request: int = 10_000
+
+
+def _unwrap_events(raw: bytes) -> bytes:
+    """Accept ``{"events": [...]}`` as well as a bare array."""
+    if raw.lstrip()[:1] == b"{":
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return raw
+        if isinstance(doc, dict) and set(doc) == {"events"}:
+            return orjson.dumps(doc["events"])
+    return raw
+
+
+def _error(status: int, detail: str) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
@@ -105,7 +123,7 @@ class ApiGateway:
         result = IngestResult(
             accepted=len(checked.batch),
             rejected=[
-                {"index": r.index, "reason": r.reason.value, "detail": r.detail}
+                RejectedEvent(index=r.index, reason=r.reason.value, detail=r.detail)
                 for r in checked.rejected
             ],
         )
@@ -142,22 +160,6 @@ class ApiGateway:
     async def healthz(self) -> dict[str, str]:
         """Always open, cheap: the replica is up and serving."""
         return {"status": "ok"}
-
-
-def _unwrap_events(raw: bytes) -> bytes:
-    """Accept ``{"events": [...]}`` as well as a bare array."""
-    if raw.lstrip()[:1] == b"{":
-        try:
-            doc = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            return raw
-        if isinstance(doc, dict) and set(doc) == {"events"}:
-            return orjson.dumps(doc["events"])
-    return raw
-
-
-def _error(status: int, detail: str) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status)
 
 
 def build_app(config: GatewayConfig) -> serve.Application:

@@ -84,7 +84,11 @@ def test_counts_per_user_equal_the_ground_truth_of_the_events_sent(platform: Pla
     for profile in profiles:
         expected = truth[profile["user_id"]]
         assert profile["counts"] == {t.value: expected[t.value] for t in EVENT_TYPES}
-        own = [t for u, t in zip(batch.user_id, batch.ts.tolist(), strict=True) if u == profile["user_id"]]
+        own = [
+            t
+            for u, t in zip(batch.user_id, batch.ts.tolist(), strict=True)
+            if u == profile["user_id"]
+        ]
         assert (profile["first_seen_ms"], profile["last_seen_ms"]) == (min(own), max(own))
 
 

@@ -1,0 +1,143 @@
+"""`audience up --demo` in a subprocess: it serves, the demo flows, Ctrl-C leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from cluster.nats_server import free_port
+from tests.support.events import event
+from tests.support.waiting import wait_until
+
+AUDIENCE = str(Path(sys.executable).parent / "audience")
+
+
+def audience_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AUDIENCE_", "RAY_ADDRESS"))}
+    env.update(
+        {
+            "AUDIENCE_DATA_DIR": str(tmp_path / "data"),
+            "AUDIENCE_HTTP_PORT": str(free_port()),
+            "AUDIENCE_PARTITIONS": "8",
+            "AUDIENCE_SHARDS": "2",
+            "AUDIENCE_NUM_CPUS": "2",
+            "AUDIENCE_DEMO_USERS": "200",
+            "AUDIENCE_DEMO_RATE": "400",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+class Running:
+    """A started `audience up` whose output is collected line by line."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(
+            args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip())
+
+    def line_starting(self, prefix: str) -> str | None:
+        return next((line for line in self.lines if line.startswith(prefix)), None)
+
+
+@pytest.fixture
+def audience_up(tmp_path: Path) -> Iterator[Running]:
+    env = audience_env(tmp_path)
+    running = Running([AUDIENCE, "up", "--demo"], env)
+    try:
+        yield running
+    finally:
+        if running.process.poll() is None:
+            running.process.kill()
+            running.process.wait(30)
+
+
+def test_up_serves_the_api_and_ctrl_c_stops_every_process(audience_up: Running) -> None:
+    wait_until(
+        lambda: audience_up.line_starting("ready") or audience_up.process.poll() is not None,
+        timeout_s=180,
+    )
+    assert audience_up.process.poll() is None, "\n".join(audience_up.lines)
+    api_line = audience_up.line_starting("API")
+    assert api_line is not None
+    url = api_line.split()[1]
+    family = psutil.Process(audience_up.process.pid).children(recursive=True)
+    assert any("nats-server" in p.name() for p in family)
+    assert any("raylet" in p.name() for p in family)
+
+    with httpx.Client(base_url=url, timeout=30) as api:
+        assert api.get("/healthz").status_code == 200
+        assert api.post("/v1/events", json=[event("e2e-user", "purchase", value=9.5)]).is_success
+        profile = wait_until(lambda: _json_if_ok(api, "/v1/users/e2e-user"), timeout_s=60)
+        assert profile["counts"]["purchase"] == 1 and profile["revenue"] == 9.5
+
+        def applied() -> int:
+            return sum(s["applied_events"] for s in api.get("/v1/status").json()["shards"])
+
+        first = wait_until(applied, timeout_s=60)
+        wait_until(lambda: applied() > first, timeout_s=60)  # the demo keeps publishing
+
+    family = psutil.Process(audience_up.process.pid).children(recursive=True)
+    audience_up.process.send_signal(signal.SIGINT)
+    assert audience_up.process.wait(90) == 0, "\n".join(audience_up.lines[-20:])
+    wait_until(lambda: "stopped" in audience_up.lines, timeout_s=10)
+    wait_until(lambda: not [p for p in family if _alive(p)], timeout_s=30)
+
+
+def _json_if_ok(api: httpx.Client, path: str) -> dict | None:
+    answer = api.get(path)
+    return answer.json() if answer.status_code == 200 else None
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_a_taken_nats_port_ends_up_with_one_clear_error_line(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = audience_env(tmp_path, AUDIENCE_NATS_PORT=str(port))
+        done = subprocess.run([AUDIENCE, "up"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert f"error: port {port} is already in use" in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_invalid_settings_are_named_in_the_error(tmp_path: Path) -> None:
+    env = audience_env(tmp_path, AUDIENCE_SHARDS="100")
+    done = subprocess.run([AUDIENCE, "up"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "error: invalid settings" in done.stderr and "shards" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_status_without_a_running_platform_says_so(tmp_path: Path) -> None:
+    env = audience_env(tmp_path)
+    done = subprocess.run([AUDIENCE, "status"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "error: cannot reach the API" in done.stderr

@@ -1,0 +1,121 @@
+"""The HTTP API through Ray Serve: ingest with per-event reasons, live profiles, probes."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import httpx
+import orjson
+import pytest
+
+from cluster.launcher import Platform
+from tests.support.events import event
+from tests.support.waiting import wait_until
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def api(platform: Platform) -> httpx.Client:
+    assert platform.info is not None
+    with httpx.Client(base_url=platform.info.http_url, timeout=30) as client:
+        wait_until(lambda: _ok(client, "/healthz"), timeout_s=60)
+        yield client
+
+
+def _ok(client: httpx.Client, path: str) -> bool:
+    try:
+        return client.get(path).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def test_posted_events_show_up_in_the_users_profile(api: httpx.Client) -> None:
+    kinds = ["page_view", "page_view", "click", "add_to_cart", "purchase"]
+    items = [event("api-alice", k, ts=f"2024-05-01T12:00:0{i}Z") for i, k in enumerate(kinds)]
+    items.append(event("api-bob", "like"))
+    answer = api.post("/v1/events", json=items)
+    assert answer.status_code == 202, answer.text
+    assert answer.json() == {"accepted": 6, "rejected": []}
+
+    profile = wait_until(lambda: _profile_with(api, "api-alice", events=5))
+    assert {k: v for k, v in profile["counts"].items() if v} == dict(Counter(kinds))
+    assert profile["first_seen"] == "2024-05-01T12:00:00.000Z"
+    assert profile["last_seen"] == "2024-05-01T12:00:04.000Z"
+
+
+def _profile_with(api: httpx.Client, user: str, events: int) -> dict | None:
+    answer = api.get(f"/v1/users/{user}")
+    if answer.status_code == 200 and answer.json()["events"] == events:
+        return answer.json()
+    return None
+
+
+def test_counts_grow_as_more_events_arrive(api: httpx.Client) -> None:
+    for n in (1, 2, 3):
+        assert api.post("/v1/events", json=[event("api-grower", "click")]).status_code == 202
+        wait_until(lambda n=n: _profile_with(api, "api-grower", events=n))
+
+
+def test_an_object_with_an_events_array_is_accepted_too(api: httpx.Client) -> None:
+    answer = api.post("/v1/events", json={"events": [event("api-wrapped")]})
+    assert answer.status_code == 202 and answer.json()["accepted"] == 1
+
+
+def test_bad_events_get_a_422_with_a_reason_each_and_good_ones_are_kept(api: httpx.Client) -> None:
+    items = [
+        event("api-mixed"),
+        event("api-mixed", type="warp"),
+        event("api-mixed", ts="2024-05-01"),
+        event("api-mixed", type="like"),
+    ]
+    answer = api.post("/v1/events", json=items)
+    assert answer.status_code == 422
+    body = answer.json()
+    assert body["accepted"] == 2
+    assert [(r["index"], r["reason"]) for r in body["rejected"]] == [
+        (1, "unknown_type"),
+        (2, "bad_timestamp"),
+    ]
+    assert all(r["detail"] for r in body["rejected"])
+    wait_until(lambda: _profile_with(api, "api-mixed", events=2))
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [(b"this is not json", "invalid_json"), (b'{"user_id": "x"}', "schema"), (b"", "invalid_json")],
+)
+def test_a_body_that_is_no_event_array_gets_a_422_naming_why(
+    api: httpx.Client, body: bytes, reason: str
+) -> None:
+    answer = api.post("/v1/events", content=body, headers={"content-type": "application/json"})
+    assert answer.status_code == 422
+    assert answer.json()["rejected"][0]["reason"] == reason
+
+
+def test_too_many_events_in_one_request_get_a_413(api: httpx.Client) -> None:
+    answer = api.post("/v1/events", content=orjson.dumps([event("api-big")] * 10_001))
+    assert answer.status_code == 413
+    assert "limit" in answer.json()["detail"]
+
+
+def test_an_unknown_user_is_a_404_with_a_reason(api: httpx.Client) -> None:
+    answer = api.get("/v1/users/nobody-ever")
+    assert answer.status_code == 404
+    assert "nobody-ever" in answer.json()["detail"]
+
+
+def test_probes_and_docs_are_served(api: httpx.Client) -> None:
+    assert api.get("/healthz").json() == {"status": "ok"}
+    schema = api.get("/openapi.json").json()
+    assert {"/v1/events", "/v1/users/{user_id}", "/healthz"} <= set(schema["paths"])
+    assert api.get("/docs").status_code == 200
+
+
+def test_status_reports_shards_lag_and_dead_letters(api: httpx.Client) -> None:
+    api.post("/v1/events", json=[event("api-status", type="nope")])
+    status = wait_until(lambda: api.get("/v1/status").json())
+    assert [s["shard"] for s in status["shards"]] == [0, 1]
+    assert sorted(int(p) for p in status["lag"]) == list(range(8))
+    assert status["dead_letters"].get("unknown_type", 0) >= 1
+    assert all(s["consuming"] for s in status["shards"])
