@@ -28,9 +28,13 @@ async def ensure_streams(
     js: JetStreamContext,
     names: StreamNames,
     duplicate_window_s: float = 120.0,
+    max_age_s: float | None = None,
     dlq_max_age_s: float = 7 * 86_400,
 ) -> None:
-    """Create the event and dead-letter streams if they do not exist yet."""
+    """Create the event and dead-letter streams if they do not exist yet.
+
+    ``max_age_s`` bounds how long events are kept (None: for ever).
+    """
     wanted = [
         StreamConfig(
             name=names.events,
@@ -38,6 +42,7 @@ async def ensure_streams(
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             duplicate_window=duplicate_window_s,
+            max_age=max_age_s,
         ),
         StreamConfig(
             name=names.dlq,

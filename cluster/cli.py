@@ -85,10 +85,13 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
 
     platform = Platform(settings)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    # While starting, a signal unwinds through Platform.start, which stops what
+    # it started; once up, it only asks the main thread to stop.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         info = platform.start()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
         print(f"NATS      {info.nats_url}")
         print(f"API       {info.http_url}   (docs: {info.http_url}/docs)")
         print(f"status    audience status   (or {info.http_url}/v1/status)")
@@ -104,6 +107,10 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
         platform.stop()
     print("stopped", flush=True)
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _start_demo(settings: Settings, nats_url: str, stop: threading.Event) -> threading.Thread:

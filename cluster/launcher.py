@@ -19,6 +19,7 @@ import nats
 import ray
 from ray import serve
 
+from actors.errors import UnavailableError
 from actors.jetstream import StreamNames, ensure_streams
 from actors.pool import NAMESPACE, PoolSpec, ShardPool
 from actors.validation import ValidationPolicy
@@ -65,13 +66,28 @@ def policy_of(settings: Settings) -> ValidationPolicy:
     return ValidationPolicy(max_future_ms=int(settings.max_future_s * 1000))
 
 
-async def prepare_streams(nats_url: str, names: StreamNames) -> None:
+async def prepare_streams(nats_url: str, names: StreamNames, max_age_s: float) -> None:
     """Create the streams on the server at ``nats_url`` if missing."""
-    nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=0)
     try:
-        await ensure_streams(nc.jetstream(), names)
+        # nats-py retries a refused first connect for ever unless attempts are > 0.
+        connecting = nats.connect(
+            nats_url,
+            connect_timeout=5,
+            max_reconnect_attempts=1,
+            reconnect_time_wait=0.2,
+            error_cb=_quiet,
+        )
+        nc = await asyncio.wait_for(connecting, timeout=15)
+    except Exception as exc:  # nats-py raises several unrelated types here
+        raise UnavailableError("nats", f"cannot connect to {nats_url}: {exc!r}") from None
+    try:
+        await ensure_streams(nc.jetstream(), names, max_age_s=max_age_s)
     finally:
         await nc.close()
+
+
+async def _quiet(exc: Exception) -> None:
+    """nats-py logs every failed connect attempt; the caller reports the outcome once."""
 
 
 class Platform:
@@ -99,7 +115,7 @@ class Platform:
         if s.embedded_nats:
             self.nats = EmbeddedNats(s.data_dir / "nats", port=s.nats_port).start()
             self.nats_url = self.nats.url
-        asyncio.run(prepare_streams(self.nats_url, streams_of(s)))
+        asyncio.run(prepare_streams(self.nats_url, streams_of(s), s.stream_max_age_s))
         if not ray.is_initialized():
             self._init_ray()
         spec = PoolSpec(s.partitions, s.shards, self.nats_url, s.stream)

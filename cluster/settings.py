@@ -48,6 +48,12 @@ class Settings(BaseSettings):
         pattern=r"^[A-Za-z0-9_-]+$",
         description="JetStream stream that keeps dead-lettered events with their reasons.",
     )
+    stream_max_age_s: float = Field(
+        default=7 * 86_400,
+        gt=0,
+        description="How long the event stream keeps messages; shards rebuild state from it "
+        "on start, so this bounds how far back a restarted platform remembers.",
+    )
     partitions: int = Field(
         default=64,
         ge=1,

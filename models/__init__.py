@@ -1,0 +1,1 @@
+"""Feature vectors from live state, churn and personalization models (issue 4)."""

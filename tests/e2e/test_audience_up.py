@@ -141,3 +141,11 @@ def test_status_without_a_running_platform_says_so(tmp_path: Path) -> None:
     done = subprocess.run([AUDIENCE, "status"], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "error: cannot reach the API" in done.stderr
+
+
+def test_an_unreachable_external_nats_is_reported_not_a_traceback(tmp_path: Path) -> None:
+    env = audience_env(tmp_path, AUDIENCE_NATS_URL=f"nats://127.0.0.1:{free_port()}")
+    done = subprocess.run([AUDIENCE, "up"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "error: nats unavailable: cannot connect to nats://127.0.0.1:" in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
