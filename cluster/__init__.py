@@ -1,0 +1,1 @@
+"""Settings, the embedded nats-server, the launcher and the ``audience`` command."""
