@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--duration", type=float, default=60, help="seconds")
     sim.add_argument("--seed", type=int, default=1)
     sim.add_argument("--time-scale", type=float, default=1.0, help="event-time speed-up")
+    sim.add_argument(
+        "--start-ms", type=int, help="event time of the first event (epoch ms); default: now"
+    )
     sim.add_argument("--nats-url", help="NATS URL; default: the running `audience up`")
     sim.set_defaults(run=_simulate)
 
@@ -158,6 +161,7 @@ def _simulate(args: argparse.Namespace, settings: Settings) -> int:
             rate=args.rate,
             duration_s=args.duration,
             seed=args.seed,
+            start_ms=args.start_ms,
             time_scale=args.time_scale,
             max_batch=settings.batch_max_events,
             linger_ms=settings.linger_ms,

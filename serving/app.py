@@ -150,7 +150,12 @@ class ApiGateway:
         assert self._nc is not None
         dead = await dead_letter_counts(self._nc.jetstream(), self.config.streams)
         lag = {p: n for s in shards for p, n in s.get("lag", {}).items()}
+        producer = self._producer
         return {
+            "ingest": {
+                "accepted": producer.published_events if producer else 0,
+                "rejected": dict(producer.rejected) if producer else {},
+            },
             "shards": shards,
             "lag": dict(sorted(lag.items(), key=lambda kv: int(kv[0]))),
             "dead_letters": dead,

@@ -8,8 +8,9 @@ import httpx
 import orjson
 import pytest
 
+from actors.state import iso_ms
 from cluster.launcher import Platform
-from tests.support.events import event
+from tests.support.events import event, random_batch
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -119,3 +120,19 @@ def test_status_reports_shards_lag_and_dead_letters(api: httpx.Client) -> None:
     assert sorted(int(p) for p in status["lag"]) == list(range(8))
     assert status["dead_letters"].get("unknown_type", 0) >= 1
     assert all(s["consuming"] for s in status["shards"])
+
+
+def test_counts_after_many_posts_equal_the_ground_truth_of_the_events(api: httpx.Client) -> None:
+    batch = random_batch(3000, 60, seed=21, prefix="api-many-")
+    items = [batch.event_dict(i) for i in range(len(batch))]
+    for item in items:  # the API takes RFC 3339 times, the columns hold epoch ms
+        item["ts"] = iso_ms(item["ts"])
+    for start in range(0, len(items), 500):
+        answer = api.post("/v1/events", json=items[start : start + 500])
+        assert answer.status_code == 202, answer.text
+    truth: dict[str, Counter[str]] = {}
+    for item in items:
+        truth.setdefault(item["user_id"], Counter())[item["type"]] += 1
+    for user, counts in truth.items():
+        profile = wait_until(lambda u=user, c=counts: _profile_with(api, u, sum(c.values())))
+        assert {k: v for k, v in profile["counts"].items() if v} == dict(counts)
