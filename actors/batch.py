@@ -7,7 +7,8 @@ per batch rather than per event.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import operator
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -72,18 +73,33 @@ class EventBatch:
     def take(self, indices: Sequence[int] | np.ndarray) -> EventBatch:
         """The events at ``indices``, in that order."""
         idx = np.asarray(indices, dtype=np.int64)
-        pick = idx.tolist()
+        pick = _picker(idx.tolist())
         return EventBatch(
-            event_id=[self.event_id[i] for i in pick],
-            user_id=[self.user_id[i] for i in pick],
+            event_id=pick(self.event_id),
+            user_id=pick(self.user_id),
             type=self.type[idx],
             ts=self.ts[idx],
-            item_id=[self.item_id[i] for i in pick],
-            category=[self.category[i] for i in pick],
+            item_id=pick(self.item_id),
+            category=pick(self.category),
             value=self.value[idx],
             source=self.source[idx],
-            traits=[self.traits[i] for i in pick],
-            properties=[self.properties[i] for i in pick],
+            traits=pick(self.traits),
+            properties=pick(self.properties),
+        )
+
+    def slice(self, start: int, stop: int) -> EventBatch:
+        """Events ``start`` to ``stop`` (cheap: slices, no gathering)."""
+        return EventBatch(
+            event_id=self.event_id[start:stop],
+            user_id=self.user_id[start:stop],
+            type=self.type[start:stop],
+            ts=self.ts[start:stop],
+            item_id=self.item_id[start:stop],
+            category=self.category[start:stop],
+            value=self.value[start:stop],
+            source=self.source[start:stop],
+            traits=self.traits[start:stop],
+            properties=self.properties[start:stop],
         )
 
     @classmethod
@@ -130,3 +146,14 @@ class EventBatch:
 def _name(members: Sequence[Enum], code: int) -> str | int:
     """The name behind a wire code; the code itself when it is unknown (a bad batch)."""
     return members[code].value if code < len(members) else code
+
+
+def _picker(rows: list[int]) -> Callable[[list[Any]], list[Any]]:
+    """A function taking ``rows`` of a list, at C speed (``itemgetter``)."""
+    if not rows:
+        return lambda column: []
+    if len(rows) == 1:
+        (row,) = rows
+        return lambda column: [column[row]]
+    getter = operator.itemgetter(*rows)
+    return lambda column: list(getter(column))

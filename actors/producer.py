@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 import uuid
 from collections import Counter
@@ -96,12 +97,13 @@ class Producer:
             return
         parts = partitions_of(batch.user_id, self.partitions)
         order = np.argsort(parts, kind="stable")
-        bounds = np.flatnonzero(np.diff(parts[order])) + 1
+        grouped, parts = batch.take(order), parts[order]  # one gather, then cheap slices
+        bounds = [0, *(np.flatnonzero(np.diff(parts)) + 1).tolist(), len(parts)]
         now = time.monotonic()
-        for rows in np.split(order, bounds):
-            partition = int(parts[rows[0]])
-            self._buffers.setdefault(partition, []).append(batch.take(rows))
-            self._buffered[partition] = self._buffered.get(partition, 0) + len(rows)
+        for start, stop in itertools.pairwise(bounds):
+            partition = int(parts[start])
+            self._buffers.setdefault(partition, []).append(grouped.slice(start, stop))
+            self._buffered[partition] = self._buffered.get(partition, 0) + stop - start
             self._since.setdefault(partition, now)
             if self._buffered[partition] >= self.max_batch:
                 await self._publish_partition(partition)
@@ -111,8 +113,7 @@ class Producer:
         self._buffered.pop(partition, None)
         self._since.pop(partition, None)
         for start in range(0, len(pending), self.max_batch):
-            chunk = pending.take(np.arange(start, min(start + self.max_batch, len(pending))))
-            await self._publish(partition, chunk)
+            await self._publish(partition, pending.slice(start, start + self.max_batch))
 
     async def _publish(self, partition: int, chunk: EventBatch) -> None:
         self._sequence += 1

@@ -162,7 +162,8 @@ def check_batch(batch: EventBatch, policy: ValidationPolicy, at_ms: int | None =
 
 
 def _bad_ids(ids: list[str]) -> np.ndarray:
-    return np.fromiter((not 0 < len(x) <= MAX_ID_LENGTH for x in ids), bool, len(ids))
+    lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+    return (lengths == 0) | (lengths > MAX_ID_LENGTH)
 
 
 def _whole(raw: bytes, reason: RejectReason, detail: str) -> Rejection:
