@@ -48,22 +48,29 @@ class ShardActor:
         self._reader: StreamReader | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._dead_letters: DeadLetters | None = None
+        # Ray runs an async actor's constructor inside its event loop, so
+        # consumption starts here, also when Ray restarts a dead actor: it then
+        # replays its partitions from their start and rebuilds the state.
+        self._starting = asyncio.get_running_loop().create_task(self._start())
+        self._starting.add_done_callback(self._log_crash)
 
     async def start(self) -> dict[str, Any]:
-        """Connect to NATS and start consuming; returns the shard's status."""
-        if self._loop_task is None:
-            self._nc = await nats.connect(
-                self.nats_url,
-                name=f"audience-shard-{self.shard.shard_id}",
-                max_reconnect_attempts=-1,
-            )
-            js = self._nc.jetstream()
-            self._dead_letters = DeadLetters(js, origin=f"shard:{self.shard.shard_id}")
-            self._reader = StreamReader(self._nc, js, self.stream, dict(self.shard.positions))
-            await self._reader.start()
-            self._loop_task = asyncio.create_task(self._consume())
-            self._loop_task.add_done_callback(self._log_crash)
+        """Wait until the shard consumes (raising if it could not start); its status."""
+        await asyncio.shield(self._starting)
         return self.shard.status()
+
+    async def _start(self) -> None:
+        self._nc = await nats.connect(
+            self.nats_url,
+            name=f"audience-shard-{self.shard.shard_id}",
+            max_reconnect_attempts=-1,
+        )
+        js = self._nc.jetstream()
+        self._dead_letters = DeadLetters(js, origin=f"shard:{self.shard.shard_id}")
+        self._reader = StreamReader(self._nc, js, self.stream, dict(self.shard.positions))
+        await self._reader.start()
+        self._loop_task = asyncio.create_task(self._consume())
+        self._loop_task.add_done_callback(self._log_crash)
 
     async def _consume(self) -> None:
         assert self._reader is not None and self._dead_letters is not None
@@ -80,7 +87,7 @@ class ShardActor:
 
     def _log_crash(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
-            log.error("shard %s stopped consuming", self.shard.shard_id, exc_info=task.exception())
+            log.error("shard %s is not consuming", self.shard.shard_id, exc_info=task.exception())
 
     async def profiles(self, user_ids: Sequence[str]) -> list[dict[str, Any] | None]:
         """Live profiles for ``user_ids``, None for unknown users."""
@@ -97,6 +104,8 @@ class ShardActor:
 
     async def stop(self) -> None:
         """Stop consuming and close the NATS connection."""
+        if not self._starting.done():
+            self._starting.cancel()
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

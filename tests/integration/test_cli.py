@@ -55,7 +55,7 @@ def test_simulate_publishes_exactly_what_the_seeded_simulator_generates(
         done = all(p and p["events"] == sum(truth[p["user_id"]].values()) for p in found)
         return found if done else None  # type: ignore[return-value]
 
-    for profile in wait_until(profiles, timeout_s=60):
+    for profile in wait_until(profiles, timeout_s=120):
         expected = truth[profile["user_id"]]
         assert profile["counts"] == {t.value: expected[t.value] for t in EVENT_TYPES}
 

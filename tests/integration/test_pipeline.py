@@ -9,13 +9,14 @@ from typing import Any
 import nats
 import orjson
 import pytest
+import ray
 
 from actors.events import EVENT_TYPES
 from actors.partitioning import events_subject
 from actors.producer import Producer
 from cluster.launcher import Platform
 from tests.support.events import event, random_batch
-from tests.support.waiting import async_wait_until
+from tests.support.waiting import async_wait_until, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +41,7 @@ async def profiles_when_applied(
         done = sum(p["events"] for p in profiles if p) == expected
         return profiles if done else None  # type: ignore[return-value]
 
-    return await async_wait_until(all_applied, timeout_s=60)
+    return await async_wait_until(all_applied, timeout_s=180)
 
 
 async def dead_letters(url: str, since_seq: int = 0) -> list[tuple[str, str, bytes]]:
@@ -160,7 +161,40 @@ def test_a_message_that_is_not_the_wire_format_is_dead_lettered_by_the_shard(
         async def letters() -> list[tuple[str, str, bytes]]:
             return await dead_letters(platform.nats_url, before)
 
-        return await async_wait_until(letters, timeout_s=30)
+        return await async_wait_until(letters, timeout_s=120)
 
     letters = asyncio.run(run())
     assert letters == [("audience.dlq.bad_wire", "bad_wire", b"\x00 not a batch")]
+
+
+def test_a_killed_shard_is_restarted_and_rebuilds_exact_state_from_the_stream(
+    platform: Platform,
+) -> None:
+    assert platform.pool is not None
+    pool = platform.pool
+    batch = random_batch(5000, 100, seed=13, prefix="crash-")
+    truth = truth_of(batch.user_id, batch.type.tolist())
+
+    async def publish() -> None:
+        nc = await nats.connect(platform.nats_url)
+        producer = await Producer(nc.jetstream(), 8).start()
+        await producer.send(batch)
+        await producer.close()
+        await nc.close()
+
+    asyncio.run(publish())
+    asyncio.run(profiles_when_applied(platform, truth))
+    victim = pool.owner(batch.user_id[0])
+    ray.kill(pool.handles[victim], no_restart=False)
+
+    def restarted() -> bool:
+        try:
+            return ray.get(pool.handles[victim].start.remote(), timeout=10) is not None
+        except ray.exceptions.RayError:
+            return False
+
+    wait_until(restarted, timeout_s=120)
+    profiles = asyncio.run(profiles_when_applied(platform, truth))
+    for profile in profiles:
+        expected = truth[profile["user_id"]]
+        assert profile["counts"] == {t.value: expected[t.value] for t in EVENT_TYPES}

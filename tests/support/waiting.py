@@ -10,7 +10,7 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def wait_until(check: Callable[[], T], timeout_s: float = 30.0, every_s: float = 0.1) -> T:
+def wait_until(check: Callable[[], T], timeout_s: float = 120.0, every_s: float = 0.1) -> T:
     """Call ``check`` until it returns something truthy; return it, or fail at the deadline."""
     deadline = time.monotonic() + timeout_s
     last: T = check()
@@ -23,7 +23,7 @@ def wait_until(check: Callable[[], T], timeout_s: float = 30.0, every_s: float =
 
 
 async def async_wait_until(
-    check: Callable[[], Awaitable[T]], timeout_s: float = 30.0, every_s: float = 0.1
+    check: Callable[[], Awaitable[T]], timeout_s: float = 120.0, every_s: float = 0.1
 ) -> T:
     """:func:`wait_until` for coroutine checks."""
     deadline = time.monotonic() + timeout_s
