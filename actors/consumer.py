@@ -1,17 +1,27 @@
-"""Pull the subjects of a shard's partitions into one bounded buffer.
+"""Pull the subjects of a shard's partitions into one bounded buffer, losing nothing.
 
 One ephemeral, ack-less pull consumer per partition, started at a stream
 position the shard chooses (positions are the shard's to keep, like Kafka
 offsets in Flink). Pull requests go out as raw ``CONSUMER.MSG.NEXT`` requests
 on one wildcard inbox, which costs a fraction of nats.py's ``fetch()`` per
-message. A partition asks for more only while the shared buffer has room, so a
-shard pulls at the pace it applies.
+message.
+
+Ack-less delivery is fast but unforgiving: a message the server sent into a
+connection that then dropped is gone from that consumer. So the reader
+
+* bounds what it asks for in bytes (one open request per partition, each with
+  ``max_bytes``, raised to the largest possible message only for a request that
+  met a bigger one), keeping the server's per-connection buffer (64 MiB by
+  default) far from its limit while the shard is busy applying;
+* checks every delivery's consumer sequence, and on a gap, or after a reconnect,
+  re-creates the partition's consumer from the last stream sequence it holds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 
 import orjson
@@ -22,7 +32,27 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from actors.delivery import Delivery
-from actors.partitioning import events_subject
+from actors.partitioning import events_subject, partition_of_subject
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 1024 * 1024  # NATS' default max_payload: one request must fit one message
+
+
+class _Partition:
+    """Where one partition's consumer stands."""
+
+    def __init__(self, partition: int, after: int) -> None:
+        self.partition = partition
+        self.after = after  # last stream sequence received into the buffer
+        self.consumer = ""
+        self.generation = 0  # bumps with each consumer, so stale replies are told apart
+        self.consumer_seq = 0  # last consumer sequence received from this consumer
+        self.open_request = False
+        self.big_request = False  # the next request must fit a message over request_bytes
+        self.received = 0  # messages received for the open request
+        self.requested_at = 0.0
+        self.pending = 0
 
 
 class StreamReader:
@@ -35,98 +65,140 @@ class StreamReader:
         stream: str,
         start_after: dict[int, int],
         *,
-        pull_batch: int = 128,
-        max_buffered: int = 1024,
+        pull_batch: int = 64,
+        request_bytes: int = 256 * 1024,
+        max_buffered_bytes: int = 32 * 1024 * 1024,
         expires_s: float = 5.0,
     ) -> None:
         """Args:
         start_after: partition -> last stream sequence already applied (0: none).
-        pull_batch: messages asked for per pull request.
-        max_buffered: messages held before the reader stops asking for more.
+        pull_batch: most messages asked for per pull request.
+        request_bytes: most bytes per pull request, normally.
+        max_buffered_bytes: received but untaken bytes at which asking stops.
         expires_s: lifetime of one pull request on the server.
         """
         self._nc = nc
         self._js = js
         self.stream = stream
-        self.start_after = dict(start_after)
         self.pull_batch = pull_batch
-        self.max_buffered = max_buffered
+        self.request_bytes = request_bytes
+        self.max_buffered_bytes = max_buffered_bytes
         self.expires_s = expires_s
-        self._consumers: dict[int, str] = {}
-        self._outstanding: dict[int, int] = {}
-        self._requested_at: dict[int, float] = {}
-        self.pending: dict[int, int] = {}
+        self._parts = {p: _Partition(p, after) for p, after in start_after.items()}
         self._buffer: list[Delivery] = []
+        self._buffered_bytes = 0
         self._ready = asyncio.Event()
         self._inbox = ""
         self._sub: Subscription | None = None
         self._watchdog: asyncio.Task[None] | None = None
+        self._resync_needed = asyncio.Event()
+        self.gaps = 0
+        self.resyncs = 0
 
     @property
     def partitions(self) -> list[int]:
         """The partitions this reader reads."""
-        return sorted(self.start_after)
+        return sorted(self._parts)
 
     async def start(self) -> None:
         """Create the consumers and send the first pull requests."""
         self._inbox = self._nc.new_inbox()
-        self._sub = await self._nc.subscribe(f"{self._inbox}.*", cb=self._on_message)
-        for partition in self.partitions:
-            await self._create_consumer(partition)
-            await self._request(partition)
+        self._sub = await self._nc.subscribe(
+            f"{self._inbox}.*.*",
+            cb=self._on_message,
+            pending_bytes_limit=4 * self.max_buffered_bytes,
+        )
+        for part in self._parts.values():
+            await self._recreate(part)
         self._watchdog = asyncio.create_task(self._watch())
 
-    async def _create_consumer(self, partition: int) -> None:
-        after = self.start_after[partition]
+    def connection_restored(self) -> None:
+        """Tell the reader its connection came back: what was in flight may be lost."""
+        self._resync_needed.set()
+
+    async def _recreate(self, part: _Partition) -> None:
+        """A fresh consumer for ``part`` starting right after what the buffer holds."""
+        if part.consumer:
+            with contextlib.suppress(Exception):
+                await self._js.delete_consumer(self.stream, part.consumer)
         config = ConsumerConfig(
-            filter_subject=events_subject(partition),
+            filter_subject=events_subject(part.partition),
             ack_policy=AckPolicy.NONE,
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE if after else DeliverPolicy.ALL,
-            opt_start_seq=after + 1 if after else None,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE if part.after else DeliverPolicy.ALL,
+            opt_start_seq=part.after + 1 if part.after else None,
             inactive_threshold=max(30.0, self.expires_s * 4),
-            max_waiting=64,
+            max_waiting=16,
         )
         info = await self._js.add_consumer(self.stream, config)
-        self._consumers[partition] = info.name
-        self._outstanding[partition] = 0
+        part.consumer = info.name
+        part.generation += 1
+        part.consumer_seq = 0
+        part.open_request = False
+        await self._request(part)
 
-    async def _request(self, partition: int) -> None:
-        """Ask the partition's consumer for another batch, if there is room for it."""
-        if len(self._buffer) >= self.max_buffered or self._sub is None:
+    async def _request(self, part: _Partition) -> None:
+        """Open the partition's one pull request, if none is open and there is room."""
+        if part.open_request or self._sub is None or not part.consumer:
             return
-        name = self._consumers[partition]
-        body = orjson.dumps({"batch": self.pull_batch, "expires": int(self.expires_s * 1e9)})
-        await self._nc.publish(
-            f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{name}",
-            body,
-            reply=f"{self._inbox}.{partition}",
+        if self._buffered_bytes >= self.max_buffered_bytes:
+            return
+        max_bytes = MAX_MESSAGE_BYTES * 2 if part.big_request else self.request_bytes
+        body = orjson.dumps(
+            {"batch": self.pull_batch, "max_bytes": max_bytes, "expires": int(self.expires_s * 1e9)}
         )
-        self._outstanding[partition] += self.pull_batch
-        self._requested_at[partition] = time.monotonic()
+        part.open_request = True
+        part.received = 0
+        part.requested_at = time.monotonic()
+        await self._nc.publish(
+            f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{part.consumer}",
+            body,
+            reply=f"{self._inbox}.{part.partition}.{part.generation}",
+        )
 
     async def _on_message(self, msg: Msg) -> None:
-        partition = int(msg.subject.rsplit(".", 1)[1])
-        if partition not in self._consumers:
-            return
         status = msg.headers.get("Status") if msg.headers else None
         if status is not None:
-            # 408 request expired, 404 nothing to deliver, 409 request refused:
-            # the request is over either way; what it did not deliver is free again.
-            if status != "100":
-                unfilled = int(msg.headers.get("Nats-Pending-Messages", 0) if msg.headers else 0)
-                left = self._outstanding[partition] - (unfilled or self.pull_batch)
-                self._outstanding[partition] = max(0, left)
-        else:
-            # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
-            tokens = msg.reply.split(".")
-            self._buffer.append(
-                Delivery(partition, int(tokens[-4]), int(tokens[-2]), int(tokens[-1]), msg.data)
+            # Status replies come on the request's inbox: <inbox>.<partition>.<generation>.
+            _, partition, generation = msg.subject.rsplit(".", 2)
+            part = self._parts.get(int(partition))
+            if part is None or int(generation) != part.generation:
+                return  # the answer to a request of a consumer since replaced
+            if status != "100":  # 404/408/409: this request is over
+                description = msg.headers.get("Description", "") if msg.headers else ""
+                part.big_request = status == "409" and "MaxBytes" in description
+                part.open_request = False
+                await self._request(part)
+            return
+        # Messages keep their stream subject; the reply names the consumer:
+        # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
+        part = self._parts.get(partition_of_subject(msg.subject))
+        tokens = msg.reply.split(".")
+        if part is None or tokens[-6] != part.consumer:
+            return  # sent by a consumer since replaced
+        stream_seq, consumer_seq = int(tokens[-4]), int(tokens[-3])
+        if consumer_seq != part.consumer_seq + 1:
+            self.gaps += 1
+            log.warning(
+                "partition %s: consumer sequence jumped %s -> %s; re-reading from %s",
+                part.partition,
+                part.consumer_seq,
+                consumer_seq,
+                part.after + 1,
             )
-            self.pending[partition] = int(tokens[-1])
-            self._outstanding[partition] -= 1
-            self._ready.set()
-        if self._outstanding[partition] <= self.pull_batch // 2:
-            await self._request(partition)
+            await self._recreate(part)
+            return
+        part.consumer_seq = consumer_seq
+        part.after = stream_seq
+        part.pending = int(tokens[-1])
+        self._buffer.append(
+            Delivery(part.partition, stream_seq, int(tokens[-2]), part.pending, msg.data)
+        )
+        self._buffered_bytes += len(msg.data)
+        self._ready.set()
+        part.received += 1
+        if part.received >= self.pull_batch:  # a full batch arrived: the request is done
+            part.open_request = False
+            await self._request(part)
 
     async def take(self, max_messages: int, timeout_s: float) -> list[Delivery]:
         """Up to ``max_messages`` deliveries in arrival order; waits up to ``timeout_s``."""
@@ -135,21 +207,30 @@ class StreamReader:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._ready.wait(), timeout_s)
         taken, self._buffer = self._buffer[:max_messages], self._buffer[max_messages:]
-        if len(self._buffer) < self.max_buffered // 2:
-            for partition in self.partitions:
-                if self._outstanding.get(partition, 0) <= self.pull_batch // 2:
-                    await self._request(partition)
+        self._buffered_bytes -= sum(len(d.data) for d in taken)
+        if self._buffered_bytes < self.max_buffered_bytes // 2:
+            for part in self._parts.values():
+                await self._request(part)
         return taken
 
     async def _watch(self) -> None:
-        """Re-ask partitions whose requests vanished (e.g. across a reconnect)."""
+        """Re-sync after reconnects; re-ask partitions whose request went quiet."""
         while True:
-            await asyncio.sleep(self.expires_s)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._resync_needed.wait(), self.expires_s)
+            if self._resync_needed.is_set():
+                self._resync_needed.clear()
+                self.resyncs += 1
+                # The buffer holds each partition contiguously up to part.after:
+                # new consumers go on from there.
+                for part in self._parts.values():
+                    await self._recreate(part)
+                continue
             stale = time.monotonic() - self.expires_s * 2
-            for partition in self.partitions:
-                if self._requested_at.get(partition, 0) < stale:
-                    self._outstanding[partition] = 0
-                    await self._request(partition)
+            for part in self._parts.values():
+                if part.open_request and part.requested_at < stale:
+                    part.open_request = False
+                    await self._request(part)
 
     @property
     def buffered(self) -> int:
@@ -161,9 +242,10 @@ class StreamReader:
         lag = {p: 0 for p in self.partitions}
         for delivery in self._buffer:
             lag[delivery.partition] += 1
-        for partition, name in self._consumers.items():
-            info = await self._js.consumer_info(self.stream, name)
-            lag[partition] += int(info.num_pending or 0)
+        for part in self._parts.values():
+            with contextlib.suppress(Exception):
+                info = await self._js.consumer_info(self.stream, part.consumer)
+                lag[part.partition] += int(info.num_pending or 0)
         return lag
 
     async def stop(self) -> None:
@@ -176,7 +258,7 @@ class StreamReader:
             sub, self._sub = self._sub, None
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-        for name in self._consumers.values():
+        for part in self._parts.values():
             with contextlib.suppress(Exception):
-                await self._js.delete_consumer(self.stream, name)
-        self._consumers.clear()
+                await self._js.delete_consumer(self.stream, part.consumer)
+            part.consumer = ""

@@ -12,7 +12,6 @@ any publish failed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import time
 import uuid
@@ -66,6 +65,7 @@ class Producer:
         self._in_flight: set[asyncio.Future[Any]] = set()
         self._failures: list[BaseException] = []
         self._timer: asyncio.Task[None] | None = None
+        self._closing = False
         self.published_events = 0
         self.published_messages = 0
         self.rejected: Counter[str] = Counter()
@@ -106,13 +106,20 @@ class Producer:
             self._buffered[partition] = self._buffered.get(partition, 0) + stop - start
             self._since.setdefault(partition, now)
             if self._buffered[partition] >= self.max_batch:
-                await self._publish_partition(partition)
+                await self._publish_partition(partition, full_only=True)
 
-    async def _publish_partition(self, partition: int) -> None:
+    async def _publish_partition(self, partition: int, full_only: bool = False) -> None:
+        """Publish a partition's buffer; with ``full_only``, keep a remainder below max_batch."""
         pending = EventBatch.concat(self._buffers.pop(partition, []))
+        since = self._since.pop(partition, time.monotonic())
         self._buffered.pop(partition, None)
-        self._since.pop(partition, None)
-        for start in range(0, len(pending), self.max_batch):
+        keep = len(pending) % self.max_batch if full_only else 0
+        cut = len(pending) - keep
+        if keep:
+            self._buffers[partition] = [pending.slice(cut, len(pending))]
+            self._buffered[partition] = keep
+            self._since[partition] = since
+        for start in range(0, cut, self.max_batch):
             await self._publish(partition, pending.slice(start, start + self.max_batch))
 
     async def _publish(self, partition: int, chunk: EventBatch) -> None:
@@ -139,7 +146,9 @@ class Producer:
             self._failures.append(future.exception())  # type: ignore[arg-type]
 
     async def _linger_loop(self) -> None:
-        while True:
+        # Ends by a flag, not by cancel(): a cancel landing inside nats-py's
+        # publish_async (its wait_for on a semaphore) is lost on Python 3.11.
+        while not self._closing:
             await asyncio.sleep(self.linger_s / 2)
             deadline = time.monotonic() - self.linger_s
             for partition in [p for p, t in self._since.items() if t <= deadline]:
@@ -169,8 +178,8 @@ class Producer:
     async def close(self) -> None:
         """Flush and stop the linger timer."""
         if self._timer is not None:
-            self._timer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._timer
+            self._closing = True
+            await self._timer
             self._timer = None
+            self._closing = False
         await self.flush()

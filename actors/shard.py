@@ -102,6 +102,10 @@ class Shard:
             self._freshness_ms[self._freshness_count % FRESHNESS_SAMPLES] = (now_ns - ns) / 1e6
             self._freshness_count += 1
 
+    def freshness_ring(self) -> tuple[int, np.ndarray]:
+        """How many delays were ever recorded, and a copy of the ring holding the latest."""
+        return self._freshness_count, self._freshness_ms.copy()
+
     def profiles(self, user_ids: Sequence[str]) -> list[dict[str, Any] | None]:
         """Live profiles of ``user_ids`` (None for users this shard has not seen)."""
         return self.table.profiles(user_ids)

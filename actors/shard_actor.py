@@ -10,10 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import nats
+import numpy as np
 import ray
 from nats.aio.client import Client
 
@@ -48,6 +51,7 @@ class ShardActor:
         self._reader: StreamReader | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._dead_letters: DeadLetters | None = None
+        self.started_at = time.time()  # tells incarnations apart after a restart
         # Ray runs an async actor's constructor inside its event loop, so
         # consumption starts here, also when Ray restarts a dead actor: it then
         # replays its partitions from their start and rebuilds the state.
@@ -64,6 +68,7 @@ class ShardActor:
             self.nats_url,
             name=f"audience-shard-{self.shard.shard_id}",
             max_reconnect_attempts=-1,
+            reconnected_cb=self._reconnected,
         )
         js = self._nc.jetstream()
         self._dead_letters = DeadLetters(js, origin=f"shard:{self.shard.shard_id}")
@@ -71,6 +76,10 @@ class ShardActor:
         await self._reader.start()
         self._loop_task = asyncio.create_task(self._consume())
         self._loop_task.add_done_callback(self._log_crash)
+
+    async def _reconnected(self) -> None:
+        if self._reader is not None:
+            self._reader.connection_restored()
 
     async def _consume(self) -> None:
         assert self._reader is not None and self._dead_letters is not None
@@ -93,6 +102,24 @@ class ShardActor:
         """Live profiles for ``user_ids``, None for unknown users."""
         return self.shard.profiles(user_ids)
 
+    async def counters(self) -> dict[str, Any]:
+        """Cheap progress counters (no NATS round trips), for polling."""
+        stats = self._nc.stats if self._nc is not None else {}
+        return {
+            "pid": os.getpid(),
+            "applied_events": self.shard.applied_events,
+            "applied_messages": self.shard.applied_messages,
+            "users": len(self.shard.table),
+            "reconnects": int(stats.get("reconnects", 0)),
+            "in_msgs": int(stats.get("in_msgs", 0)),
+            "consumer_gaps": self._reader.gaps if self._reader else 0,
+            "consumer_resyncs": self._reader.resyncs if self._reader else 0,
+        }
+
+    async def freshness_ring(self) -> tuple[int, np.ndarray]:
+        """The raw store-to-applied delays (ms) of the latest messages; see Shard."""
+        return self.shard.freshness_ring()
+
     async def status(self) -> dict[str, Any]:
         """Counters, positions and per-partition lag of this shard."""
         status = self.shard.status()
@@ -100,6 +127,10 @@ class ShardActor:
             status["lag"] = await self._reader.lag()
             status["buffered_messages"] = self._reader.buffered
         status["consuming"] = self._loop_task is not None and not self._loop_task.done()
+        status["started_at"] = self.started_at
+        if self._reader is not None:
+            status["consumer_resyncs"] = self._reader.resyncs
+            status["consumer_gaps"] = self._reader.gaps
         return status
 
     async def stop(self) -> None:
