@@ -95,6 +95,14 @@ class ShardPool:
                 out[index] = profile
         return out
 
+    async def users(self, limit: int) -> list[str]:
+        """Up to ``limit`` known user ids, drawn from every shard."""
+        per_shard = -(-limit // len(self.handles))
+        found: list[list[str]] = await asyncio.gather(
+            *(h.users.remote(per_shard) for h in self.handles)
+        )
+        return [user for users in found for user in users][:limit]
+
     async def status(self) -> list[dict[str, Any]]:
         """Every shard's status, in shard order."""
         return list(await asyncio.gather(*(h.status.remote() for h in self.handles)))

@@ -98,6 +98,10 @@ class ShardActor:
         if not task.cancelled() and task.exception() is not None:
             log.error("shard %s is not consuming", self.shard.shard_id, exc_info=task.exception())
 
+    async def users(self, limit: int) -> list[str]:
+        """Up to ``limit`` ids of users this shard holds."""
+        return self.shard.table.users(limit)
+
     async def profiles(self, user_ids: Sequence[str]) -> list[dict[str, Any] | None]:
         """Live profiles for ``user_ids``, None for unknown users."""
         return self.shard.profiles(user_ids)

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from itertools import pairwise, repeat
+from itertools import islice, pairwise, repeat
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -129,9 +129,9 @@ class UserStateTable:
     def __contains__(self, user_id: object) -> bool:
         return isinstance(user_id, str) and user_id in self._index
 
-    def users(self) -> list[str]:
-        """Ids of the users held, in no particular order."""
-        return list(self._index)
+    def users(self, limit: int | None = None) -> list[str]:
+        """Ids of the users held (the first ``limit`` of them), in no particular order."""
+        return list(islice(self._index, limit))
 
     def apply(self, batch: EventBatch) -> int:
         """Fold a validated batch into the state, in row (arrival) order.

@@ -13,7 +13,7 @@ from typing import Any
 
 import nats
 import orjson
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from nats.aio.client import Client
 from ray import serve
@@ -128,6 +128,11 @@ class ApiGateway:
             ],
         )
         return JSONResponse(result.model_dump(), status_code=422 if checked.rejected else 202)
+
+    @app.get("/v1/users", summary="Some user ids with live state, to explore with")
+    async def users(self, limit: int = Query(default=20, ge=1, le=1000)) -> dict[str, list[str]]:
+        """A sample of user ids held by the shards (not a listing of all users)."""
+        return {"users": await self.pool.users(limit)}
 
     @app.get(
         "/v1/users/{user_id}",

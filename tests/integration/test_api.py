@@ -136,3 +136,13 @@ def test_counts_after_many_posts_equal_the_ground_truth_of_the_events(api: httpx
     for user, counts in truth.items():
         profile = wait_until(lambda u=user, c=counts: _profile_with(api, u, sum(c.values())))
         assert {k: v for k, v in profile["counts"].items() if v} == dict(counts)
+
+
+def test_a_sample_of_user_ids_can_be_listed_and_bad_limits_get_422(api: httpx.Client) -> None:
+    api.post("/v1/events", json=[event("api-listed")])
+    wait_until(lambda: _profile_with(api, "api-listed", events=1))
+    users = wait_until(lambda: api.get("/v1/users", params={"limit": 1000}).json()["users"])
+    assert "api-listed" in users and len(users) == len(set(users))
+    assert len(api.get("/v1/users", params={"limit": 2}).json()["users"]) == 2
+    answer = api.get("/v1/users", params={"limit": 0})
+    assert answer.status_code == 422 and "limit" in answer.text
