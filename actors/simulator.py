@@ -385,7 +385,7 @@ class Simulator:
     def _append_sessions(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Write one session script per user into the store; return their starts and lengths.
 
-        A script is [signup, identify]? session_start, per view (page_view,
+        A script is session_start, [signup, identify]?, per view (page_view,
         click?, like?, share?, comment?, add_to_cart?, dwell), purchases of carted
         items, session_end.
         """
@@ -418,8 +418,8 @@ class Simulator:
         rows["item"] = -1
         rows["value"] = np.nan
         typ, item, value = rows["type"], rows["item"], rows["value"]
-        typ[base[new]], typ[base[new] + 1] = _T[EventType.SIGNUP], _T[EventType.IDENTIFY]
-        typ[base + 2 * new] = _T[EventType.SESSION_START]
+        typ[base] = _T[EventType.SESSION_START]
+        typ[base[new] + 1], typ[base[new] + 2] = _T[EventType.SIGNUP], _T[EventType.IDENTIFY]
         cum = _exclusive_cumsum(block)
         at = (base + head - cum[_exclusive_cumsum(views)])[session] + cum
         typ[at], item[at] = _T[EventType.PAGE_VIEW], items

@@ -298,12 +298,25 @@ class UserStateTable:
         self._days[g.urows] = (kept | fresh) & np.uint64((1 << window) - 1)
 
     def _push_items(self, g: _Groups, item_ids: list[str | None]) -> None:
-        """Write item events into each user's ring, keeping only the last K per user."""
+        """Write item events into each user's ring, keeping only the last K per user.
+
+        An item equal to the user's previous item is not pushed again, so a
+        view -> dwell -> cart -> purchase of one item takes one slot, not four.
+        """
         codes = _intern(item_ids, self._item_codes, self._items, None)[g.order]
         has = codes >= 0
         if not has.any():
             return
         k = self.rules.recent_items
+        at = np.flatnonzero(has)
+        run_of = g.gid[at]
+        latest = self._recent_n[g.urows].astype(np.int64)
+        previous = np.where(latest > 0, self._recent[g.urows, (latest - 1) % k], -1)[
+            run_of
+        ]  # the ring's newest item, for each user's first item in this batch
+        same_run = np.r_[False, run_of[1:] == run_of[:-1]]
+        previous[same_run] = codes[at][:-1][same_run[1:]]
+        has[at[codes[at] == previous]] = False
         cum = np.cumsum(has)
         before = (cum - has)[g.starts]  # item events in earlier runs
         per_run = np.add.reduceat(has.astype(np.int64), g.starts)

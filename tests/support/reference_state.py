@@ -131,7 +131,7 @@ class ReferenceState:
             name = self._category_name(category)
             user["affinity"][name] = user["affinity"].get(name, 0.0) + gain
 
-        if item is not None:
+        if item is not None and (not user["recent"] or user["recent"][0] != item):
             user["recent"].insert(0, item)
             del user["recent"][self.recent_items :]
 

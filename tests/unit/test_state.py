@@ -186,6 +186,16 @@ def test_recent_items_are_newest_first_by_arrival_and_bounded() -> None:
     assert profile is not None and profile["recent_items"] == ["j4", "j3", "j2"]
 
 
+def test_an_item_repeated_back_to_back_takes_one_recent_slot_even_across_batches() -> None:
+    table = UserStateTable(StateRules(recent_items=3))
+    view, cart = EventType.PAGE_VIEW, EventType.ADD_TO_CART
+    table.apply(make_batch([("a", view, BASE, "x"), ("a", cart, BASE + 1, "x")]))
+    table.apply(make_batch([("a", view, BASE + 2, "x"), ("a", view, BASE + 3, "y")]))
+    table.apply(make_batch([("a", view, BASE + 4, "x"), ("b", view, BASE, "x")]))
+    profile = table.profile("a")
+    assert profile is not None and profile["recent_items"] == ["x", "y", "x"]
+
+
 def test_active_days_cover_the_last_64_days_of_activity() -> None:
     table = UserStateTable()
     days = [0, 1, 1, 10, 70, 100, 130]
