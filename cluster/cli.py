@@ -135,7 +135,10 @@ def _start_demo(settings: Settings, nats_url: str, stop: threading.Event) -> thr
         while not stop.is_set() and not task.done():
             await asyncio.sleep(0.2)
         halt.set()
-        await task
+        try:
+            await task
+        except AudienceError as exc:  # e.g. NATS gone first: say so, do not dump a trace
+            print(f"demo stopped: {exc}", file=sys.stderr)
 
     thread = threading.Thread(target=lambda: asyncio.run(run()), name="demo", daemon=True)
     thread.start()

@@ -12,6 +12,9 @@ import contextlib
 import json
 import logging
 import os
+import signal
+import threading
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -90,6 +93,24 @@ async def _quiet(exc: Exception) -> None:
     """nats-py logs every failed connect attempt; the caller reports the outcome once."""
 
 
+@contextlib.contextmanager
+def _children_ignore_ctrl_c() -> Iterator[None]:
+    """Start child processes with SIGINT ignored (an inherited disposition).
+
+    A terminal's Ctrl-C goes to the whole foreground process group; Ray's
+    processes must not die from it before ``Platform.stop`` shuts them down in
+    order. Only the main thread may change signal handlers; elsewhere, no-op.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class Platform:
     """NATS, Ray, the shard pool and the API, started and stopped together."""
 
@@ -137,16 +158,21 @@ class Platform:
     def _init_ray(self) -> None:
         s = self.settings
         if s.ray_address == "local":
-            ray.init(
-                num_cpus=s.num_cpus or os.cpu_count() or 1,
-                include_dashboard=False,
-                namespace=NAMESPACE,
-                logging_level=logging.WARNING,
-                log_to_driver=False,
-            )
+            with _children_ignore_ctrl_c():
+                self._init_local_ray()
         else:
             ray.init(address=s.ray_address, namespace=NAMESPACE, logging_level=logging.WARNING)
         self._owns_ray = True
+
+    def _init_local_ray(self) -> None:
+        s = self.settings
+        ray.init(
+            num_cpus=s.num_cpus or os.cpu_count() or 1,
+            include_dashboard=False,
+            namespace=NAMESPACE,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+        )
 
     def stop(self) -> None:
         """Stop everything this platform started, in reverse order; idempotent."""

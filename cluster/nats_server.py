@@ -108,7 +108,11 @@ class EmbeddedNats:
         args = [str(binary), "-js", "-a", self.host, "-p", str(self.port)]
         args += ["-sd", str(self.store_dir), *self.extra_args]
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+            # Its own session: a terminal's Ctrl-C reaches the whole foreground
+            # process group, and the owner wants to stop the server itself, last.
+            self.process = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         try:
             self._wait_ready(timeout_s)
         except NatsServerError:

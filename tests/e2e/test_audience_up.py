@@ -42,8 +42,15 @@ class Running:
     """A started `audience up` whose output is collected line by line."""
 
     def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        # A session of its own, so that Ctrl-C can be sent the way a terminal
+        # sends it: to the whole process group.
         self.process = subprocess.Popen(
-            args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            args,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
         )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -96,8 +103,9 @@ def test_up_serves_the_api_and_ctrl_c_stops_every_process(audience_up: Running) 
         wait_until(lambda: applied() > first, timeout_s=60)  # the demo keeps publishing
 
     family = psutil.Process(audience_up.process.pid).children(recursive=True)
-    audience_up.process.send_signal(signal.SIGINT)
-    assert audience_up.process.wait(90) == 0, "\n".join(audience_up.lines[-20:])
+    os.killpg(audience_up.process.pid, signal.SIGINT)  # Ctrl-C, as a terminal sends it
+    assert audience_up.process.wait(60) == 0, "\n".join(audience_up.lines[-20:])
+    assert not [line for line in audience_up.lines if "Traceback" in line], audience_up.lines
     wait_until(lambda: "stopped" in audience_up.lines, timeout_s=10)
     wait_until(lambda: not [p for p in family if _alive(p)], timeout_s=30)
 
