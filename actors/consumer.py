@@ -37,6 +37,7 @@ from actors.partitioning import events_subject, partition_of_subject
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 1024 * 1024  # NATS' default max_payload: one request must fit one message
+RETRY_PAUSE_S = 0.5
 
 
 class _Partition:
@@ -156,18 +157,16 @@ class StreamReader:
         )
 
     async def _on_message(self, msg: Msg) -> None:
-        status = msg.headers.get("Status") if msg.headers else None
+        headers = msg.headers or {}
+        status = headers.get("Status")
         if status is not None:
             # Status replies come on the request's inbox: <inbox>.<partition>.<generation>.
             _, partition, generation = msg.subject.rsplit(".", 2)
             part = self._parts.get(int(partition))
             if part is None or int(generation) != part.generation:
                 return  # the answer to a request of a consumer since replaced
-            if status != "100":  # 404/408/409: this request is over
-                description = msg.headers.get("Description", "") if msg.headers else ""
-                part.big_request = status == "409" and "MaxBytes" in description
-                part.open_request = False
-                await self._request(part)
+            if status != "100":  # 404/408/409/503: this request is over
+                await self._request_ended(part, status, headers.get("Description", ""))
             return
         # Messages keep their stream subject; the reply names the consumer:
         # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
@@ -199,6 +198,19 @@ class StreamReader:
         if part.received >= self.pull_batch:  # a full batch arrived: the request is done
             part.open_request = False
             await self._request(part)
+
+    async def _request_ended(self, part: _Partition, status: str, description: str) -> None:
+        """Follow up an ended pull request according to why it ended."""
+        part.open_request = False
+        part.big_request = status == "409" and "MaxBytes" in description
+        if status == "408" or part.big_request:  # expired, or the next message is big
+            await self._request(part)
+        elif status == "409" and "Deleted" in description:  # e.g. idle past its threshold
+            log.warning("partition %s: consumer deleted; re-creating", part.partition)
+            await self._recreate(part)
+        else:  # no responders, refused: ask again after a pause, not in a tight loop
+            loop = asyncio.get_running_loop()
+            loop.call_later(RETRY_PAUSE_S, lambda: loop.create_task(self._request(part)))
 
     async def take(self, max_messages: int, timeout_s: float) -> list[Delivery]:
         """Up to ``max_messages`` deliveries in arrival order; waits up to ``timeout_s``."""

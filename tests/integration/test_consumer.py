@@ -121,3 +121,30 @@ def test_a_reader_starts_after_the_position_it_is_given(nats_server: EmbeddedNat
         assert [d.data.split(b":")[1] for d in taken] == [b"7", b"8", b"9"]
 
     asyncio.run(with_stream(nats_server, "FROMPOS", body))
+
+
+def test_a_consumer_deleted_on_the_server_is_recreated_and_nothing_is_lost(
+    nats_server: EmbeddedNats,
+) -> None:
+    partitions, per_partition = 2, 100
+
+    async def body(nc: nats.NATS) -> None:
+        js = nc.jetstream()
+        await publish(nc, partitions, per_partition // 2, 50)
+        reader = StreamReader(nc, js, "DELETED", {p: 0 for p in range(partitions)})
+        await reader.start()
+        taken: list[Delivery] = []
+        while len(taken) < partitions * per_partition // 2:
+            taken += await reader.take(100, timeout_s=5.0)
+        for info in await js.consumers_info("DELETED"):
+            await js.delete_consumer("DELETED", info.name)
+        for i in range(per_partition // 2, per_partition):
+            for p in range(partitions):
+                await js.publish(events_subject(p), f"{p}:{i}:".encode())
+        deadline = time.monotonic() + 60
+        while len(taken) < partitions * per_partition and time.monotonic() < deadline:
+            taken += await reader.take(100, timeout_s=1.0)
+        await reader.stop()
+        assert_complete(taken, partitions, per_partition)
+
+    asyncio.run(with_stream(nats_server, "DELETED", body))
