@@ -1,0 +1,308 @@
+"""Trending and emerging items and categories, as mergeable time-decayed partials.
+
+Each shard folds its batches into a :class:`TrendAggregate`; the serving layer
+merges the shards' aggregates (or their :meth:`TrendAggregate.to_dict`
+snapshots) and queries the result, so no query scans users or events.
+
+Counts are weighted by event type (:data:`DEFAULT_WEIGHTS`: a purchase says more
+than a view) and decay exponentially in *event time*: an event of age ``a``
+behind the aggregate's reference time (the latest event time seen, or a later
+time given to :meth:`TrendAggregate.advance`) counts ``w * 2 ** (-a / half_life)``.
+Events are weighted against the reference time and the sketches are rescaled
+when it moves, so the result does not depend on arrival order (late events just
+weigh less), up to the Space-Saving error, which only appears once a sketch is
+full. Two windows run side by side on each dimension: a short one (trending, an
+hour by default) and a long one (the baseline, a day by default).
+
+Emerging score (acceleration against the item's own baseline)::
+
+    rate(window) = decayed count / exposure,
+    exposure     = h / ln 2 * (1 - 2 ** (-observed_span / h))
+    score        = rate_short(lower bound) / rate_long(upper bound)
+
+``exposure`` is the decayed length of the time observed so far, so a steadily
+popular item scores about 1 however long the stream has run, and an item whose
+activity is all recent scores up to ``exposure_long / exposure_short``. Only
+items whose short-window lower bound reaches ``min_support`` are scored (a few
+events make any ratio large), and only scores of at least ``min_acceleration``
+are reported. Using the bounds makes the score conservative.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from actors.batch import EventBatch
+from actors.events import EventType
+from actors.sketches import SketchError, SpaceSaving
+
+HOUR_MS = 3_600_000
+
+DEFAULT_WEIGHTS: Mapping[EventType, float] = {
+    EventType.PAGE_VIEW: 1.0,
+    EventType.CLICK: 1.0,
+    EventType.DWELL: 1.0,
+    EventType.LIKE: 3.0,
+    EventType.COMMENT: 3.0,
+    EventType.SHARE: 5.0,
+    EventType.ADD_TO_CART: 4.0,
+    EventType.PURCHASE: 10.0,
+}
+"""Weight per event type; types not listed (sessions, identify...) count 0."""
+
+_DIMENSIONS = ("items", "categories")
+
+
+@dataclass(frozen=True)
+class TrendConfig:
+    """How trends are counted; only aggregates with equal configs merge.
+
+    Raises:
+        SketchError: (reason ``bad_config``) on a non-positive half-life or
+            capacity, a baseline not slower than the short window, or a negative
+            or non-finite weight.
+    """
+
+    half_life_ms: int = HOUR_MS
+    baseline_half_life_ms: int = 24 * HOUR_MS
+    capacity: int = 512
+    baseline_capacity: int = 2048
+    min_support: float = 20.0
+    min_acceleration: float = 2.0
+    weights: Mapping[EventType, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
+
+    def __post_init__(self) -> None:
+        problems = [
+            (self.half_life_ms <= 0, "half_life_ms must be positive"),
+            (self.baseline_half_life_ms <= self.half_life_ms, "baseline must be slower"),
+            (min(self.capacity, self.baseline_capacity) <= 0, "capacities must be positive"),
+            (not self.min_support >= 0, "min_support must be non-negative"),
+            (not all(math.isfinite(w) and w >= 0 for w in self.weights.values()), "bad weight"),
+        ]
+        for bad, detail in problems:
+            if bad:
+                raise SketchError("bad_config", detail)
+
+    def weight_table(self) -> np.ndarray:
+        """Weight by wire type code; unknown codes (a bad batch) weigh 0."""
+        table = np.zeros(256, dtype=np.float64)
+        for i, t in enumerate(EventType):
+            table[i] = self.weights.get(t, 0.0)
+        return table
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form (weights by type name)."""
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "weights"}
+        out["weights"] = {t.value: w for t, w in self.weights.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrendConfig:
+        """Inverse of :meth:`to_dict`."""
+        fields = dict(data)
+        fields["weights"] = {EventType(k): float(w) for k, w in data["weights"].items()}
+        return cls(**fields)
+
+
+class TrendAggregate:
+    """One shard's decayed heavy hitters of items and categories, short and long window.
+
+    Lifecycle: :meth:`update` per batch, :meth:`advance` on a timer (optional:
+    it lets quiet periods decay), :meth:`merge` across shards,
+    :meth:`to_dict` / :meth:`from_dict` for snapshots. Keys are dropped by the
+    sketches themselves: a faded key is the first to be evicted.
+    """
+
+    def __init__(self, config: TrendConfig | None = None) -> None:
+        self.config = config or TrendConfig()
+        self._weights = self.config.weight_table()
+        c = self.config
+        self._short = {d: SpaceSaving(c.capacity) for d in _DIMENSIONS}
+        self._long = {d: SpaceSaving(c.baseline_capacity) for d in _DIMENSIONS}
+        self.ref_ms: int | None = None  # reference ("now") in event time
+        self.origin_ms: int | None = None  # earliest event time seen
+
+    def update(self, batch: EventBatch) -> None:
+        """Fold a batch in; events without an item (or category) skip that dimension."""
+        if len(batch) == 0:
+            return
+        w = self._weights[batch.type.astype(np.intp)]
+        ts = batch.ts.astype(np.int64)
+        self.advance(int(ts.max()))
+        lo = int(ts.min())
+        self.origin_ms = lo if self.origin_ms is None else min(self.origin_ms, lo)
+        assert self.ref_ms is not None  # set by advance
+        age = (self.ref_ms - ts).astype(np.float64)
+        w_short = w * np.exp2(-age / self.config.half_life_ms)
+        w_long = w * np.exp2(-age / self.config.baseline_half_life_ms)
+        counted = (w > 0).tolist()
+        for dim, column in (("items", batch.item_id), ("categories", batch.category)):
+            pairs = [(i, k) for i, k in enumerate(column) if k is not None and counted[i]]
+            if pairs:
+                rows, keys = [i for i, _ in pairs], [k for _, k in pairs]
+                self._short[dim].add_many(keys, w_short[rows])
+                self._long[dim].add_many(keys, w_long[rows])
+
+    def advance(self, now_ms: int) -> None:
+        """Move the reference time forward to ``now_ms`` (never back), decaying every count.
+
+        ``now_ms`` is event time, e.g. the shard's watermark, not the wall clock.
+        """
+        if self.ref_ms is None:
+            self.ref_ms = int(now_ms)
+            return
+        dt = int(now_ms) - self.ref_ms
+        if dt <= 0:
+            return
+        self.ref_ms = int(now_ms)
+        _decay(self._short, dt / self.config.half_life_ms)
+        _decay(self._long, dt / self.config.baseline_half_life_ms)
+
+    def merge(self, other: TrendAggregate) -> None:
+        """Fold ``other`` (another shard) in, at the later of the two reference times.
+
+        ``other`` is not modified.
+
+        Raises:
+            SketchError: (reason ``config_mismatch``) if the configs differ.
+        """
+        if other.config != self.config:
+            raise SketchError("config_mismatch", "trend aggregates need equal configs to merge")
+        if other.ref_ms is None or other.origin_ms is None:
+            return
+        theirs = copy.deepcopy(other)
+        theirs.advance(other.ref_ms if self.ref_ms is None else self.ref_ms)
+        self.advance(other.ref_ms)
+        for dim in _DIMENSIONS:
+            self._short[dim].merge(theirs._short[dim])
+            self._long[dim].merge(theirs._long[dim])
+        mine = self.origin_ms
+        self.origin_ms = other.origin_ms if mine is None else min(mine, other.origin_ms)
+
+    def trending_items(self, n: int = 10) -> list[dict[str, Any]]:
+        """The ``n`` items with the most decayed weighted activity, busiest first.
+
+        Each entry: ``id``; ``score`` (weighted events per hour over the short
+        window); ``count`` (decayed weighted count, an overestimate by at most
+        ``error``); ``error``; ``certain`` (the item is surely in the top-n).
+        """
+        return self._trending("items", n)
+
+    def trending_categories(self, n: int = 10) -> list[dict[str, Any]]:
+        """Like :meth:`trending_items`, for categories."""
+        return self._trending("categories", n)
+
+    def emerging_items(self, n: int = 10) -> list[dict[str, Any]]:
+        """Items accelerating against their own baseline, highest score first.
+
+        Each entry: ``id``, ``score`` (see the module docstring), ``count`` and
+        ``error`` of the short window, ``baseline_count`` and ``baseline_error``,
+        and both rates per hour.
+        """
+        return self._emerging("items", n)
+
+    def emerging_categories(self, n: int = 10) -> list[dict[str, Any]]:
+        """Like :meth:`emerging_items`, for categories."""
+        return self._emerging("categories", n)
+
+    def _exposure_h(self, half_life_ms: int) -> float:
+        """Decayed length, in hours, of the span observed so far (see module docstring)."""
+        if self.ref_ms is None or self.origin_ms is None:
+            return 0.0
+        span = max(self.ref_ms - self.origin_ms, 1)
+        return (
+            half_life_ms / math.log(2) * -math.expm1(-span / half_life_ms * math.log(2)) / HOUR_MS
+        )
+
+    def _trending(self, dim: str, n: int) -> list[dict[str, Any]]:
+        sketch = self._short[dim]
+        rows = sketch.top(n + 1)
+        exposure = self._exposure_h(self.config.half_life_ms)
+        out = []
+        for i, (key, count, error) in enumerate(rows[:n]):
+            runner_up = rows[i + 1][1] if i + 1 < len(rows) else sketch.floor
+            out.append(
+                {
+                    "id": key,
+                    "score": count / exposure if exposure else 0.0,
+                    "count": count,
+                    "error": error,
+                    "certain": count - error >= runner_up,
+                }
+            )
+        return out
+
+    def _emerging(self, dim: str, n: int) -> list[dict[str, Any]]:
+        c = self.config
+        short, long = self._short[dim], self._long[dim]
+        exp_s, exp_l = self._exposure_h(c.half_life_ms), self._exposure_h(c.baseline_half_life_ms)
+        if not exp_s:
+            return []
+        baseline = {k: (cnt, err) for k, cnt, err in long.top(long.capacity)}
+        out: list[dict[str, Any]] = []
+        for key, count, error in short.top(short.capacity):
+            if count - error < c.min_support:
+                continue
+            base, base_err = baseline.get(key, (long.floor, long.floor))
+            rate, base_rate = (count - error) / exp_s, base / exp_l
+            score = rate / base_rate if base_rate > 0 else math.inf
+            if score >= c.min_acceleration:
+                out.append(
+                    {
+                        "id": key,
+                        "score": score,
+                        "count": count,
+                        "error": error,
+                        "baseline_count": base,
+                        "baseline_error": base_err,
+                        "rate_per_hour": count / exp_s,
+                        "baseline_rate_per_hour": base_rate,
+                    }
+                )
+        out.sort(key=lambda r: (-r["score"], r["id"]))
+        return out[: max(n, 0)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly snapshot, also the form shards ship to the merge step."""
+        return {
+            "version": 1,
+            "config": self.config.to_dict(),
+            "ref_ms": self.ref_ms,
+            "origin_ms": self.origin_ms,
+            "short": {d: s.to_dict() for d, s in self._short.items()},
+            "long": {d: s.to_dict() for d, s in self._long.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrendAggregate:
+        """Restore a snapshot made by :meth:`to_dict`.
+
+        Raises:
+            SketchError: if ``data`` is not such a snapshot.
+        """
+        try:
+            agg = cls(TrendConfig.from_dict(data["config"]))
+            agg._short = {d: SpaceSaving.from_dict(data["short"][d]) for d in _DIMENSIONS}
+            agg._long = {d: SpaceSaving.from_dict(data["long"][d]) for d in _DIMENSIONS}
+            ref, origin = data["ref_ms"], data["origin_ms"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SketchError("bad_snapshot", f"not a TrendAggregate snapshot: {exc}") from exc
+        agg.ref_ms = None if ref is None else int(ref)
+        agg.origin_ms = None if origin is None else int(origin)
+        return agg
+
+
+def _decay(sketches: dict[str, SpaceSaving], half_lives: float) -> None:
+    """Decay by ``half_lives`` half-lives; past ~1000 the counts are gone, so start over."""
+    factor = 2.0**-half_lives
+    for dim, sketch in sketches.items():
+        if factor > 0:
+            sketch.decay(factor)
+        else:
+            sketches[dim] = SpaceSaving(sketch.capacity)
