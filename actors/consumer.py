@@ -119,9 +119,15 @@ class StreamReader:
 
     async def _recreate(self, part: _Partition) -> None:
         """A fresh consumer for ``part`` starting right after what the buffer holds."""
-        if part.consumer:
+        # Retire the old consumer before any await: its replies (such as the
+        # "consumer deleted" status the delete below provokes) are stale from
+        # here on, and must not start a second, concurrent re-creation.
+        old, part.consumer = part.consumer, ""
+        part.generation += 1
+        part.open_request = False
+        if old:
             with contextlib.suppress(Exception):
-                await self._js.delete_consumer(self.stream, part.consumer)
+                await self._js.delete_consumer(self.stream, old)
         config = ConsumerConfig(
             filter_subject=events_subject(part.partition),
             ack_policy=AckPolicy.NONE,
@@ -132,9 +138,7 @@ class StreamReader:
         )
         info = await self._js.add_consumer(self.stream, config)
         part.consumer = info.name
-        part.generation += 1
         part.consumer_seq = 0
-        part.open_request = False
         await self._request(part)
 
     async def _request(self, part: _Partition) -> None:

@@ -19,6 +19,7 @@ from actors.partitioning import assign_partitions, partition_of
 from actors.shard_actor import ShardActor
 from actors.state import StateRules
 from actors.validation import ValidationPolicy
+from actors.windows import WindowConfig
 
 NAMESPACE = "audience"
 
@@ -56,13 +57,14 @@ class ShardPool:
         rules: StateRules | None = None,
         policy: ValidationPolicy | None = None,
         timeout_s: float = 60.0,
+        windows: WindowConfig | None = None,
     ) -> ShardPool:
         """Start the shard actors (named, in the ``audience`` namespace) and their consumers."""
         assignment = assign_partitions(spec.partitions, spec.shards)
         handles = [
             ShardActor.options(  # type: ignore[attr-defined]
                 name=shard_name(spec.name, i), namespace=NAMESPACE, num_cpus=spec.shard_cpus
-            ).remote(i, parts, spec.nats_url, spec.stream, rules, policy)
+            ).remote(i, parts, spec.nats_url, spec.stream, rules, policy, windows=windows)
             for i, parts in enumerate(assignment)
         ]
         ray.get([h.start.remote() for h in handles], timeout=timeout_s)
@@ -102,6 +104,10 @@ class ShardPool:
             *(h.users.remote(per_shard) for h in self.handles)
         )
         return [user for users in found for user in users][:limit]
+
+    async def insights_partials(self) -> list[dict[str, Any]]:
+        """Every shard's engagement partials (one call per shard), for the merge timer."""
+        return list(await asyncio.gather(*(h.insights_partials.remote() for h in self.handles)))
 
     async def status(self) -> list[dict[str, Any]]:
         """Every shard's status, in shard order."""

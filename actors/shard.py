@@ -17,9 +17,11 @@ import numpy as np
 from actors.batch import EventBatch
 from actors.codec import decode
 from actors.delivery import Delivery
+from actors.engagement import EngagementWindows
 from actors.errors import WireError
 from actors.state import StateRules, UserStateTable
 from actors.validation import Rejection, RejectReason, ValidationPolicy, check_batch
+from actors.windows import WindowConfig
 
 FRESHNESS_SAMPLES = 4096
 
@@ -34,7 +36,12 @@ class ApplyResult:
 
 
 class Shard:
-    """Per-user state of a set of partitions, with each partition's stream position."""
+    """Per-user state of a set of partitions, with each partition's stream position.
+
+    Besides the per-user table it keeps event-time engagement windows
+    (:class:`~actors.engagement.EngagementWindows`), fed with each event's
+    partition because watermarks are per partition.
+    """
 
     def __init__(
         self,
@@ -42,9 +49,11 @@ class Shard:
         partitions: Sequence[int],
         rules: StateRules | None = None,
         policy: ValidationPolicy | None = None,
+        windows: WindowConfig | None = None,
     ) -> None:
         self.shard_id = shard_id
         self.table = UserStateTable(rules or StateRules())
+        self.engagement = EngagementWindows(windows)
         self.policy = policy or ValidationPolicy()
         self.positions: dict[int, int] = {p: 0 for p in partitions}
         self.applied_events = 0
@@ -69,6 +78,7 @@ class Shard:
         started = time.perf_counter()
         result = ApplyResult()
         batches = []
+        partitions: list[np.ndarray] = []
         stored_ns = []
         for delivery in deliveries:
             position = self.positions.get(delivery.partition)
@@ -85,9 +95,12 @@ class Shard:
             checked = check_batch(batch, self.policy)
             result.rejected.extend(checked.rejected)
             batches.append(checked.batch)
+            partitions.append(np.full(len(checked.batch), delivery.partition, dtype=np.int64))
             stored_ns.append(delivery.stored_ns)
         if batches:
-            result.applied = self.table.apply(EventBatch.concat(batches))
+            batch = EventBatch.concat(batches)
+            result.applied = self.table.apply(batch)
+            self.engagement.apply(batch, np.concatenate(partitions))
         self.applied_events += result.applied
         self.applied_messages += len(batches)
         self.rejected.update(r.reason.value for r in result.rejected)

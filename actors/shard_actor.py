@@ -25,6 +25,7 @@ from actors.deadletter import DeadLetters
 from actors.shard import Shard
 from actors.state import StateRules
 from actors.validation import ValidationPolicy
+from actors.windows import WindowConfig
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,9 @@ class ShardActor:
         rules: StateRules | None = None,
         policy: ValidationPolicy | None = None,
         max_messages_per_apply: int = 32,
+        windows: WindowConfig | None = None,
     ) -> None:
-        self.shard = Shard(shard_id, partitions, rules, policy)
+        self.shard = Shard(shard_id, partitions, rules, policy, windows)
         self.nats_url = nats_url
         self.stream = stream
         self.max_messages_per_apply = max_messages_per_apply
@@ -105,6 +107,10 @@ class ShardActor:
     async def profiles(self, user_ids: Sequence[str]) -> list[dict[str, Any] | None]:
         """Live profiles for ``user_ids``, None for unknown users."""
         return self.shard.profiles(user_ids)
+
+    async def insights_partials(self) -> dict[str, Any]:
+        """This shard's engagement partial aggregates, as plain data for the merge step."""
+        return self.shard.engagement.partials()
 
     async def counters(self) -> dict[str, Any]:
         """Cheap progress counters (no NATS round trips), for polling."""

@@ -26,6 +26,7 @@ from actors.errors import UnavailableError
 from actors.jetstream import StreamNames, ensure_streams
 from actors.pool import NAMESPACE, PoolSpec, ShardPool
 from actors.validation import ValidationPolicy
+from actors.windows import WindowConfig
 from cluster.nats_server import EmbeddedNats
 from cluster.settings import Settings
 from serving.app import GatewayConfig, build_app
@@ -67,6 +68,13 @@ def streams_of(settings: Settings) -> StreamNames:
 def policy_of(settings: Settings) -> ValidationPolicy:
     """Validation limits from settings."""
     return ValidationPolicy(max_future_ms=int(settings.max_future_s * 1000))
+
+
+def windows_of(settings: Settings) -> WindowConfig:
+    """Event-time window settings (lateness and its policy) as plain values."""
+    return WindowConfig(
+        allowed_lateness_ms=int(settings.allowed_lateness_s * 1000), policy=settings.late_policy
+    )
 
 
 async def prepare_streams(nats_url: str, names: StreamNames, max_age_s: float) -> None:
@@ -140,9 +148,11 @@ class Platform:
         if not ray.is_initialized():
             self._init_ray()
         spec = PoolSpec(s.partitions, s.shards, self.nats_url, s.stream)
-        self.pool = ShardPool.create(spec, policy=policy_of(s))
+        self.pool = ShardPool.create(spec, policy=policy_of(s), windows=windows_of(s))
         serve.start(http_options={"host": s.http_host, "port": s.http_port})
-        config = GatewayConfig(pool=spec, streams=streams_of(s), policy=policy_of(s))
+        config = GatewayConfig(
+            pool=spec, streams=streams_of(s), policy=policy_of(s), windows=windows_of(s)
+        )
         serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
         host = "127.0.0.1" if s.http_host in ("0.0.0.0", "::") else s.http_host
         self.info = RuntimeInfo(

@@ -11,6 +11,8 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from actors.windows import LatenessPolicy
+
 
 def _default_data_dir() -> Path:
     return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "audience"
@@ -93,6 +95,17 @@ class Settings(BaseSettings):
         default=86_400,
         ge=0,
         description="Events stamped further than this ahead of the wall clock are rejected.",
+    )
+    allowed_lateness_s: float = Field(
+        default=300,
+        ge=0,
+        description="How far (event time) behind the newest event of its partition an event "
+        "may be and still count as on time in the engagement windows.",
+    )
+    late_policy: LatenessPolicy = Field(
+        default=LatenessPolicy.CORRECT,
+        description="What happens to late events: 'drop' (only counted) or 'correct' (kept "
+        "in a correction aggregate of their bucket, flagged as late).",
     )
     demo_users: int = Field(default=10_000, ge=1, description="Users simulated by `up --demo`.")
     demo_rate: float = Field(

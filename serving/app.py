@@ -2,28 +2,41 @@
 FastAPI reads them at import time).
 
 ``POST /v1/events`` validates and publishes, ``GET /v1/users/{id}`` reads the
-live profile from the owning shard, ``GET /v1/status`` gathers what an
-operator needs, ``GET /healthz`` answers probes. Errors map to status codes in
+live profile from the owning shard, ``GET /v1/insights/engagement`` reads
+event-time engagement from a snapshot that a timer merges from every shard's
+partials (never per request), ``GET /v1/status`` gathers what an operator
+needs, ``GET /healthz`` answers probes. Errors map to status codes in
 :mod:`serving.errors`, in one place.
 """
 
 import asyncio
+import logging
+import time
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import datetime
+from typing import Annotated, Any
 
 import nats
 import orjson
 from fastapi import FastAPI, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from nats.aio.client import Client
 from ray import serve
 
+from actors.engagement import merge_partials, report
+from actors.errors import UnavailableError
+from actors.events import to_epoch_ms
 from actors.jetstream import StreamNames, dead_letter_counts
 from actors.pool import PoolSpec, ShardPool
 from actors.producer import Producer
+from actors.state import iso_ms
 from actors.validation import ValidationPolicy, parse_events
+from actors.windows import Granularity, WindowConfig
+from serving import dashboard
 from serving.errors import install_error_handlers
-from serving.schemas import IngestResult, Profile, RejectedEvent
+from serving.schemas import EngagementAnswer, IngestResult, Profile, RejectedEvent
+
+log = logging.getLogger(__name__)
 
 app = FastAPI(
     title="audience-insights",
@@ -46,6 +59,8 @@ class GatewayConfig:
     max_batch: int = 1000
     max_body_bytes: int = 8 * 1024 * 1024
     max_events_per_request: int = 10_000
+    windows: WindowConfig = field(default_factory=WindowConfig)
+    insights_merge_every_s: float = 1.0
 
 
 def _unwrap_events(raw: bytes) -> bytes:
@@ -64,6 +79,27 @@ def _error(status: int, detail: str) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status)
 
 
+def _range_problem(
+    granularity: Granularity, start: datetime | None, end: datetime | None, windows: WindowConfig
+) -> str | None:
+    """Why a requested time range cannot be answered, or None when it can."""
+    for name, value in (("start", start), ("end", end)):
+        if value is not None and value.utcoffset() is None:
+            return f"{name} must be RFC 3339 with a timezone, e.g. 2024-03-01T00:00:00Z"
+    if start is None or end is None:
+        return None
+    if end <= start:
+        return "end must be after start"
+    most = windows.retention[granularity]
+    buckets = -(-(to_epoch_ms(end) - to_epoch_ms(start)) // granularity.width_ms)
+    if buckets > most:
+        return (
+            f"range covers {buckets} {granularity.value} buckets; at most {most} are kept, "
+            "use a coarser granularity"
+        )
+    return None
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
 @serve.ingress(app)
 class ApiGateway:
@@ -75,6 +111,9 @@ class ApiGateway:
         self._nc: Client | None = None
         self._producer: Producer | None = None
         self._lock = asyncio.Lock()
+        self._merged: tuple[float, dict[str, Any]] | None = None
+        self._merged_ready = asyncio.Event()
+        self._merge_task: asyncio.Task[None] | None = None
 
     async def _connected(self) -> Producer:
         async with self._lock:
@@ -147,6 +186,70 @@ class ApiGateway:
             return _error(404, f"unknown user {user_id!r}")
         return Response(orjson.dumps(profile), media_type="application/json")
 
+    async def _merged_insights(self) -> tuple[float, dict[str, Any]]:
+        """The cached merge of the shards' partials; starts the merge timer on first use."""
+        if self._merge_task is None:
+            self._merge_task = asyncio.create_task(self._merge_forever())
+        if self._merged is None:
+            try:
+                await asyncio.wait_for(self._merged_ready.wait(), timeout=10)
+            except asyncio.TimeoutError:
+                raise UnavailableError("insights", "no shard partials merged yet") from None
+        assert self._merged is not None
+        return self._merged
+
+    async def _merge_forever(self) -> None:
+        """Merge every shard's partials into the cached snapshot, on a timer, never per request."""
+        while True:
+            try:
+                partials = await self.pool.insights_partials()
+                self._merged = (time.time(), merge_partials(partials))
+                self._merged_ready.set()
+            except Exception:  # a restarting shard: keep the last snapshot, try again
+                log.warning("could not merge insights partials", exc_info=True)
+            await asyncio.sleep(self.config.insights_merge_every_s)
+
+    @app.get(
+        "/v1/insights/engagement",
+        response_model=EngagementAnswer,
+        responses={422: {"description": "Bad granularity, time or range, with the reason."}},
+        summary="Engagement per event-time bucket: active users, rates, dwell, top items",
+    )
+    async def engagement(
+        self,
+        granularity: Annotated[Granularity, Query(description="Bucket width.")] = Granularity.HOUR,
+        start: Annotated[datetime | None, Query(description="RFC 3339, inclusive.")] = None,
+        end: Annotated[datetime | None, Query(description="RFC 3339, exclusive.")] = None,
+        include_late: Annotated[bool, Query(description="Add late-event corrections.")] = False,
+        top: Annotated[int, Query(ge=1, le=50, description="Top items/categories shown.")] = 10,
+    ) -> Any:
+        """Buckets starting in ``[start, end)`` from the last merged snapshot (see ``as_of``).
+
+        Numbers may trail the stream by the merge interval (1 s by default).
+        """
+        problem = _range_problem(granularity, start, end, self.config.windows)
+        if problem:
+            return _error(422, problem)
+        start_ms = None if start is None else to_epoch_ms(start)
+        end_ms = None if end is None else to_epoch_ms(end)
+        as_of, merged = await self._merged_insights()
+        answer = report(merged, granularity, start_ms, end_ms, include_late=include_late, top=top)
+        windows = self.config.windows
+        return {
+            "granularity": granularity.value,
+            "start": None if start_ms is None else iso_ms(start_ms),
+            "end": None if end_ms is None else iso_ms(end_ms),
+            "as_of": iso_ms(int(as_of * 1000)),
+            **answer,
+            "lateness": {
+                "allowed_lateness_s": windows.allowed_lateness_ms / 1000,
+                "policy": windows.policy.value,
+                "late_dropped": merged["late_dropped"],
+                "late_corrected": merged["late_corrected"],
+                "include_late": include_late,
+            },
+        }
+
     @app.get("/v1/status", summary="Shard counters, lag per partition, dead letters")
     async def status(self) -> dict[str, Any]:
         """What ``audience status`` prints."""
@@ -170,6 +273,25 @@ class ApiGateway:
     async def healthz(self) -> dict[str, str]:
         """Always open, cheap: the replica is up and serving."""
         return {"status": "ok"}
+
+    @app.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
+    async def dashboard_page(self) -> HTMLResponse:
+        """The live dashboard (it polls this API; Plotly is served from the package)."""
+        return HTMLResponse(dashboard.page())
+
+    @app.get("/dashboard/dashboard.js", include_in_schema=False)
+    async def dashboard_script(self) -> Response:
+        """The dashboard's script."""
+        return Response(dashboard.script(), media_type="text/javascript")
+
+    @app.get("/dashboard/plotly.min.js", include_in_schema=False)
+    async def plotly_script(self) -> Response:
+        """Plotly's browser bundle, from the installed plotly package: no CDN."""
+        return Response(
+            dashboard.plotly_js(),
+            media_type="text/javascript",
+            headers={"Cache-Control": "public, max-age=86400"},
+        )
 
 
 def build_app(config: GatewayConfig) -> serve.Application:

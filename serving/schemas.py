@@ -37,3 +37,61 @@ class Profile(BaseModel):
     recent_items: list[str] = Field(description="Most recent items, newest first.")
     category_affinity: dict[str, float]
     active_days: int = Field(description="Days with activity among the last 64.")
+
+
+class TopEntry(BaseModel):
+    """An item or category and its event count in the bucket."""
+
+    id: str
+    events: int
+
+
+class EngagementTotals(BaseModel):
+    """Sums over the answered buckets (distinct users do not add up across buckets)."""
+
+    events: int
+    events_by_type: dict[str, int] = Field(description="Non-zero event counts per type.")
+    likes: int
+    shares: int
+    comments: int
+    dwell_seconds: float = Field(description="Sum of the values of dwell events.")
+    sessions: int = Field(description="session_start events.")
+    top_items: list[TopEntry]
+    top_categories: list[TopEntry]
+
+
+class EngagementBucket(EngagementTotals):
+    """Engagement in one event-time bucket; rates are computed when read."""
+
+    start: str = Field(description="Bucket start, RFC 3339 UTC (inclusive).")
+    end: str = Field(description="Bucket end, RFC 3339 UTC (exclusive).")
+    active_users: int = Field(description="Distinct users with an event in the bucket.")
+    likes_per_active_user: float
+    shares_per_active_user: float
+    comments_per_active_user: float
+    dwell_seconds_per_active_user: float
+    late_events: int = Field(
+        description="Late events kept as corrections of this bucket ('correct' policy)."
+    )
+
+
+class Lateness(BaseModel):
+    """How lateness is handled, and how many events were late (all time, all shards)."""
+
+    allowed_lateness_s: float
+    policy: str = Field(description="'drop' or 'correct'.")
+    late_dropped: int = Field(description="Late events not applied ('drop' policy).")
+    late_corrected: int = Field(description="Late events kept as corrections ('correct').")
+    include_late: bool = Field(description="Whether corrections are added into the numbers.")
+
+
+class EngagementAnswer(BaseModel):
+    """Answer to ``GET /v1/insights/engagement``."""
+
+    granularity: str
+    start: str | None
+    end: str | None
+    as_of: str = Field(description="When the shards' partials were merged, RFC 3339 UTC.")
+    buckets: list[EngagementBucket]
+    totals: EngagementTotals
+    lateness: Lateness

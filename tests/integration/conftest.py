@@ -3,6 +3,13 @@
 Ray starts once per session (it costs seconds); NATS servers are cheap and start
 per module. The ``platform`` fixture is the whole stack as ``audience up`` builds
 it, pointed at an external NATS by URL.
+
+The platform's allowed lateness is twenty years: the suite replays history from
+2023 to 2026 onto the same eight partitions in whatever order the test files
+run, so with a realistic lateness which events count as late would depend on
+test order. Lateness itself is covered by unit tests (tests/unit/test_windows.py
+and test_engagement.py); here every event is on time, and the engagement
+answers depend only on the events a test publishes.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> Itera
             shards=2,
             http_port=free_port(),
             data_dir=tmp_path_factory.mktemp("platform-data"),
+            allowed_lateness_s=20 * 365 * 86_400,
             _env_file=None,  # type: ignore[call-arg]
         )
         running = Platform(settings)

@@ -1,0 +1,299 @@
+"""Engagement per event-time bucket, as mergeable partial aggregates.
+
+Each shard folds its applied batches into :class:`EngagementWindows`; the API
+gathers every shard's :meth:`EngagementWindows.partials` on a timer and combines
+them with :func:`merge_partials`, so a query reads one merged snapshot and never
+scans users. Partials are plain data (dicts, lists, ints) for Ray and snapshots.
+
+Definitions, kept simple on purpose:
+
+* active users: distinct user ids with at least one event in the bucket. A shard
+  counts them exactly (a set per bucket, bounded by the bucket retention); users
+  live on exactly one shard (partition = hash of the user id), so shard counts
+  add up to the exact total and the partial carries only the count.
+* sessions: ``session_start`` events in the bucket.
+* dwell: the sum of ``value`` of ``dwell`` events, kept in integer milliseconds
+  so that merging is exact in any order.
+* items and categories: event counts per id. A bucket tracks at most
+  :data:`MAX_TRACKED` ids (trimmed to the busiest half when it overflows) and a
+  partial carries its :data:`TOP_KEEP` busiest, so the top of the merged list is
+  exact while ids near the cut-off may be under-counted.
+
+Rates (likes per active user, ...) are computed at read time from the sums.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from actors.batch import EventBatch
+from actors.events import EVENT_TYPES, N_TYPES, TYPE_CODE, EventType
+from actors.state import iso_ms
+from actors.windows import BucketStore, Granularity, LatenessPolicy, Watermarks, WindowConfig
+
+MAX_TRACKED = 2000
+TOP_KEEP = 50
+_DWELL = TYPE_CODE[EventType.DWELL]
+_SESSION_START = TYPE_CODE[EventType.SESSION_START]
+_DELETED = TYPE_CODE[EventType.USER_DELETED]
+
+Partial = dict[str, Any]  # one bucket as plain data, see EngagementBucket.partial
+
+
+class EngagementBucket:
+    """The engagement of one bucket on one shard."""
+
+    def __init__(self) -> None:
+        self.events = [0] * N_TYPES
+        self.users: set[str] = set()
+        self.dwell_ms = 0
+        self.sessions = 0
+        self.items: Counter[str] = Counter()
+        self.categories: Counter[str] = Counter()
+
+    def partial(self) -> Partial:
+        """This bucket as plain data that :func:`merge_buckets` combines."""
+        return {
+            "events": list(self.events),
+            "active_users": len(self.users),
+            "dwell_ms": self.dwell_ms,
+            "sessions": self.sessions,
+            "items": dict(self.items.most_common(TOP_KEEP)),
+            "categories": dict(self.categories.most_common(TOP_KEEP)),
+        }
+
+
+def _fold(store: BucketStore[EngagementBucket], batch: EventBatch, rows: np.ndarray) -> None:
+    """Fold the events at ``rows`` of ``batch`` into their buckets of every granularity.
+
+    Sums are reduced per bucket with one numpy call each per granularity; only
+    the set of users and the item/category counters are updated per event, at
+    C speed (``itemgetter``, ``set.update``, ``Counter.update``).
+    """
+    if rows.size == 0:
+        return
+    types = batch.type[rows].astype(np.int64)
+    dwell = np.where(types == _DWELL, np.nan_to_num(batch.value[rows], nan=0.0), 0.0)
+    dwell_ms = np.round(dwell * 1000).astype(np.int64)
+    starts = (types == _SESSION_START).astype(np.int64)
+    for routed in store.route(batch.ts[rows]):
+        order, bounds = routed.order, routed.bounds
+        heads = bounds[:-1]
+        group = np.repeat(np.arange(len(heads)), np.diff(bounds))
+        counts = np.bincount(group * N_TYPES + types[order], minlength=len(heads) * N_TYPES)
+        per_type = counts.reshape(len(heads), N_TYPES).tolist()
+        dwell_sums = np.add.reduceat(dwell_ms[order], heads).tolist()
+        session_sums = np.add.reduceat(starts[order], heads).tolist()
+        picked = rows[order].tolist()
+        edges = bounds.tolist()
+        for g, bucket in enumerate(routed.aggregates):
+            bucket.events = [a + b for a, b in zip(bucket.events, per_type[g], strict=True)]
+            bucket.dwell_ms += dwell_sums[g]
+            bucket.sessions += session_sums[g]
+            pick = _picker(picked[edges[g] : edges[g + 1]])
+            bucket.users.update(pick(batch.user_id))
+            _count_bounded(bucket.items, pick(batch.item_id))
+            _count_bounded(bucket.categories, pick(batch.category))
+
+
+def _picker(rows: list[int]) -> Callable[[list[Any]], Iterable[Any]]:
+    """A function taking ``rows`` of a column list, at C speed (``itemgetter``)."""
+    if len(rows) == 1:
+        (row,) = rows
+        return lambda column: (column[row],)
+    return operator.itemgetter(*rows)
+
+
+def _count_bounded(counter: Counter[str], ids: Iterable[str | None]) -> None:
+    counter.update(ids)  # type: ignore[arg-type]  # None is counted, then removed
+    counter.pop(None, None)  # type: ignore[call-overload]
+    if len(counter) > MAX_TRACKED:
+        kept = counter.most_common(MAX_TRACKED // 2)
+        counter.clear()
+        counter.update(dict(kept))
+
+
+def empty_bucket() -> Partial:
+    """The neutral element of :func:`merge_buckets`."""
+    return EngagementBucket().partial()
+
+
+def merge_buckets(a: Partial, b: Partial) -> Partial:
+    """Combine two bucket partials of disjoint user sets (associative and commutative)."""
+    return {
+        "events": [x + y for x, y in zip(a["events"], b["events"], strict=True)],
+        "active_users": a["active_users"] + b["active_users"],
+        "dwell_ms": a["dwell_ms"] + b["dwell_ms"],
+        "sessions": a["sessions"] + b["sessions"],
+        "items": dict(Counter(a["items"]) + Counter(b["items"])),
+        "categories": dict(Counter(a["categories"]) + Counter(b["categories"])),
+    }
+
+
+class EngagementWindows:
+    """A shard's engagement: watermarks, on-time buckets, corrections, late counters.
+
+    Lifecycle: :meth:`apply` on each batch (buckets beyond the retention are
+    dropped as they age out; a ``user_deleted`` event removes the user's id from
+    every bucket while the counts stay), :meth:`partials` for the merge timer;
+    the state is rebuilt by replaying the stream, like the rest of the shard.
+    """
+
+    def __init__(self, config: WindowConfig | None = None) -> None:
+        self.config = config or WindowConfig()
+        self.watermarks = Watermarks(self.config.allowed_lateness_ms)
+        self.on_time: BucketStore[EngagementBucket] = BucketStore(
+            EngagementBucket, self.config.retention
+        )
+        self.corrections: BucketStore[EngagementBucket] = BucketStore(
+            EngagementBucket, self.config.retention
+        )
+        self.late_dropped = 0
+        self.late_corrected = 0
+        self._forgotten = 0  # placeholders handed out for deleted users' ids
+
+    def apply(self, batch: EventBatch, partitions: np.ndarray) -> None:
+        """Fold a validated batch in; ``partitions[i]`` is the partition of event ``i``.
+
+        Events of each partition must be in their arrival order (a concatenation
+        of deliveries is), since that is what the partition's watermark follows.
+        """
+        if not len(batch):
+            return
+        late = np.zeros(len(batch), dtype=bool)
+        for partition in np.unique(partitions).tolist():
+            rows = np.flatnonzero(partitions == partition)
+            late[rows] = self.watermarks.late_mask(partition, batch.ts[rows])
+        _fold(self.on_time, batch, np.flatnonzero(~late))
+        late_rows = np.flatnonzero(late)
+        if self.config.policy is LatenessPolicy.DROP:
+            self.late_dropped += late_rows.size
+        else:
+            self.late_corrected += late_rows.size
+            _fold(self.corrections, batch, late_rows)
+        for i in np.flatnonzero(batch.type == _DELETED).tolist():
+            self._forget(batch.user_id[i])
+
+    def _forget(self, user_id: str) -> None:
+        """Remove a deleted user's id from every bucket, keeping the counts it is part of."""
+        for store in (self.on_time, self.corrections):
+            for _, _, bucket in store.items():
+                if user_id in bucket.users:
+                    bucket.users.discard(user_id)
+                    bucket.users.add(f"\0deleted:{self._forgotten}")
+                    self._forgotten += 1
+
+    def partials(self) -> dict[str, Any]:
+        """Everything the merge step needs, as plain data (see :func:`merge_partials`)."""
+        return {
+            "buckets": _store_partials(self.on_time),
+            "corrections": _store_partials(self.corrections),
+            "late_dropped": self.late_dropped,
+            "late_corrected": self.late_corrected,
+            "watermarks": self.watermarks.all(),
+        }
+
+
+def _store_partials(store: BucketStore[EngagementBucket]) -> dict[str, dict[int, Partial]]:
+    out: dict[str, dict[int, Partial]] = {g.value: {} for g in Granularity}
+    for granularity, start, bucket in store.items():
+        out[granularity.value][start] = bucket.partial()
+    return out
+
+
+def merge_partials(shards: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Combine the partials of shards (which own disjoint users) into one view."""
+    merged: dict[str, Any] = {
+        "buckets": {g.value: {} for g in Granularity},
+        "corrections": {g.value: {} for g in Granularity},
+        "late_dropped": 0,
+        "late_corrected": 0,
+        "watermarks": {},
+    }
+    for shard in shards:
+        for kind in ("buckets", "corrections"):
+            for granularity, buckets in shard[kind].items():
+                into = merged[kind][granularity]
+                for start, bucket in buckets.items():
+                    into[start] = merge_buckets(into[start], bucket) if start in into else bucket
+        merged["late_dropped"] += shard["late_dropped"]
+        merged["late_corrected"] += shard["late_corrected"]
+        merged["watermarks"].update(shard["watermarks"])
+    return merged
+
+
+def report(
+    merged: dict[str, Any],
+    granularity: Granularity,
+    start_ms: int | None = None,
+    end_ms: int | None = None,
+    include_late: bool = False,
+    top: int = 10,
+) -> dict[str, Any]:
+    """Buckets of ``granularity`` starting in ``[start_ms, end_ms)``, with rates and totals.
+
+    ``include_late`` adds each bucket's corrections (late events kept under the
+    ``correct`` policy) to its numbers; ``late_events`` is reported either way.
+    """
+    buckets = merged["buckets"][granularity.value]
+    corrections = merged["corrections"][granularity.value]
+    starts = sorted(
+        s
+        for s in set(buckets) | set(corrections)
+        if (start_ms is None or s >= start_ms) and (end_ms is None or s < end_ms)
+    )
+    rows = []
+    total = empty_bucket()
+    for start in starts:
+        correction = corrections.get(start, empty_bucket())
+        bucket = buckets.get(start, empty_bucket())
+        if include_late:
+            bucket = merge_buckets(bucket, correction)
+        total = merge_buckets(total, bucket)
+        end = start + granularity.width_ms
+        row = {"start": iso_ms(start), "end": iso_ms(end), **describe(bucket, top)}
+        row["late_events"] = sum(correction["events"])
+        rows.append(row)
+    totals = describe(total, top)
+    del totals["active_users"]  # distinct users of several buckets do not add up
+    for key in list(totals):
+        if key.endswith("_per_active_user"):
+            del totals[key]
+    return {"buckets": rows, "totals": totals}
+
+
+def describe(bucket: Partial, top: int = 10) -> dict[str, Any]:
+    """A bucket partial as the JSON answer: sums, per-active-user rates, top ids."""
+    counts = dict(zip((t.value for t in EVENT_TYPES), bucket["events"], strict=True))
+    active = bucket["active_users"]
+    dwell_s = bucket["dwell_ms"] / 1000
+
+    def per_user(x: float) -> float:
+        return x / active if active else 0.0
+
+    return {
+        "events": sum(counts.values()),
+        "events_by_type": {k: v for k, v in counts.items() if v},
+        "active_users": active,
+        "likes": counts["like"],
+        "shares": counts["share"],
+        "comments": counts["comment"],
+        "likes_per_active_user": per_user(counts["like"]),
+        "shares_per_active_user": per_user(counts["share"]),
+        "comments_per_active_user": per_user(counts["comment"]),
+        "dwell_seconds": dwell_s,
+        "dwell_seconds_per_active_user": per_user(dwell_s),
+        "sessions": bucket["sessions"],
+        "top_items": _top(bucket["items"], top),
+        "top_categories": _top(bucket["categories"], top),
+    }
+
+
+def _top(counts: dict[str, int], n: int) -> list[dict[str, Any]]:
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+    return [{"id": key, "events": count} for key, count in ranked]

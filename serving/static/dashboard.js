@@ -1,0 +1,127 @@
+// Live dashboard: polls the JSON API every POLL_MS and redraws with Plotly.react.
+// Endpoints that do not exist yet (404) leave their chart with a "waiting" note.
+"use strict";
+
+const POLL_MS = 2000;
+const RATE_POINTS = 150; // five minutes at one point per poll
+const INK = "#e6ebf5", MUTED = "#8c97ad", GRID = "#242d42", ACCENT = "#5aa9ff";
+const state = { updates: 0, lastApplied: null, lastAt: null, rateX: [], rateY: [] };
+window.dashboardState = state;
+
+const layoutBase = () => ({
+  margin: { l: 48, r: 12, t: 8, b: 32 },
+  paper_bgcolor: "rgba(0,0,0,0)", plot_bgcolor: "rgba(0,0,0,0)",
+  font: { color: INK, size: 11 },
+  xaxis: { gridcolor: GRID, zerolinecolor: GRID, color: MUTED },
+  yaxis: { gridcolor: GRID, zerolinecolor: GRID, color: MUTED, rangemode: "tozero" },
+  showlegend: false,
+});
+const config = { displayModeBar: false, responsive: true };
+
+function draw(id, traces, layout) {
+  const el = document.getElementById(id);
+  Plotly.react(el, traces, Object.assign(layoutBase(), layout || {}), config);
+}
+
+function waiting(id, text) {
+  const el = document.getElementById(id);
+  if (!el.dataset.waiting) { Plotly.purge(el); el.innerHTML = `<div class="empty">${text}</div>`; el.dataset.waiting = "1"; }
+}
+
+function ready(id) {
+  const el = document.getElementById(id);
+  if (el.dataset.waiting) { el.innerHTML = ""; delete el.dataset.waiting; }
+}
+
+async function getJson(path) {
+  try {
+    const answer = await fetch(path, { headers: { accept: "application/json" } });
+    return answer.ok ? await answer.json() : null;
+  } catch (error) {
+    return null;
+  }
+}
+
+const fmt = (n) => (n == null ? "–" : Number(n).toLocaleString("en-US", { maximumFractionDigits: 1 }));
+const setText = (id, value) => { document.getElementById(id).textContent = value; };
+
+function showStatus(status) {
+  const shards = status.shards || [];
+  const applied = shards.reduce((s, x) => s + x.applied_events, 0);
+  const now = Date.now() / 1000;
+  if (state.lastApplied !== null && now > state.lastAt) {
+    state.rateX.push(new Date());
+    state.rateY.push(Math.max(0, (applied - state.lastApplied) / (now - state.lastAt)));
+    if (state.rateX.length > RATE_POINTS) { state.rateX.shift(); state.rateY.shift(); }
+  }
+  state.lastApplied = applied; state.lastAt = now; state.applied = applied;
+  setText("kpi-applied", fmt(applied));
+  setText("kpi-users", fmt(shards.reduce((s, x) => s + x.users, 0)));
+  setText("kpi-lag", fmt(Object.values(status.lag || {}).reduce((s, x) => s + x, 0)));
+  setText("kpi-dead", fmt(Object.values(status.dead_letters || {}).reduce((s, x) => s + x, 0)));
+  setText("kpi-rate", state.rateY.length ? fmt(state.rateY[state.rateY.length - 1]) : "–");
+  draw("chart-rate", [{ x: state.rateX, y: state.rateY, type: "scatter", mode: "lines", line: { color: ACCENT, width: 2 }, fill: "tozeroy", fillcolor: "rgba(90,169,255,0.15)" }]);
+  const names = shards.map((s) => `shard ${s.shard}`);
+  draw("chart-shards", [
+    { x: names, y: shards.map((s) => s.applied_events), type: "bar", name: "applied", marker: { color: ACCENT } },
+    { x: names, y: shards.map((s) => (s.freshness_ms || {}).p99), type: "scatter", mode: "markers+lines", name: "freshness p99 ms", yaxis: "y2", marker: { color: "#ffb454", size: 9 } },
+  ], { yaxis2: { overlaying: "y", side: "right", color: "#ffb454", rangemode: "tozero", showgrid: false }, showlegend: true, legend: { orientation: "h", y: -0.2 } });
+}
+
+function showEngagement(answer) {
+  const buckets = (answer.buckets || []).slice(-60);
+  if (!buckets.length) { waiting("chart-active", "waiting for events"); waiting("chart-funnel", "waiting for events"); return; }
+  ready("chart-active"); ready("chart-funnel");
+  setText("kpi-active", fmt(buckets[buckets.length - 1].active_users));
+  draw("chart-active", [{ x: buckets.map((b) => b.start), y: buckets.map((b) => b.active_users), type: "bar", marker: { color: "#3ecf8e" } }]);
+  const byType = {};
+  for (const b of buckets) for (const [k, v] of Object.entries(b.events_by_type || {})) byType[k] = (byType[k] || 0) + v;
+  const steps = ["page_view", "add_to_cart", "purchase"];
+  draw("chart-funnel", [{ type: "funnel", y: steps, x: steps.map((s) => byType[s] || 0), textinfo: "value+percent initial", marker: { color: [ACCENT, "#7c8cff", "#3ecf8e"] } }], { margin: { l: 90, r: 12, t: 8, b: 20 } });
+  if (!state.trendsFromApi) showTrending((answer.totals || {}).top_items || [], "events");
+}
+
+function showTrending(items, field) {
+  if (!items.length) { waiting("chart-trending", "waiting for events"); return; }
+  ready("chart-trending");
+  const top = items.slice(0, 10).reverse();
+  draw("chart-trending", [{ type: "bar", orientation: "h", y: top.map((i) => i.id), x: top.map((i) => i[field]), marker: { color: "#ff8f6b" } }], { margin: { l: 90, r: 12, t: 8, b: 28 } });
+}
+
+function showRetention(answer) {
+  const cohorts = (answer && answer.cohorts) || [];
+  if (!cohorts.length) { waiting("chart-retention", "retention appears once cohorts exist"); return; }
+  ready("chart-retention");
+  draw("chart-retention", cohorts.slice(-5).map((c) => ({ type: "scatter", mode: "lines", name: c.date, x: c.curve.map((_, i) => i), y: c.curve })), { showlegend: true, legend: { orientation: "h", y: -0.2 }, xaxis: { title: "days since first seen", color: MUTED, gridcolor: GRID } });
+}
+
+function showAlerts(answer) {
+  const alerts = (answer && answer.alerts) || [];
+  const box = document.getElementById("alerts");
+  if (!alerts.length) { box.innerHTML = '<div class="empty">no alerts</div>'; return; }
+  box.innerHTML = "<table><tr><th>when</th><th>kind</th><th>what</th></tr>" +
+    alerts.slice(0, 8).map((a) => `<tr><td>${a.at || ""}</td><td>${a.kind || ""}</td><td>${a.message || ""}</td></tr>`).join("") + "</table>";
+}
+
+async function poll() {
+  const [status, engagement, trends, retention, alerts] = await Promise.all([
+    getJson("/v1/status"),
+    getJson("/v1/insights/engagement?granularity=minute"),
+    getJson("/v1/insights/trends"),
+    getJson("/v1/insights/retention"),
+    getJson("/v1/insights/alerts"),
+  ]);
+  document.getElementById("live").classList.toggle("live", status !== null);
+  if (status) showStatus(status);
+  state.trendsFromApi = Boolean(trends && trends.trending_items);
+  if (state.trendsFromApi) showTrending(trends.trending_items, "score");
+  if (engagement) showEngagement(engagement); else waiting("chart-active", "waiting for the insights API");
+  showRetention(retention);
+  showAlerts(alerts);
+  state.updates += 1;
+  document.body.dataset.updates = String(state.updates);
+  setText("as-of", `updated ${new Date().toLocaleTimeString()}` + (engagement ? ` · insights as of ${engagement.as_of}` : ""));
+}
+
+poll();
+setInterval(poll, POLL_MS);
