@@ -248,6 +248,10 @@ class StreamReader:
                     part.open_request = False
                     await self._request(part)
 
+    def pending_by_partition(self) -> dict[int, int]:
+        """Messages each partition still had on the server at its latest delivery (cheap)."""
+        return {p: part.pending for p, part in self._parts.items()}
+
     @property
     def buffered(self) -> int:
         """Messages received but not yet taken."""

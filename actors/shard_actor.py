@@ -22,6 +22,7 @@ from nats.aio.client import Client
 
 from actors.consumer import StreamReader
 from actors.deadletter import DeadLetters
+from actors.metrics import ShardMetrics
 from actors.shard import Shard
 from actors.state import StateRules
 from actors.validation import ValidationPolicy
@@ -54,6 +55,7 @@ class ShardActor:
         self._loop_task: asyncio.Task[None] | None = None
         self._dead_letters: DeadLetters | None = None
         self.started_at = time.time()  # tells incarnations apart after a restart
+        self._metrics = ShardMetrics(shard_id)
         # Ray runs an async actor's constructor inside its event loop, so
         # consumption starts here, also when Ray restarts a dead actor: it then
         # replays its partitions from their start and rebuilds the state.
@@ -87,9 +89,17 @@ class ShardActor:
         assert self._reader is not None and self._dead_letters is not None
         while True:
             deliveries = await self._reader.take(self.max_messages_per_apply, timeout_s=0.5)
+            self._metrics.record_lag(self._reader.pending_by_partition())
             if not deliveries:
                 continue
+            started = time.perf_counter()
             result = self.shard.apply(deliveries)
+            self._metrics.record_apply(
+                result.applied,
+                time.perf_counter() - started,
+                (d.stored_ns for d in deliveries),
+                (r.reason.value for r in result.rejected),
+            )
             if result.rejected:
                 try:
                     await self._dead_letters.publish(result.rejected)

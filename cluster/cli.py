@@ -97,7 +97,10 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
         signal.signal(signal.SIGINT, lambda *_: stop.set())
         print(f"NATS      {info.nats_url}")
         print(f"API       {info.http_url}   (docs: {info.http_url}/docs)")
+        print(f"dashboard {info.http_url}/dashboard")
         print(f"status    audience status   (or {info.http_url}/v1/status)")
+        if info.metrics_url:
+            print(f"metrics   {info.metrics_url}   (Prometheus)")
         demo = _start_demo(settings, info.nats_url, stop) if args.demo else None
         if demo is not None:
             print(f"demo      {settings.demo_rate:.0f} events/s over {settings.demo_users} users")

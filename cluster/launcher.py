@@ -27,7 +27,7 @@ from actors.jetstream import StreamNames, ensure_streams
 from actors.pool import NAMESPACE, PoolSpec, ShardPool
 from actors.validation import ValidationPolicy
 from actors.windows import WindowConfig
-from cluster.nats_server import EmbeddedNats
+from cluster.nats_server import EmbeddedNats, free_port
 from cluster.settings import Settings
 from serving.app import GatewayConfig, build_app
 
@@ -45,6 +45,7 @@ class RuntimeInfo:
     pid: int
     partitions: int
     shards: int
+    metrics_url: str | None = None
 
     @staticmethod
     def path(data_dir: Path) -> Path:
@@ -128,6 +129,7 @@ class Platform:
         self.pool: ShardPool | None = None
         self.nats_url = settings.nats_url
         self._owns_ray = False
+        self.metrics_port: int | None = None
         self.info: RuntimeInfo | None = None
 
     def start(self) -> RuntimeInfo:
@@ -161,6 +163,9 @@ class Platform:
             pid=os.getpid(),
             partitions=s.partitions,
             shards=s.shards,
+            metrics_url=f"http://127.0.0.1:{self.metrics_port}/metrics"
+            if self.metrics_port
+            else None,
         )
         RuntimeInfo.path(s.data_dir).write_text(json.dumps(asdict(self.info)))
         return self.info
@@ -176,7 +181,9 @@ class Platform:
 
     def _init_local_ray(self) -> None:
         s = self.settings
+        self.metrics_port = s.metrics_port or free_port()
         ray.init(
+            _metrics_export_port=self.metrics_port,
             num_cpus=s.num_cpus or os.cpu_count() or 1,
             include_dashboard=False,
             namespace=NAMESPACE,

@@ -78,6 +78,13 @@ class Settings(BaseSettings):
     )
     http_host: str = Field(default="127.0.0.1", description="Address the HTTP API binds to.")
     http_port: int = Field(default=8000, ge=0, le=65535, description="Port of the HTTP API.")
+    metrics_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Prometheus metrics port of a local Ray (ray_audience_* and Ray Serve's "
+        "own); 0 picks a free port. Ignored when attaching to an existing Ray cluster.",
+    )
     data_dir: Path = Field(
         default_factory=_default_data_dir,
         description="Folder for the embedded NATS store and other local state.",

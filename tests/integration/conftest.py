@@ -27,15 +27,18 @@ from cluster.settings import Settings
 
 
 @pytest.fixture(scope="session")
-def ray_local() -> Iterator[None]:
+def ray_local() -> Iterator[int]:
+    """One local Ray for the session; yields its Prometheus metrics port."""
+    metrics_port = free_port()
     ray.init(
+        _metrics_export_port=metrics_port,
         num_cpus=2,
         include_dashboard=False,
         namespace=NAMESPACE,
         logging_level=logging.WARNING,
         log_to_driver=False,
     )
-    yield
+    yield metrics_port
     ray.shutdown()
 
 
@@ -46,7 +49,7 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNa
 
 
 @pytest.fixture(scope="session")
-def platform(tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> Iterator[Platform]:
+def platform(tmp_path_factory: pytest.TempPathFactory, ray_local: int) -> Iterator[Platform]:
     with EmbeddedNats(tmp_path_factory.mktemp("platform-nats")) as server:
         settings = Settings(
             nats_url=server.url,
