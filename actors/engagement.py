@@ -3,14 +3,18 @@
 Each shard folds its applied batches into :class:`EngagementWindows`; the API
 gathers every shard's :meth:`EngagementWindows.partials` on a timer and combines
 them with :func:`merge_partials`, so a query reads one merged snapshot and never
-scans users. Partials are plain data (dicts, lists, ints) for Ray and snapshots.
+scans users. Partials are plain data (dicts, lists, ints, bytes) for Ray and snapshots.
 
 Definitions, kept simple on purpose:
 
-* active users: distinct user ids with at least one event in the bucket. A shard
-  counts them exactly (a set per bucket, bounded by the bucket retention); users
-  live on exactly one shard (partition = hash of the user id), so shard counts
-  add up to the exact total and the partial carries only the count.
+* active users: distinct user ids with at least one event in the bucket, as a
+  :class:`~actors.sketches.HyperLogLog` of precision :data:`HLL_PRECISION` per
+  bucket (4 KiB, however many users: exact sets cost gigabytes at 90 day
+  buckets of a million users). Partials carry the registers and merge by
+  register max, so the count is approximate (standard error
+  :data:`ACTIVE_USERS_RELATIVE_ERROR`, 1.6 %; within an id or so below a few
+  hundred users). A sketch cannot forget: a ``user_deleted`` event does not take
+  the user out of buckets already counted, and only hashes of ids are kept.
 * sessions: ``session_start`` events in the bucket.
 * dwell: the sum of ``value`` of ``dwell`` events, kept in integer milliseconds
   so that merging is exact in any order.
@@ -33,14 +37,16 @@ import numpy as np
 
 from actors.batch import EventBatch
 from actors.events import EVENT_TYPES, N_TYPES, TYPE_CODE, EventType
+from actors.sketches import HyperLogLog, stable_hash64
 from actors.state import iso_ms
 from actors.windows import BucketStore, Granularity, LatenessPolicy, Watermarks, WindowConfig
 
 MAX_TRACKED = 2000
 TOP_KEEP = 50
+HLL_PRECISION = 12
+ACTIVE_USERS_RELATIVE_ERROR = HyperLogLog(HLL_PRECISION).relative_error
 _DWELL = TYPE_CODE[EventType.DWELL]
 _SESSION_START = TYPE_CODE[EventType.SESSION_START]
-_DELETED = TYPE_CODE[EventType.USER_DELETED]
 
 Partial = dict[str, Any]  # one bucket as plain data, see EngagementBucket.partial
 
@@ -50,7 +56,7 @@ class EngagementBucket:
 
     def __init__(self) -> None:
         self.events = [0] * N_TYPES
-        self.users: set[str] = set()
+        self.users = HyperLogLog(HLL_PRECISION)
         self.dwell_ms = 0
         self.sessions = 0
         self.items: Counter[str] = Counter()
@@ -60,7 +66,8 @@ class EngagementBucket:
         """This bucket as plain data that :func:`merge_buckets` combines."""
         return {
             "events": list(self.events),
-            "active_users": len(self.users),
+            "users": self.users.to_bytes(),
+            "active_users": round(self.users.count()),
             "dwell_ms": self.dwell_ms,
             "sessions": self.sessions,
             "items": dict(self.items.most_common(TOP_KEEP)),
@@ -68,12 +75,16 @@ class EngagementBucket:
         }
 
 
-def _fold(store: BucketStore[EngagementBucket], batch: EventBatch, rows: np.ndarray) -> None:
+def _fold(
+    store: BucketStore[EngagementBucket], batch: EventBatch, rows: np.ndarray, hashes: np.ndarray
+) -> None:
     """Fold the events at ``rows`` of ``batch`` into their buckets of every granularity.
 
-    Sums are reduced per bucket with one numpy call each per granularity; only
-    the set of users and the item/category counters are updated per event, at
-    C speed (``itemgetter``, ``set.update``, ``Counter.update``).
+    ``hashes`` holds :func:`~actors.sketches.stable_hash64` of every user id of the batch.
+
+    Sums are reduced per bucket with one numpy call each per granularity; user
+    ids are hashed once per batch for the sketches; only the item/category
+    counters are updated per event, at C speed (``itemgetter``, ``Counter.update``).
     """
     if rows.size == 0:
         return
@@ -90,13 +101,14 @@ def _fold(store: BucketStore[EngagementBucket], batch: EventBatch, rows: np.ndar
         dwell_sums = np.add.reduceat(dwell_ms[order], heads).tolist()
         session_sums = np.add.reduceat(starts[order], heads).tolist()
         picked = rows[order].tolist()
+        picked_hashes = hashes[rows[order]]
         edges = bounds.tolist()
         for g, bucket in enumerate(routed.aggregates):
             bucket.events = [a + b for a, b in zip(bucket.events, per_type[g], strict=True)]
             bucket.dwell_ms += dwell_sums[g]
             bucket.sessions += session_sums[g]
             pick = _picker(picked[edges[g] : edges[g + 1]])
-            bucket.users.update(pick(batch.user_id))
+            bucket.users.add_hashes(picked_hashes[edges[g] : edges[g + 1]])
             _count_bounded(bucket.items, pick(batch.item_id))
             _count_bounded(bucket.categories, pick(batch.category))
 
@@ -124,10 +136,13 @@ def empty_bucket() -> Partial:
 
 
 def merge_buckets(a: Partial, b: Partial) -> Partial:
-    """Combine two bucket partials of disjoint user sets (associative and commutative)."""
+    """Combine two bucket partials (associative and commutative; users may overlap)."""
+    users = HyperLogLog.from_bytes(a["users"])
+    users.merge(HyperLogLog.from_bytes(b["users"]))
     return {
         "events": [x + y for x, y in zip(a["events"], b["events"], strict=True)],
-        "active_users": a["active_users"] + b["active_users"],
+        "users": users.to_bytes(),
+        "active_users": round(users.count()),
         "dwell_ms": a["dwell_ms"] + b["dwell_ms"],
         "sessions": a["sessions"] + b["sessions"],
         "items": dict(Counter(a["items"]) + Counter(b["items"])),
@@ -139,9 +154,10 @@ class EngagementWindows:
     """A shard's engagement: watermarks, on-time buckets, corrections, late counters.
 
     Lifecycle: :meth:`apply` on each batch (buckets beyond the retention are
-    dropped as they age out; a ``user_deleted`` event removes the user's id from
-    every bucket while the counts stay), :meth:`partials` for the merge timer;
-    the state is rebuilt by replaying the stream, like the rest of the shard.
+    dropped as they age out; buckets hold only sketches of hashed ids, so a
+    ``user_deleted`` event leaves the counts it is part of as they are),
+    :meth:`partials` for the merge timer; the state is rebuilt by replaying the
+    stream, like the rest of the shard.
     """
 
     def __init__(self, config: WindowConfig | None = None) -> None:
@@ -155,7 +171,6 @@ class EngagementWindows:
         )
         self.late_dropped = 0
         self.late_corrected = 0
-        self._forgotten = 0  # placeholders handed out for deleted users' ids
 
     def apply(self, batch: EventBatch, partitions: np.ndarray) -> None:
         """Fold a validated batch in; ``partitions[i]`` is the partition of event ``i``.
@@ -169,24 +184,14 @@ class EngagementWindows:
         for partition in np.unique(partitions).tolist():
             rows = np.flatnonzero(partitions == partition)
             late[rows] = self.watermarks.late_mask(partition, batch.ts[rows])
-        _fold(self.on_time, batch, np.flatnonzero(~late))
+        hashes = stable_hash64(batch.user_id)
+        _fold(self.on_time, batch, np.flatnonzero(~late), hashes)
         late_rows = np.flatnonzero(late)
         if self.config.policy is LatenessPolicy.DROP:
             self.late_dropped += late_rows.size
         else:
             self.late_corrected += late_rows.size
-            _fold(self.corrections, batch, late_rows)
-        for i in np.flatnonzero(batch.type == _DELETED).tolist():
-            self._forget(batch.user_id[i])
-
-    def _forget(self, user_id: str) -> None:
-        """Remove a deleted user's id from every bucket, keeping the counts it is part of."""
-        for store in (self.on_time, self.corrections):
-            for _, _, bucket in store.items():
-                if user_id in bucket.users:
-                    bucket.users.discard(user_id)
-                    bucket.users.add(f"\0deleted:{self._forgotten}")
-                    self._forgotten += 1
+            _fold(self.corrections, batch, late_rows, hashes)
 
     def partials(self) -> dict[str, Any]:
         """Everything the merge step needs, as plain data (see :func:`merge_partials`)."""
@@ -207,7 +212,7 @@ def _store_partials(store: BucketStore[EngagementBucket]) -> dict[str, dict[int,
 
 
 def merge_partials(shards: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Combine the partials of shards (which own disjoint users) into one view."""
+    """Combine the partials of shards into one view (users are merged as sketches)."""
     merged: dict[str, Any] = {
         "buckets": {g.value: {} for g in Granularity},
         "corrections": {g.value: {} for g in Granularity},
@@ -268,7 +273,11 @@ def report(
 
 
 def describe(bucket: Partial, top: int = 10) -> dict[str, Any]:
-    """A bucket partial as the JSON answer: sums, per-active-user rates, top ids."""
+    """A bucket partial as the JSON answer: sums, per-active-user rates, top ids.
+
+    Rates divide by the rounded active-user estimate, so small buckets give
+    the rates of their exact counts.
+    """
     counts = dict(zip((t.value for t in EVENT_TYPES), bucket["events"], strict=True))
     active = bucket["active_users"]
     dwell_s = bucket["dwell_ms"] / 1000

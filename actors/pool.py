@@ -106,7 +106,7 @@ class ShardPool:
         return [user for users in found for user in users][:limit]
 
     async def insights_partials(self) -> list[dict[str, Any]]:
-        """Every shard's engagement partials (one call per shard), for the merge timer."""
+        """Every shard's insights partials (one call per shard), for the merge timer."""
         return list(await asyncio.gather(*(h.insights_partials.remote() for h in self.handles)))
 
     async def status(self) -> list[dict[str, Any]]:

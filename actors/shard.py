@@ -19,7 +19,9 @@ from actors.codec import decode
 from actors.delivery import Delivery
 from actors.engagement import EngagementWindows
 from actors.errors import WireError
+from actors.retention import RetentionAggregate
 from actors.state import StateRules, UserStateTable
+from actors.trends import TrendAggregate
 from actors.validation import Rejection, RejectReason, ValidationPolicy, check_batch
 from actors.windows import WindowConfig
 
@@ -38,9 +40,13 @@ class ApplyResult:
 class Shard:
     """Per-user state of a set of partitions, with each partition's stream position.
 
-    Besides the per-user table it keeps event-time engagement windows
-    (:class:`~actors.engagement.EngagementWindows`), fed with each event's
-    partition because watermarks are per partition.
+    Besides the per-user table it keeps the partial aggregates that the API
+    merges across shards: event-time engagement windows
+    (:class:`~actors.engagement.EngagementWindows`, fed with each event's
+    partition because watermarks are per partition), cohort retention
+    (:class:`~actors.retention.RetentionAggregate`, fed with each event's
+    first-seen from the table) and decayed trends
+    (:class:`~actors.trends.TrendAggregate`).
     """
 
     def __init__(
@@ -54,6 +60,8 @@ class Shard:
         self.shard_id = shard_id
         self.table = UserStateTable(rules or StateRules())
         self.engagement = EngagementWindows(windows)
+        self.retention = RetentionAggregate()
+        self.trends = TrendAggregate()
         self.policy = policy or ValidationPolicy()
         self.positions: dict[int, int] = {p: 0 for p in partitions}
         self.applied_events = 0
@@ -101,12 +109,37 @@ class Shard:
             batch = EventBatch.concat(batches)
             result.applied = self.table.apply(batch)
             self.engagement.apply(batch, np.concatenate(partitions))
+            self._fold_insights(batch)
         self.applied_events += result.applied
         self.applied_messages += len(batches)
         self.rejected.update(r.reason.value for r in result.rejected)
         self._record_freshness(stored_ns)
         self.busy_s += time.perf_counter() - started
         return result
+
+    def _fold_insights(self, batch: EventBatch) -> None:
+        """Feed retention and trends with a batch the table has just applied.
+
+        Events of users the table no longer holds (deleted in this batch) have
+        no first-seen, so they stay out of retention.
+        """
+        self.trends.update(batch)
+        first = self.table.first_seen_of(batch.user_id)
+        held = np.flatnonzero(first >= 0)
+        if held.size < len(batch):
+            batch, first = batch.take(held), first[held]
+        self.retention.update(batch, first)
+        watermarks = self.engagement.watermarks.all()
+        if watermarks:
+            self.trends.advance(max(watermarks.values()))
+
+    def insights_partials(self) -> dict[str, Any]:
+        """Engagement, retention and trend partials as plain data, for the API's merge timer."""
+        return {
+            "engagement": self.engagement.partials(),
+            "retention": self.retention.snapshot(),
+            "trends": self.trends.to_dict(),
+        }
 
     def _record_freshness(self, stored_ns: list[int]) -> None:
         """Keep a ring of store-to-applied delays, one per message."""

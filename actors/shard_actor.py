@@ -119,8 +119,8 @@ class ShardActor:
         return self.shard.profiles(user_ids)
 
     async def insights_partials(self) -> dict[str, Any]:
-        """This shard's engagement partial aggregates, as plain data for the merge step."""
-        return self.shard.engagement.partials()
+        """This shard's engagement, retention and trend partials, as plain data for the merge."""
+        return self.shard.insights_partials()
 
     async def counters(self) -> dict[str, Any]:
         """Cheap progress counters (no NATS round trips), for polling."""

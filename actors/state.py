@@ -200,6 +200,16 @@ class UserStateTable:
             "active_days": int(np.bitwise_count(self._days[row])),
         }
 
+    def first_seen_of(self, user_ids: Sequence[str]) -> np.ndarray:
+        """First-seen time (epoch ms) per id, -1 for users not held (unknown or deleted).
+
+        Read right after :meth:`apply`, it is what cohort retention needs per event.
+        """
+        get = self._index.get
+        rows = np.fromiter(map(get, user_ids, repeat(-1)), np.int64, len(user_ids))
+        held = rows >= 0
+        return np.where(held, self._first[np.where(held, rows, 0)], -1)
+
     def profiles(self, user_ids: Sequence[str]) -> list[dict[str, Any] | None]:
         """Profiles for many users at once, ``None`` where a user is unknown."""
         return [self.profile(u) for u in user_ids]

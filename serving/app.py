@@ -2,9 +2,9 @@
 FastAPI reads them at import time).
 
 ``POST /v1/events`` validates and publishes, ``GET /v1/users/{id}`` reads the
-live profile from the owning shard, ``GET /v1/insights/engagement`` reads
-event-time engagement from a snapshot that a timer merges from every shard's
-partials (never per request), ``GET /v1/status`` gathers what an operator
+live profile from the owning shard, ``GET /v1/insights/engagement``,
+``/retention`` and ``/trends`` read a snapshot that a timer merges from every
+shard's partials (never per request), ``GET /v1/status`` gathers what an operator
 needs, ``GET /healthz`` answers probes. Errors map to status codes in
 :mod:`serving.errors`, in one place.
 """
@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from typing import Annotated, Any
 
 import nats
@@ -23,9 +23,16 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from nats.aio.client import Client
 from ray import serve
 
-from actors.engagement import merge_partials, report
+from actors.engagement import ACTIVE_USERS_RELATIVE_ERROR, report
 from actors.errors import UnavailableError
 from actors.events import to_epoch_ms
+from actors.insights import (
+    Insights,
+    merge_insights,
+    retention_answer,
+    retention_problem,
+    trends_answer,
+)
 from actors.jetstream import StreamNames, dead_letter_counts
 from actors.pool import PoolSpec, ShardPool
 from actors.producer import Producer
@@ -34,7 +41,14 @@ from actors.validation import ValidationPolicy, parse_events
 from actors.windows import Granularity, WindowConfig
 from serving import dashboard
 from serving.errors import install_error_handlers
-from serving.schemas import EngagementAnswer, IngestResult, Profile, RejectedEvent
+from serving.schemas import (
+    EngagementAnswer,
+    IngestResult,
+    Profile,
+    RejectedEvent,
+    RetentionAnswer,
+    TrendsAnswer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +125,7 @@ class ApiGateway:
         self._nc: Client | None = None
         self._producer: Producer | None = None
         self._lock = asyncio.Lock()
-        self._merged: tuple[float, dict[str, Any]] | None = None
+        self._merged: tuple[float, Insights] | None = None
         self._merged_ready = asyncio.Event()
         self._merge_task: asyncio.Task[None] | None = None
 
@@ -186,7 +200,7 @@ class ApiGateway:
             return _error(404, f"unknown user {user_id!r}")
         return Response(orjson.dumps(profile), media_type="application/json")
 
-    async def _merged_insights(self) -> tuple[float, dict[str, Any]]:
+    async def _merged_insights(self) -> tuple[float, Insights]:
         """The cached merge of the shards' partials; starts the merge timer on first use."""
         if self._merge_task is None:
             self._merge_task = asyncio.create_task(self._merge_forever())
@@ -203,7 +217,7 @@ class ApiGateway:
         while True:
             try:
                 partials = await self.pool.insights_partials()
-                self._merged = (time.time(), merge_partials(partials))
+                self._merged = (time.time(), merge_insights(partials))
                 self._merged_ready.set()
             except Exception:  # a restarting shard: keep the last snapshot, try again
                 log.warning("could not merge insights partials", exc_info=True)
@@ -232,7 +246,8 @@ class ApiGateway:
             return _error(422, problem)
         start_ms = None if start is None else to_epoch_ms(start)
         end_ms = None if end is None else to_epoch_ms(end)
-        as_of, merged = await self._merged_insights()
+        as_of, insights = await self._merged_insights()
+        merged = insights.engagement
         answer = report(merged, granularity, start_ms, end_ms, include_late=include_late, top=top)
         windows = self.config.windows
         return {
@@ -240,6 +255,7 @@ class ApiGateway:
             "start": None if start_ms is None else iso_ms(start_ms),
             "end": None if end_ms is None else iso_ms(end_ms),
             "as_of": iso_ms(int(as_of * 1000)),
+            "active_users_relative_error": ACTIVE_USERS_RELATIVE_ERROR,
             **answer,
             "lateness": {
                 "allowed_lateness_s": windows.allowed_lateness_ms / 1000,
@@ -249,6 +265,43 @@ class ApiGateway:
                 "include_late": include_late,
             },
         }
+
+    @app.get(
+        "/v1/insights/retention",
+        response_model=RetentionAnswer,
+        responses={422: {"description": "Bad day, day range or rolling offset, with the reason."}},
+        summary="Cohort retention curves and DAU/WAU/MAU (HyperLogLog estimates)",
+    )
+    async def retention(
+        self,
+        start_day: Annotated[
+            date | None, Query(description="First cohort day, YYYY-MM-DD (UTC).")
+        ] = None,
+        end_day: Annotated[date | None, Query(description="Last cohort day, inclusive.")] = None,
+        rolling: Annotated[
+            int | None, Query(description="Also give rolling retention from this day on.")
+        ] = None,
+    ) -> Any:
+        """Cohorts by first-seen day from the last merged snapshot (see ``as_of``)."""
+        problem = retention_problem(start_day, end_day, rolling)
+        if problem:
+            return _error(422, problem)
+        as_of, insights = await self._merged_insights()
+        answer = retention_answer(insights, start_day, end_day, rolling)
+        return {"as_of": iso_ms(int(as_of * 1000)), **answer}
+
+    @app.get(
+        "/v1/insights/trends",
+        response_model=TrendsAnswer,
+        responses={422: {"description": "Bad n, with the reason."}},
+        summary="Trending and emerging items and categories, and an events-per-minute forecast",
+    )
+    async def trends(
+        self, n: Annotated[int, Query(ge=1, le=100, description="Entries per list.")] = 10
+    ) -> Any:
+        """Decayed trends and a 15-minute forecast from the last merged snapshot."""
+        as_of, insights = await self._merged_insights()
+        return {"as_of": iso_ms(int(as_of * 1000)), **trends_answer(insights, n)}
 
     @app.get("/v1/status", summary="Shard counters, lag per partition, dead letters")
     async def status(self) -> dict[str, Any]:

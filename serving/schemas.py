@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, Field
 
 
@@ -65,7 +67,10 @@ class EngagementBucket(EngagementTotals):
 
     start: str = Field(description="Bucket start, RFC 3339 UTC (inclusive).")
     end: str = Field(description="Bucket end, RFC 3339 UTC (exclusive).")
-    active_users: int = Field(description="Distinct users with an event in the bucket.")
+    active_users: int = Field(
+        description="Distinct users with an event in the bucket, a HyperLogLog estimate;"
+        " users deleted later stay counted."
+    )
     likes_per_active_user: float
     shares_per_active_user: float
     comments_per_active_user: float
@@ -92,6 +97,76 @@ class EngagementAnswer(BaseModel):
     start: str | None
     end: str | None
     as_of: str = Field(description="When the shards' partials were merged, RFC 3339 UTC.")
+    active_users_relative_error: float = Field(
+        description="Standard error of active_users relative to the true count (HyperLogLog)."
+    )
     buckets: list[EngagementBucket]
     totals: EngagementTotals
     lateness: Lateness
+
+
+class Cohort(BaseModel):
+    """Users first seen on one UTC day, and the share of them active on later days."""
+
+    date: str = Field(description="Cohort day, YYYY-MM-DD (UTC first-seen day).")
+    size: int = Field(description="Estimated users first seen that day.")
+    day_1: float | None = Field(description="Share active one day later; null until observed.")
+    day_7: float | None
+    day_30: float | None
+    curve: list[float | None] = Field(description="Share active k days later, k = 0, 1, ...")
+
+
+class ActiveUsers(BaseModel):
+    """Distinct active users in the windows ending on the latest day seen."""
+
+    date: str
+    dau: int
+    wau: int
+    mau: int
+    stickiness: float | None = Field(description="DAU / MAU.")
+    complete: bool = Field(description="False when part of the 30 days is no longer kept.")
+
+
+class RetentionAnswer(BaseModel):
+    """Answer to ``GET /v1/insights/retention``; every count is a HyperLogLog estimate."""
+
+    as_of: str = Field(description="When the shards' partials were merged, RFC 3339 UTC.")
+    start_day: str | None
+    end_day: str | None
+    latest_day: str | None = Field(description="Newest activity day seen (event time).")
+    relative_error: float = Field(description="Standard error of each count, relative.")
+    cohorts: list[Cohort]
+    active_users: ActiveUsers | None
+    rolling: dict[str, Any] | None = Field(
+        description="With ?rolling=N: share of each cohort active on day N or later."
+    )
+
+
+class Forecast(BaseModel):
+    """Events per minute for the next minutes of event time, with intervals."""
+
+    metric: str
+    start: str = Field(description="Start of the first forecast minute, RFC 3339 UTC.")
+    history_start: str
+    history_points: int = Field(description="Minutes of history used (empty minutes are 0).")
+    method: str = Field(description="holt_winters, holt or naive.")
+    values: list[float]
+    lower: list[float]
+    upper: list[float]
+    mae: float | None = Field(description="Mean absolute one-step backtest error.")
+    mape: float | None = Field(description="Mean absolute percentage backtest error, in %.")
+    params: dict[str, float]
+    backtest_points: int
+
+
+class TrendsAnswer(BaseModel):
+    """Answer to ``GET /v1/insights/trends``; scores are weighted events per hour, decayed."""
+
+    as_of: str = Field(description="When the shards' partials were merged, RFC 3339 UTC.")
+    reference_time: str | None = Field(description="Event time the decay is measured from.")
+    trending_items: list[dict[str, Any]] = Field(description="id, score, count, error, certain.")
+    trending_categories: list[dict[str, Any]]
+    emerging_items: list[dict[str, Any]] = Field(
+        description="id, score (short-window rate over baseline rate), counts and rates."
+    )
+    forecast: Forecast | None
