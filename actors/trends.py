@@ -230,7 +230,8 @@ class TrendAggregate:
         rows = sketch.top(n + 1)
         exposure = self._exposure_h(self.config.half_life_ms)
         out = []
-        for i, (key, count, error) in enumerate(rows[:n]):
+        for i, (key, count, raw_error) in enumerate(rows[:n]):
+            error = max(0.0, raw_error)  # decay arithmetic can leave a -1e-14
             runner_up = rows[i + 1][1] if i + 1 < len(rows) else sketch.floor
             out.append(
                 {
@@ -251,7 +252,8 @@ class TrendAggregate:
             return []
         baseline = {k: (cnt, err) for k, cnt, err in long.top(long.capacity)}
         out: list[dict[str, Any]] = []
-        for key, count, error in short.top(short.capacity):
+        for key, count, raw_error in short.top(short.capacity):
+            error = max(0.0, raw_error)  # decay arithmetic can leave a -1e-14
             if count - error < c.min_support:
                 continue
             base, base_err = baseline.get(key, (long.floor, long.floor))
