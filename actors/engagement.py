@@ -172,15 +172,18 @@ class EngagementWindows:
         self.late_dropped = 0
         self.late_corrected = 0
 
-    def apply(self, batch: EventBatch, partitions: np.ndarray) -> None:
+    def apply(self, batch: EventBatch, partitions: np.ndarray) -> np.ndarray:
         """Fold a validated batch in; ``partitions[i]`` is the partition of event ``i``.
 
         Events of each partition must be in their arrival order (a concatenation
         of deliveries is), since that is what the partition's watermark follows.
+
+        Returns:
+            Which events were late, so other windows (conversion) apply the same rule.
         """
-        if not len(batch):
-            return
         late = np.zeros(len(batch), dtype=bool)
+        if not len(batch):
+            return late
         for partition in np.unique(partitions).tolist():
             rows = np.flatnonzero(partitions == partition)
             late[rows] = self.watermarks.late_mask(partition, batch.ts[rows])
@@ -192,6 +195,7 @@ class EngagementWindows:
         else:
             self.late_corrected += late_rows.size
             _fold(self.corrections, batch, late_rows, hashes)
+        return late
 
     def partials(self) -> dict[str, Any]:
         """Everything the merge step needs, as plain data (see :func:`merge_partials`)."""

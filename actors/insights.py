@@ -1,9 +1,10 @@
 """The insights snapshot the API serves: every shard's partials merged into one view.
 
 Shards ship :meth:`~actors.shard.Shard.insights_partials` (plain data: engagement
-dicts, retention snapshot bytes, trend dicts); the API's timer calls
+and conversion dicts, retention snapshot bytes, trend dicts); the API's timer calls
 :func:`merge_insights` once a second and answers every request from the result,
-with :func:`retention_answer` and :func:`trends_answer`. No Ray here, so the
+with :func:`retention_answer`, :func:`trends_answer` and
+:func:`~actors.funnel_report.conversion_answer` (its own module). No Ray here, so the
 glue is tested without a cluster.
 """
 
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from actors import conversion
 from actors.engagement import merge_partials
 from actors.forecast import forecast
 from actors.retention import RetentionAggregate, iso_day
@@ -35,6 +37,7 @@ class Insights:
     """The merge of every shard's partials; treat as read-only."""
 
     engagement: dict[str, Any]
+    conversion: dict[str, Any]
     retention: RetentionAggregate
     trends: TrendAggregate
 
@@ -44,13 +47,19 @@ def merge_insights(shards: Sequence[Mapping[str, Any]]) -> Insights:
 
     Raises:
         SketchError: if a snapshot is corrupt or shards run different settings.
+        ValueError: if shards run different conversion funnels.
     """
     retention = RetentionAggregate()
     trends = TrendAggregate()
     for shard in shards:
         retention.merge(RetentionAggregate.restore(shard["retention"]))
         trends.merge(TrendAggregate.from_dict(shard["trends"]))
-    return Insights(merge_partials([s["engagement"] for s in shards]), retention, trends)
+    return Insights(
+        merge_partials([s["engagement"] for s in shards]),
+        conversion.merge_partials([s["conversion"] for s in shards]),
+        retention,
+        trends,
+    )
 
 
 def day_number(day: date) -> int:

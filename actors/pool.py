@@ -15,6 +15,7 @@ from typing import Any
 import ray
 from ray.actor import ActorHandle
 
+from actors.conversion import FunnelSpec
 from actors.partitioning import assign_partitions, partition_of
 from actors.shard_actor import ShardActor
 from actors.state import StateRules
@@ -58,13 +59,16 @@ class ShardPool:
         policy: ValidationPolicy | None = None,
         timeout_s: float = 60.0,
         windows: WindowConfig | None = None,
+        funnel: FunnelSpec | None = None,
     ) -> ShardPool:
         """Start the shard actors (named, in the ``audience`` namespace) and their consumers."""
         assignment = assign_partitions(spec.partitions, spec.shards)
         handles = [
             ShardActor.options(  # type: ignore[attr-defined]
                 name=shard_name(spec.name, i), namespace=NAMESPACE, num_cpus=spec.shard_cpus
-            ).remote(i, parts, spec.nats_url, spec.stream, rules, policy, windows=windows)
+            ).remote(
+                i, parts, spec.nats_url, spec.stream, rules, policy, windows=windows, funnel=funnel
+            )
             for i, parts in enumerate(assignment)
         ]
         ray.get([h.start.remote() for h in handles], timeout=timeout_s)

@@ -16,9 +16,11 @@ import numpy as np
 
 from actors.batch import EventBatch
 from actors.codec import decode
+from actors.conversion import ConversionWindows, FunnelSpec
 from actors.delivery import Delivery
 from actors.engagement import EngagementWindows
 from actors.errors import WireError
+from actors.events import TYPE_CODE, EventType
 from actors.retention import RetentionAggregate
 from actors.state import StateRules, UserStateTable
 from actors.trends import TrendAggregate
@@ -26,6 +28,32 @@ from actors.validation import Rejection, RejectReason, ValidationPolicy, check_b
 from actors.windows import WindowConfig
 
 FRESHNESS_SAMPLES = 4096
+INSIGHTS_FOLD_EVENTS = 20_000  # applied events held back before the aggregates see them
+_DELETED = TYPE_CODE[EventType.USER_DELETED]
+
+
+@dataclass(frozen=True)
+class _Applied:
+    """A batch applied to the state table and not yet folded into the aggregates."""
+
+    batch: EventBatch
+    partitions: np.ndarray
+    rows: np.ndarray
+    first_seen: np.ndarray
+    deleted: np.ndarray
+
+    @staticmethod
+    def concat(steps: Sequence[_Applied]) -> _Applied:
+        """One step for many (only valid when none of them deleted a user)."""
+        if len(steps) == 1:
+            return steps[0]
+        return _Applied(
+            EventBatch.concat(s.batch for s in steps),
+            np.concatenate([s.partitions for s in steps]),
+            np.concatenate([s.rows for s in steps]),
+            np.concatenate([s.first_seen for s in steps]),
+            np.zeros(0, dtype=np.int64),
+        )
 
 
 @dataclass
@@ -45,8 +73,10 @@ class Shard:
     (:class:`~actors.engagement.EngagementWindows`, fed with each event's
     partition because watermarks are per partition), cohort retention
     (:class:`~actors.retention.RetentionAggregate`, fed with each event's
-    first-seen from the table) and decayed trends
-    (:class:`~actors.trends.TrendAggregate`).
+    first-seen from the table), decayed trends
+    (:class:`~actors.trends.TrendAggregate`) and the conversion funnel
+    (:class:`~actors.conversion.ConversionWindows`, keyed by the table's rows and
+    fed with engagement's late mask, so both apply one lateness rule).
     """
 
     def __init__(
@@ -56,10 +86,12 @@ class Shard:
         rules: StateRules | None = None,
         policy: ValidationPolicy | None = None,
         windows: WindowConfig | None = None,
+        funnel: FunnelSpec | None = None,
     ) -> None:
         self.shard_id = shard_id
         self.table = UserStateTable(rules or StateRules())
         self.engagement = EngagementWindows(windows)
+        self.conversion = ConversionWindows(funnel, windows)
         self.retention = RetentionAggregate()
         self.trends = TrendAggregate()
         self.policy = policy or ValidationPolicy()
@@ -70,6 +102,8 @@ class Shard:
         self._freshness_ms = np.zeros(FRESHNESS_SAMPLES, dtype=np.float64)
         self._freshness_count = 0
         self.busy_s = 0.0
+        self._unfolded: list[_Applied] = []
+        self._unfolded_events = 0
 
     @property
     def partitions(self) -> list[int]:
@@ -107,9 +141,17 @@ class Shard:
             stored_ns.append(delivery.stored_ns)
         if batches:
             batch = EventBatch.concat(batches)
+            deleted = self._rows_deleted_by(batch)
             result.applied = self.table.apply(batch)
-            self.engagement.apply(batch, np.concatenate(partitions))
-            self._fold_insights(batch)
+            rows = self.table.rows_of(batch.user_id)  # -1 for users deleted in the batch
+            self._unfolded.append(
+                _Applied(
+                    batch, np.concatenate(partitions), rows, self.table.first_seen_at(rows), deleted
+                )
+            )
+            self._unfolded_events += len(batch)
+            if self._unfolded_events >= INSIGHTS_FOLD_EVENTS:
+                self.fold_insights()
         self.applied_events += result.applied
         self.applied_messages += len(batches)
         self.rejected.update(r.reason.value for r in result.rejected)
@@ -117,14 +159,36 @@ class Shard:
         self.busy_s += time.perf_counter() - started
         return result
 
-    def _fold_insights(self, batch: EventBatch) -> None:
-        """Feed retention and trends with a batch the table has just applied.
+    def _rows_deleted_by(self, batch: EventBatch) -> np.ndarray:
+        """Rows of users a ``user_deleted`` event of ``batch`` will free (read before applying)."""
+        at = np.flatnonzero(batch.type == _DELETED)
+        return self.table.rows_of([batch.user_id[i] for i in at.tolist()])
 
-        Events of users the table no longer holds (deleted in this batch) have
+    def fold_insights(self) -> None:
+        """Fold the batches applied since the last fold into the insight aggregates.
+
+        Per-user state is updated at once (that is what freshness measures);
+        the aggregates are fed in larger, later steps, so their per-call costs
+        do not ride on every small apply step. Each applied batch keeps the rows
+        and first-seen times it had when applied, so deletions and reused rows
+        in between change nothing.
+        """
+        pending, self._unfolded, self._unfolded_events = self._unfolded, [], 0
+        if pending and not any(p.deleted.size for p in pending):
+            pending = [_Applied.concat(pending)]
+        for step in pending:
+            late = self.engagement.apply(step.batch, step.partitions)
+            self.conversion.forget(step.deleted)
+            self.conversion.apply(step.batch, step.rows, late)
+            self._fold_batch(step.batch, step.first_seen)
+
+    def _fold_batch(self, batch: EventBatch, first: np.ndarray) -> None:
+        """Feed retention and trends with an applied batch and its users' first-seen times.
+
+        Events of users the table no longer held (deleted in their batch) have
         no first-seen, so they stay out of retention.
         """
         self.trends.update(batch)
-        first = self.table.first_seen_of(batch.user_id)
         held = np.flatnonzero(first >= 0)
         if held.size < len(batch):
             batch, first = batch.take(held), first[held]
@@ -134,9 +198,11 @@ class Shard:
             self.trends.advance(max(watermarks.values()))
 
     def insights_partials(self) -> dict[str, Any]:
-        """Engagement, retention and trend partials as plain data, for the API's merge timer."""
+        """Engagement, conversion, retention and trend partials as plain data, for the merge."""
+        self.fold_insights()
         return {
             "engagement": self.engagement.partials(),
+            "conversion": self.conversion.partials(),
             "retention": self.retention.snapshot(),
             "trends": self.trends.to_dict(),
         }
@@ -168,7 +234,7 @@ class Shard:
             "applied_messages": self.applied_messages,
             "rejected": dict(self.rejected),
             "positions": dict(self.positions),
-            "state_bytes": self.table.nbytes(),
+            "state_bytes": self.table.nbytes() + self.conversion.tracker.nbytes(),
             "busy_s": round(self.busy_s, 3),
             "freshness_ms": {"p50": p50, "p99": p99},
         }

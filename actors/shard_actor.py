@@ -21,6 +21,7 @@ import ray
 from nats.aio.client import Client
 
 from actors.consumer import StreamReader
+from actors.conversion import FunnelSpec
 from actors.deadletter import DeadLetters
 from actors.metrics import ShardMetrics
 from actors.shard import Shard
@@ -45,8 +46,9 @@ class ShardActor:
         policy: ValidationPolicy | None = None,
         max_messages_per_apply: int = 32,
         windows: WindowConfig | None = None,
+        funnel: FunnelSpec | None = None,
     ) -> None:
-        self.shard = Shard(shard_id, partitions, rules, policy, windows)
+        self.shard = Shard(shard_id, partitions, rules, policy, windows, funnel)
         self.nats_url = nats_url
         self.stream = stream
         self.max_messages_per_apply = max_messages_per_apply
@@ -119,7 +121,7 @@ class ShardActor:
         return self.shard.profiles(user_ids)
 
     async def insights_partials(self) -> dict[str, Any]:
-        """This shard's engagement, retention and trend partials, as plain data for the merge."""
+        """This shard's insights partials (see ``Shard.insights_partials``), for the merge."""
         return self.shard.insights_partials()
 
     async def counters(self) -> dict[str, Any]:

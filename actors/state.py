@@ -200,13 +200,23 @@ class UserStateTable:
             "active_days": int(np.bitwise_count(self._days[row])),
         }
 
+    def rows_of(self, user_ids: Sequence[str]) -> np.ndarray:
+        """Row per id, -1 for users not held; a freed row is reused by a later new user.
+
+        Aggregates keyed by row (the conversion funnel) read it right after :meth:`apply`.
+        """
+        get = self._index.get
+        return np.fromiter(map(get, user_ids, repeat(-1)), np.int64, len(user_ids))
+
     def first_seen_of(self, user_ids: Sequence[str]) -> np.ndarray:
         """First-seen time (epoch ms) per id, -1 for users not held (unknown or deleted).
 
         Read right after :meth:`apply`, it is what cohort retention needs per event.
         """
-        get = self._index.get
-        rows = np.fromiter(map(get, user_ids, repeat(-1)), np.int64, len(user_ids))
+        return self.first_seen_at(self.rows_of(user_ids))
+
+    def first_seen_at(self, rows: np.ndarray) -> np.ndarray:
+        """:meth:`first_seen_of` for rows already looked up with :meth:`rows_of`."""
         held = rows >= 0
         return np.where(held, self._first[np.where(held, rows, 0)], -1)
 

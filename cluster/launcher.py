@@ -22,6 +22,7 @@ import nats
 import ray
 from ray import serve
 
+from actors.conversion import FunnelSpec
 from actors.errors import UnavailableError
 from actors.jetstream import StreamNames, ensure_streams
 from actors.pool import NAMESPACE, PoolSpec, ShardPool
@@ -76,6 +77,11 @@ def windows_of(settings: Settings) -> WindowConfig:
     return WindowConfig(
         allowed_lateness_ms=int(settings.allowed_lateness_s * 1000), policy=settings.late_policy
     )
+
+
+def funnel_of(settings: Settings) -> FunnelSpec:
+    """The conversion funnel (steps and window) as plain values."""
+    return FunnelSpec.parse(settings.funnel_steps, settings.conversion_window_s)
 
 
 async def prepare_streams(nats_url: str, names: StreamNames, max_age_s: float) -> None:
@@ -150,7 +156,9 @@ class Platform:
         if not ray.is_initialized():
             self._init_ray()
         spec = PoolSpec(s.partitions, s.shards, self.nats_url, s.stream)
-        self.pool = ShardPool.create(spec, policy=policy_of(s), windows=windows_of(s))
+        self.pool = ShardPool.create(
+            spec, policy=policy_of(s), windows=windows_of(s), funnel=funnel_of(s)
+        )
         serve.start(http_options={"host": s.http_host, "port": s.http_port})
         config = GatewayConfig(
             pool=spec, streams=streams_of(s), policy=policy_of(s), windows=windows_of(s)

@@ -8,9 +8,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from actors.conversion import FunnelSpec
 from actors.windows import LatenessPolicy
 
 
@@ -114,10 +115,26 @@ class Settings(BaseSettings):
         description="What happens to late events: 'drop' (only counted) or 'correct' (kept "
         "in a correction aggregate of their bucket, flagged as late).",
     )
+    funnel_steps: str = Field(
+        default="page_view,add_to_cart,purchase",
+        description="Conversion funnel: comma-separated event types in order (at least two, "
+        "distinct).",
+    )
+    conversion_window_s: float = Field(
+        default=1800,
+        gt=0,
+        description="Most event time from one funnel step to the next for a user to convert.",
+    )
     demo_users: int = Field(default=10_000, ge=1, description="Users simulated by `up --demo`.")
     demo_rate: float = Field(
         default=500, gt=0, description="Events per second simulated by `up --demo`."
     )
+
+    @field_validator("funnel_steps")
+    @classmethod
+    def _known_steps(cls, value: str) -> str:
+        FunnelSpec.parse(value, 1.0)  # raises ValueError with the reason
+        return value
 
     @model_validator(mode="after")
     def _shards_fit_partitions(self) -> Settings:

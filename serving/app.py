@@ -3,7 +3,7 @@ FastAPI reads them at import time).
 
 ``POST /v1/events`` validates and publishes, ``GET /v1/users/{id}`` reads the
 live profile from the owning shard, ``GET /v1/insights/engagement``,
-``/retention`` and ``/trends`` read a snapshot that a timer merges from every
+``/conversion``, ``/retention`` and ``/trends`` read a snapshot that a timer merges from every
 shard's partials (never per request), ``GET /v1/status`` gathers what an operator
 needs, ``GET /healthz`` answers probes. Errors map to status codes in
 :mod:`serving.errors`, in one place.
@@ -23,9 +23,11 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from nats.aio.client import Client
 from ray import serve
 
+from actors.conversion import PURCHASERS_RELATIVE_ERROR
 from actors.engagement import ACTIVE_USERS_RELATIVE_ERROR, report
 from actors.errors import UnavailableError
 from actors.events import to_epoch_ms
+from actors.funnel_report import conversion_answer
 from actors.insights import (
     Insights,
     merge_insights,
@@ -42,6 +44,7 @@ from actors.windows import Granularity, WindowConfig
 from serving import dashboard
 from serving.errors import install_error_handlers
 from serving.schemas import (
+    ConversionAnswer,
     EngagementAnswer,
     IngestResult,
     Profile,
@@ -249,7 +252,6 @@ class ApiGateway:
         as_of, insights = await self._merged_insights()
         merged = insights.engagement
         answer = report(merged, granularity, start_ms, end_ms, include_late=include_late, top=top)
-        windows = self.config.windows
         return {
             "granularity": granularity.value,
             "start": None if start_ms is None else iso_ms(start_ms),
@@ -257,13 +259,49 @@ class ApiGateway:
             "as_of": iso_ms(int(as_of * 1000)),
             "active_users_relative_error": ACTIVE_USERS_RELATIVE_ERROR,
             **answer,
-            "lateness": {
-                "allowed_lateness_s": windows.allowed_lateness_ms / 1000,
-                "policy": windows.policy.value,
-                "late_dropped": merged["late_dropped"],
-                "late_corrected": merged["late_corrected"],
-                "include_late": include_late,
-            },
+            "lateness": self._lateness(merged, include_late),
+        }
+
+    def _lateness(self, merged: dict[str, Any], include_late: bool) -> dict[str, Any]:
+        windows = self.config.windows
+        return {
+            "allowed_lateness_s": windows.allowed_lateness_ms / 1000,
+            "policy": windows.policy.value,
+            "late_dropped": merged["late_dropped"],
+            "late_corrected": merged["late_corrected"],
+            "include_late": include_late,
+        }
+
+    @app.get(
+        "/v1/insights/conversion",
+        response_model=ConversionAnswer,
+        responses={422: {"description": "Bad granularity, time or range, with the reason."}},
+        summary="Conversion funnel per event-time bucket: step counts, rates, revenue",
+    )
+    async def conversion(
+        self,
+        granularity: Annotated[Granularity, Query(description="Bucket width.")] = Granularity.HOUR,
+        start: Annotated[datetime | None, Query(description="RFC 3339, inclusive.")] = None,
+        end: Annotated[datetime | None, Query(description="RFC 3339, exclusive.")] = None,
+        include_late: Annotated[bool, Query(description="Add late-event corrections.")] = False,
+    ) -> Any:
+        """Funnel buckets starting in ``[start, end)`` from the last merged snapshot."""
+        problem = _range_problem(granularity, start, end, self.config.windows)
+        if problem:
+            return _error(422, problem)
+        start_ms = None if start is None else to_epoch_ms(start)
+        end_ms = None if end is None else to_epoch_ms(end)
+        as_of, insights = await self._merged_insights()
+        answer = conversion_answer(insights, granularity, start_ms, end_ms, include_late)
+        return {
+            "granularity": granularity.value,
+            "start": None if start_ms is None else iso_ms(start_ms),
+            "end": None if end_ms is None else iso_ms(end_ms),
+            "as_of": iso_ms(int(as_of * 1000)),
+            "funnel": insights.conversion["funnel"],
+            "users_relative_error": PURCHASERS_RELATIVE_ERROR,
+            **answer,
+            "lateness": self._lateness(insights.engagement, include_late),
         }
 
     @app.get(

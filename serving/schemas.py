@@ -105,6 +105,58 @@ class EngagementAnswer(BaseModel):
     lateness: Lateness
 
 
+class FunnelStep(BaseModel):
+    """Attempts that reached one funnel step, and the conversion rates into it."""
+
+    type: str = Field(description="The step's event type.")
+    count: int = Field(description="Step transitions (attempts reaching the step).")
+    rate_from_first: float | None = Field(description="count / step-1 count; null if 0.")
+    rate_from_previous: float | None = Field(description="count / previous step's count.")
+
+
+class ConversionFigures(BaseModel):
+    """Funnel counts and revenue of a bucket, or of the whole range (totals)."""
+
+    steps: list[FunnelStep]
+    revenue: float = Field(description="Sum of the values of purchase events.")
+    purchases: int = Field(description="Purchase events.")
+    purchasing_users: int = Field(description="Distinct purchasers, a HyperLogLog estimate.")
+    active_users: int = Field(description="Distinct users with any event (engagement's).")
+    revenue_per_purchasing_user: float | None
+    revenue_per_active_user: float | None
+
+
+class ConversionBucket(ConversionFigures):
+    """The funnel in one event-time bucket: transitions made by events of the bucket."""
+
+    start: str = Field(description="Bucket start, RFC 3339 UTC (inclusive).")
+    end: str = Field(description="Bucket end, RFC 3339 UTC (exclusive).")
+    late_steps: int = Field(description="Late step transitions kept as corrections.")
+
+
+class Funnel(BaseModel):
+    """The funnel the platform runs (settings funnel_steps and conversion_window_s)."""
+
+    steps: list[str]
+    window_s: float = Field(description="Most event time from one step to the next.")
+
+
+class ConversionAnswer(BaseModel):
+    """Answer to ``GET /v1/insights/conversion``."""
+
+    granularity: str
+    start: str | None
+    end: str | None
+    as_of: str = Field(description="When the shards' partials were merged, RFC 3339 UTC.")
+    funnel: Funnel
+    users_relative_error: float = Field(
+        description="Standard error of purchasing_users and active_users (HyperLogLog)."
+    )
+    buckets: list[ConversionBucket]
+    totals: ConversionFigures
+    lateness: Lateness
+
+
 class Cohort(BaseModel):
     """Users first seen on one UTC day, and the share of them active on later days."""
 

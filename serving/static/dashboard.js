@@ -76,9 +76,19 @@ function showEngagement(answer) {
   draw("chart-active", [{ x: buckets.map((b) => b.start), y: buckets.map((b) => b.active_users), type: "bar", marker: { color: "#3ecf8e" } }]);
   const byType = {};
   for (const b of buckets) for (const [k, v] of Object.entries(b.events_by_type || {})) byType[k] = (byType[k] || 0) + v;
-  const steps = ["page_view", "add_to_cart", "purchase"];
-  draw("chart-funnel", [{ type: "funnel", y: steps, x: steps.map((s) => byType[s] || 0), textinfo: "value+percent initial", marker: { color: [ACCENT, "#7c8cff", "#3ecf8e"] } }], { margin: { l: 90, r: 12, t: 8, b: 20 } });
+  showFunnel(state.conversion, byType);
   if (!state.trendsFromApi) showTrending((answer.totals || {}).top_items || [], "events");
+}
+
+// Funnel: step transitions within the conversion window from /v1/insights/conversion;
+// without that endpoint, the raw event counts of the default steps (engagement).
+const FUNNEL_COLORS = [ACCENT, "#7c8cff", "#3ecf8e", "#ffb454", "#ff8f6b"];
+function showFunnel(conversion, byType) {
+  const totals = conversion && conversion.totals;
+  const steps = totals ? totals.steps.map((s) => s.type) : ["page_view", "add_to_cart", "purchase"];
+  const counts = totals ? totals.steps.map((s) => s.count) : steps.map((s) => byType[s] || 0);
+  const colors = steps.map((_, i) => FUNNEL_COLORS[i % FUNNEL_COLORS.length]);
+  draw("chart-funnel", [{ type: "funnel", y: steps, x: counts, textinfo: "value+percent initial", marker: { color: colors } }], { margin: { l: 90, r: 12, t: 8, b: 20 } });
 }
 
 function showTrending(items, field) {
@@ -104,15 +114,17 @@ function showAlerts(answer) {
 }
 
 async function poll() {
-  const [status, engagement, trends, retention, alerts] = await Promise.all([
+  const [status, engagement, conversion, trends, retention, alerts] = await Promise.all([
     getJson("/v1/status"),
     getJson("/v1/insights/engagement?granularity=minute"),
+    getJson("/v1/insights/conversion?granularity=minute"),
     getJson("/v1/insights/trends"),
     getJson("/v1/insights/retention"),
     getJson("/v1/insights/alerts"),
   ]);
   document.getElementById("live").classList.toggle("live", status !== null);
   if (status) showStatus(status);
+  state.conversion = conversion && conversion.totals && conversion.totals.steps ? conversion : null;
   state.trendsFromApi = Boolean(trends && trends.trending_items);
   if (state.trendsFromApi) showTrending(trends.trending_items, "score");
   if (engagement) showEngagement(engagement); else waiting("chart-active", "waiting for the insights API");

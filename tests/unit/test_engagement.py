@@ -170,8 +170,11 @@ def test_the_shard_feeds_each_delivery_with_its_partition_to_the_windows() -> No
     new = batch_of(("ann", "like", T + 60 * MIN, {}))
     old = batch_of(("bob", "like", T, {}))
     shard.apply([Delivery(0, 1, 0, 0, encode(new)), Delivery(1, 2, 0, 0, encode(old))])
+    shard.fold_insights()
     assert shard.engagement.late_corrected == 0  # partition 1 has its own watermark
     shard.apply([Delivery(0, 3, 0, 0, encode(old))])
+    assert shard.engagement.late_corrected == 0  # applied to state, not yet folded
+    shard.fold_insights()
     assert shard.engagement.late_corrected == 1
     assert shard.engagement.watermarks.all() == {0: T + 59 * MIN, 1: T - MIN}
     buckets = shard.engagement.partials()["buckets"]["hour"]

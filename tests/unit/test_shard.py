@@ -2,9 +2,11 @@
 
 from collections import Counter
 
+import pytest
+
 from actors.codec import encode
 from actors.delivery import Delivery
-from actors.events import EVENT_TYPES
+from actors.events import EVENT_TYPES, TYPE_CODE, EventType
 from actors.partitioning import partitions_of
 from actors.shard import Shard
 from actors.validation import RejectReason
@@ -65,3 +67,21 @@ def test_a_body_that_is_not_the_wire_format_becomes_a_bad_wire_rejection() -> No
     assert [(r.reason, r.raw) for r in result.rejected] == [(RejectReason.BAD_WIRE, b"garbage")]
     assert shard.status()["rejected"] == {"bad_wire": 1}
     assert shard.positions[0] == 2
+
+
+@pytest.mark.parametrize("with_deletion", [False, True])
+def test_folding_the_aggregates_late_and_at_once_equals_folding_every_step(
+    with_deletion: bool,
+) -> None:
+    batch = random_batch(6000, 300, seed=5)
+    if with_deletion:  # a deletion between two folds: steps are folded one by one
+        batch.type[1234] = TYPE_CODE[EventType.USER_DELETED]
+    deliveries = deliveries_of(batch, 4, per_message=200)
+    eager, lazy = Shard(0, range(4)), Shard(0, range(4))
+    for delivery in deliveries:
+        eager.apply([delivery])
+        eager.fold_insights()
+        lazy.apply([delivery])
+    eager_parts, lazy_parts = eager.insights_partials(), lazy.insights_partials()
+    for name in ("engagement", "conversion", "retention"):
+        assert lazy_parts[name] == eager_parts[name], name
