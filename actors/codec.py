@@ -119,10 +119,11 @@ def _types(column: list[Any]) -> set[type]:
 
 
 def _ints(column: list[Any], dtype: type[np.integer[Any]]) -> np.ndarray:
+    """An integer column; numpy itself refuses values beyond int64 (OverflowError)."""
     if not _types(column) <= {int}:
         raise TypeError("integers expected")
-    wide = np.array(column, dtype=np.int64)
     info = np.iinfo(dtype)
-    if wide.size and (wide.min() < info.min or wide.max() > info.max):
+    # Python's min/max beat two numpy reductions on the short columns of small messages.
+    if column and dtype is not np.int64 and (min(column) < info.min or max(column) > info.max):
         raise ValueError(f"out of range for {np.dtype(dtype).name}")
-    return wide.astype(dtype, copy=False)
+    return np.array(column, dtype=dtype)

@@ -134,24 +134,28 @@ class Shard:
                 reason = RejectReason(exc.reason)
                 result.rejected.append(Rejection(-1, reason, exc.detail, delivery.data))
                 continue
-            checked = check_batch(batch, self.policy)
-            result.rejected.extend(checked.rejected)
-            batches.append(checked.batch)
-            partitions.append(np.full(len(checked.batch), delivery.partition, dtype=np.int64))
+            batches.append(batch)
+            partitions.append(np.full(len(batch), delivery.partition, dtype=np.int64))
             stored_ns.append(delivery.stored_ns)
         if batches:
-            batch = EventBatch.concat(batches)
-            deleted = self._rows_deleted_by(batch)
-            result.applied = self.table.apply(batch)
-            rows = self.table.rows_of(batch.user_id)  # -1 for users deleted in the batch
-            self._unfolded.append(
-                _Applied(
-                    batch, np.concatenate(partitions), rows, self.table.first_seen_at(rows), deleted
+            # One check per step, not per message: its fixed costs dominate small messages.
+            checked = check_batch(EventBatch.concat(batches), self.policy)
+            result.rejected.extend(checked.rejected)
+            batch, of_partition = checked.batch, np.concatenate(partitions)
+            if checked.rejected:
+                keep = np.ones(len(of_partition), dtype=bool)
+                keep[[r.index for r in checked.rejected]] = False
+                of_partition = of_partition[keep]
+            if len(batch):
+                deleted = self._rows_deleted_by(batch)
+                result.applied = self.table.apply(batch)
+                rows = self.table.rows_of(batch.user_id)  # -1 for users deleted in the batch
+                self._unfolded.append(
+                    _Applied(batch, of_partition, rows, self.table.first_seen_at(rows), deleted)
                 )
-            )
-            self._unfolded_events += len(batch)
-            if self._unfolded_events >= INSIGHTS_FOLD_EVENTS:
-                self.fold_insights()
+                self._unfolded_events += len(batch)
+                if self._unfolded_events >= INSIGHTS_FOLD_EVENTS:
+                    self.fold_insights()
         self.applied_events += result.applied
         self.applied_messages += len(batches)
         self.rejected.update(r.reason.value for r in result.rejected)
