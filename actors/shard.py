@@ -103,7 +103,6 @@ class Shard:
         self._freshness_count = 0
         self.busy_s = 0.0
         self._unfolded: list[_Applied] = []
-        self.fold_every = INSIGHTS_FOLD_EVENTS
         self._unfolded_events = 0
 
     @property
@@ -155,7 +154,7 @@ class Shard:
                     _Applied(batch, of_partition, rows, self.table.first_seen_at(rows), deleted)
                 )
                 self._unfolded_events += len(batch)
-                if self._unfolded_events >= self.fold_every:
+                if self._unfolded_events >= INSIGHTS_FOLD_EVENTS:
                     self.fold_insights()
         self.applied_events += result.applied
         self.applied_messages += len(batches)
@@ -168,11 +167,6 @@ class Shard:
         """Rows of users a ``user_deleted`` event of ``batch`` will free (read before applying)."""
         at = np.flatnonzero(batch.type == _DELETED)
         return self.table.rows_of([batch.user_id[i] for i in at.tolist()])
-
-    @property
-    def unfolded_events(self) -> int:
-        """Events applied to per-user state but not yet to the aggregates."""
-        return self._unfolded_events
 
     def fold_insights(self) -> None:
         """Fold the batches applied since the last fold into the insight aggregates.

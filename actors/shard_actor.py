@@ -31,9 +31,6 @@ from actors.windows import WindowConfig
 
 log = logging.getLogger(__name__)
 
-IDLE_FOLD_EVENTS = 5_000  # fold this many when nothing waits...
-BUSY_FOLD_EVENTS = 100_000  # ...and this many in any case, so memory stays bounded
-
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class ShardActor:
@@ -61,7 +58,6 @@ class ShardActor:
         self._dead_letters: DeadLetters | None = None
         self.started_at = time.time()  # tells incarnations apart after a restart
         self._metrics = ShardMetrics(shard_id)
-        self.shard.fold_every = BUSY_FOLD_EVENTS
         # Ray runs an async actor's constructor inside its event loop, so
         # consumption starts here, also when Ray restarts a dead actor: it then
         # replays its partitions from their start and rebuilds the state.
@@ -106,18 +102,11 @@ class ShardActor:
                 (d.stored_ns for d in deliveries),
                 (r.reason.value for r in result.rejected),
             )
-            self._fold_when_idle()
             if result.rejected:
                 try:
                     await self._dead_letters.publish(result.rejected)
                 except Exception:  # the records are counted; keep consuming
                     log.exception("shard %s could not dead-letter", self.shard.shard_id)
-
-    def _fold_when_idle(self) -> None:
-        """Feed the aggregates when no messages wait, so folds do not delay fresh events."""
-        assert self._reader is not None
-        if self.shard.unfolded_events >= IDLE_FOLD_EVENTS and not self._reader.buffered:
-            self.shard.fold_insights()
 
     def _log_crash(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
