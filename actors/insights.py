@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
 
@@ -22,6 +22,7 @@ from actors import conversion
 from actors.engagement import merge_partials
 from actors.forecast import forecast
 from actors.retention import RetentionAggregate, iso_day
+from actors.segments import merge_segments, segments_answer
 from actors.state import iso_ms
 from actors.trends import TrendAggregate
 from actors.windows import Granularity
@@ -40,6 +41,7 @@ class Insights:
     conversion: dict[str, Any]
     retention: RetentionAggregate
     trends: TrendAggregate
+    segments: dict[str, Any] = field(default_factory=lambda: merge_segments([]))
 
 
 def merge_insights(shards: Sequence[Mapping[str, Any]]) -> Insights:
@@ -59,7 +61,20 @@ def merge_insights(shards: Sequence[Mapping[str, Any]]) -> Insights:
         conversion.merge_partials([s["conversion"] for s in shards]),
         retention,
         trends,
+        merge_segments([s.get("segments") for s in shards]),
     )
+
+
+def segments_report(insights: Insights) -> dict[str, Any]:
+    """Every segment's rule in words, size, entries and exits, summed over shards.
+
+    ``event_time`` is the newest shard's event-time "now" (None before any event).
+    """
+    now = insights.segments["now_ms"]
+    return {
+        "event_time": None if now is None else iso_ms(now),
+        "segments": segments_answer(insights.segments),
+    }
 
 
 def day_number(day: date) -> int:

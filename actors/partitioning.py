@@ -16,6 +16,7 @@ import numpy as np
 
 EVENTS_SUBJECT_PREFIX = "audience.events"
 DLQ_SUBJECT_PREFIX = "audience.dlq"
+ALERTS_SUBJECT_PREFIX = "audience.alerts"
 
 
 def partition_of(user_id: str, partitions: int) -> int:
@@ -42,6 +43,11 @@ def partition_of_subject(subject: str) -> int:
 def dlq_subject(reason: str) -> str:
     """The dead-letter subject for one rejection reason."""
     return f"{DLQ_SUBJECT_PREFIX}.{reason}"
+
+
+def alerts_subject(kind: str) -> str:
+    """The subject alerts of one kind are published on (core NATS, not a stream)."""
+    return f"{ALERTS_SUBJECT_PREFIX}.{kind}"
 
 
 def assign_partitions(partitions: int, shards: int) -> list[list[int]]:

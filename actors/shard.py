@@ -22,6 +22,7 @@ from actors.engagement import EngagementWindows
 from actors.errors import WireError
 from actors.events import TYPE_CODE, EventType
 from actors.retention import RetentionAggregate
+from actors.segments import SegmentTracker
 from actors.state import StateRules, UserStateTable
 from actors.trends import TrendAggregate
 from actors.validation import Rejection, RejectReason, ValidationPolicy, check_batch
@@ -76,7 +77,10 @@ class Shard:
     first-seen from the table), decayed trends
     (:class:`~actors.trends.TrendAggregate`) and the conversion funnel
     (:class:`~actors.conversion.ConversionWindows`, keyed by the table's rows and
-    fed with engagement's late mask, so both apply one lateness rule).
+    fed with engagement's late mask, so both apply one lateness rule). Segment
+    memberships (:class:`~actors.segments.SegmentTracker`) follow each apply step
+    for the rows it touched and every fold for all rows, as of the newest event
+    time applied.
     """
 
     def __init__(
@@ -94,6 +98,8 @@ class Shard:
         self.conversion = ConversionWindows(funnel, windows)
         self.retention = RetentionAggregate()
         self.trends = TrendAggregate()
+        self.segments = SegmentTracker()
+        self.event_now_ms: int | None = None  # newest event time applied: segments' "now"
         self.policy = policy or ValidationPolicy()
         self.positions: dict[int, int] = {p: 0 for p in partitions}
         self.applied_events = 0
@@ -150,6 +156,7 @@ class Shard:
                 deleted = self._rows_deleted_by(batch)
                 result.applied = self.table.apply(batch)
                 rows = self.table.rows_of(batch.user_id)  # -1 for users deleted in the batch
+                self._update_segments(batch, rows, deleted)
                 self._unfolded.append(
                     _Applied(batch, of_partition, rows, self.table.first_seen_at(rows), deleted)
                 )
@@ -162,6 +169,14 @@ class Shard:
         self._record_freshness(stored_ns)
         self.busy_s += time.perf_counter() - started
         return result
+
+    def _update_segments(self, batch: EventBatch, rows: np.ndarray, deleted: np.ndarray) -> None:
+        """Move event time on and re-evaluate the segments of the rows this batch touched."""
+        newest = int(np.max(batch.ts))
+        if self.event_now_ms is None or newest > self.event_now_ms:
+            self.event_now_ms = newest
+        touched = np.unique(np.concatenate([rows[rows >= 0], deleted[deleted >= 0]]))
+        self.segments.update(self.table, touched, self.event_now_ms)
 
     def _rows_deleted_by(self, batch: EventBatch) -> np.ndarray:
         """Rows of users a ``user_deleted`` event of ``batch`` will free (read before applying)."""
@@ -178,6 +193,8 @@ class Shard:
         in between change nothing.
         """
         pending, self._unfolded, self._unfolded_events = self._unfolded, [], 0
+        if self.event_now_ms is not None:  # time-driven segment entries and exits
+            self.segments.refresh(self.table, self.event_now_ms)
         if pending and not any(p.deleted.size for p in pending):
             pending = [_Applied.concat(pending)]
         for step in pending:
@@ -209,7 +226,12 @@ class Shard:
             "conversion": self.conversion.partials(),
             "retention": self.retention.snapshot(),
             "trends": self.trends.to_dict(),
+            "segments": self.segment_sizes(),
         }
+
+    def segment_sizes(self) -> dict[str, Any]:
+        """Segment sizes, entries and exits on this shard, and its event-time ``now_ms``."""
+        return self.segments.sizes()
 
     def _record_freshness(self, stored_ns: list[int]) -> None:
         """Keep a ring of store-to-applied delays, one per message."""
@@ -223,8 +245,16 @@ class Shard:
         return self._freshness_count, self._freshness_ms.copy()
 
     def profiles(self, user_ids: Sequence[str]) -> list[dict[str, Any] | None]:
-        """Live profiles of ``user_ids`` (None for users this shard has not seen)."""
-        return self.table.profiles(user_ids)
+        """Live profiles of ``user_ids`` (None for users this shard has not seen).
+
+        Each profile lists the segments its user is in as of this shard's event time.
+        """
+        profiles = self.table.profiles(user_ids)
+        rows = self.table.rows_of(user_ids).tolist()
+        for profile, row in zip(profiles, rows, strict=True):
+            if profile is not None:
+                profile["segments"] = self.segments.of_row(self.table, row)
+        return profiles
 
     def status(self) -> dict[str, Any]:
         """Counters for operators: applied events, users, positions, freshness."""

@@ -32,6 +32,7 @@ _NONE = np.iinfo(np.int64).min  # last_seen of a row with no events yet
 _MAX = np.iinfo(np.int64).max
 _DWELL = TYPE_CODE[EventType.DWELL]
 _PURCHASE = TYPE_CODE[EventType.PURCHASE]
+_CART = TYPE_CODE[EventType.ADD_TO_CART]
 _SESSION_START = TYPE_CODE[EventType.SESSION_START]
 _DELETED = TYPE_CODE[EventType.USER_DELETED]
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -83,6 +84,8 @@ _COLUMNS: dict[str, tuple[type, str | None]] = {
     "_recent_n": (np.int32, None),  # pushes so far, folded to < 2K (see _fold)
     "_affinity": (np.float32, "categories"),
     "_days": (np.uint64, None),
+    "_last_cart": (np.int64, None),  # newest add_to_cart time, _NONE without one
+    "_last_buy": (np.int64, None),  # newest purchase time, _NONE without one
 }
 
 
@@ -105,6 +108,8 @@ class UserStateTable:
     _recent_n: np.ndarray
     _affinity: np.ndarray  # float32[cap, max_categories], as of _last
     _days: np.ndarray  # uint64 bitmap, bit k = active on day (_last // DAY_MS - k)
+    _last_cart: np.ndarray  # int64 newest add_to_cart ts, _NONE without one
+    _last_buy: np.ndarray  # int64 newest purchase ts, _NONE without one
 
     def __init__(self, rules: StateRules = StateRules(), capacity: int = 1024) -> None:
         self.rules = rules
@@ -156,6 +161,11 @@ class UserStateTable:
             hit = np.flatnonzero(types == code)
             if hit.size:
                 np.add.at(column, rows[hit], np.nan_to_num(batch.value[hit], nan=0.0))
+        ts = np.asarray(batch.ts, dtype=np.int64)
+        for code, column in ((_CART, self._last_cart), (_PURCHASE, self._last_buy)):
+            hit = np.flatnonzero(types == code)
+            if hit.size:
+                np.maximum.at(column, rows[hit], ts[hit])
 
         self._count_sessions(g, old_last)
         self._add_scores(g, old_last, new_last, batch.category)
@@ -239,6 +249,28 @@ class UserStateTable:
         total += sum(sys.getsizeof(s) + 28 for s in self._items)  # name + its int code
         total += sys.getsizeof(self._cat_codes) + sum(sys.getsizeof(s) for s in self._cats)
         return total
+
+    @property
+    def high(self) -> int:
+        """Rows ever handed out: every held row is below it."""
+        return self._high
+
+    def view(self, rows: np.ndarray | slice) -> RowView:
+        """The columns segment rules read, for ``rows`` (a slice gives views, not copies).
+
+        A row not held (never used, or freed by a deletion) has ``held`` False.
+        """
+        last = self._last[rows]
+        return RowView(
+            held=last != _NONE,
+            first=self._first[rows],
+            last=last,
+            engagement=self._engagement[rows],
+            days=self._days[rows],
+            last_cart=self._last_cart[rows],
+            last_purchase=self._last_buy[rows],
+            half_life_ms=float(self.rules.engagement_half_life_ms),
+        )
 
     # -- internals -----------------------------------------------------------
 
@@ -353,6 +385,8 @@ class UserStateTable:
             getattr(self, name)[rows] = 0
         self._first[rows] = _MAX
         self._last[rows] = _NONE
+        self._last_cart[rows] = _NONE
+        self._last_buy[rows] = _NONE
 
     def _grow(self, cap: int) -> None:
         widths = {
@@ -367,6 +401,24 @@ class UserStateTable:
                 column[: self._cap] = getattr(self, name)
             setattr(self, name, column)
         self._cap = cap
+
+
+class RowView(NamedTuple):
+    """Columns of some rows, for vectorised rules (see :meth:`UserStateTable.view`).
+
+    Times are epoch ms; ``last_cart`` and ``last_purchase`` hold int64 min when
+    the user never did it; ``days`` bit k means active on day ``last // DAY_MS - k``;
+    ``engagement`` is as of ``last`` and halves every ``half_life_ms`` after it.
+    """
+
+    held: np.ndarray
+    first: np.ndarray
+    last: np.ndarray
+    engagement: np.ndarray
+    days: np.ndarray
+    last_cart: np.ndarray
+    last_purchase: np.ndarray
+    half_life_ms: float
 
 
 class _Groups(NamedTuple):

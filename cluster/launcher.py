@@ -30,6 +30,7 @@ from actors.validation import ValidationPolicy
 from actors.windows import WindowConfig
 from cluster.nats_server import EmbeddedNats, free_port
 from cluster.settings import Settings
+from serving.alerts import AlertsConfig
 from serving.app import GatewayConfig, build_app
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,14 @@ def windows_of(settings: Settings) -> WindowConfig:
     """Event-time window settings (lateness and its policy) as plain values."""
     return WindowConfig(
         allowed_lateness_ms=int(settings.allowed_lateness_s * 1000), policy=settings.late_policy
+    )
+
+
+def alerts_of(settings: Settings) -> AlertsConfig:
+    """Webhook targets and secret as plain values (the secret stays out of reprs)."""
+    return AlertsConfig(
+        webhook_urls=settings.webhook_targets,
+        webhook_secret=settings.webhook_secret.get_secret_value(),
     )
 
 
@@ -161,7 +170,11 @@ class Platform:
         )
         serve.start(http_options={"host": s.http_host, "port": s.http_port})
         config = GatewayConfig(
-            pool=spec, streams=streams_of(s), policy=policy_of(s), windows=windows_of(s)
+            pool=spec,
+            streams=streams_of(s),
+            policy=policy_of(s),
+            windows=windows_of(s),
+            alerts=alerts_of(s),
         )
         serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
         host = "127.0.0.1" if s.http_host in ("0.0.0.0", "::") else s.http_host

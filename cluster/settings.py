@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from actors.conversion import FunnelSpec
@@ -125,6 +125,15 @@ class Settings(BaseSettings):
         gt=0,
         description="Most event time from one funnel step to the next for a user to convert.",
     )
+    webhook_urls: str = Field(
+        default="",
+        description="Comma-separated http(s) URLs that every new alert is POSTed to (signed "
+        "JSON, retried with backoff); empty: no webhooks.",
+    )
+    webhook_secret: SecretStr = Field(
+        default=SecretStr(""),
+        description="Shared secret of the webhooks' X-Audience-Signature (HMAC-SHA256).",
+    )
     demo_users: int = Field(default=10_000, ge=1, description="Users simulated by `up --demo`.")
     demo_rate: float = Field(
         default=500, gt=0, description="Events per second simulated by `up --demo`."
@@ -135,6 +144,19 @@ class Settings(BaseSettings):
     def _known_steps(cls, value: str) -> str:
         FunnelSpec.parse(value, 1.0)  # raises ValueError with the reason
         return value
+
+    @field_validator("webhook_urls")
+    @classmethod
+    def _http_urls(cls, value: str) -> str:
+        for url in (u.strip() for u in value.split(",") if u.strip()):
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"webhook URL must be http(s)://..., got {url!r}")
+        return value
+
+    @property
+    def webhook_targets(self) -> tuple[str, ...]:
+        """The webhook URLs as a tuple, blanks dropped."""
+        return tuple(u.strip() for u in self.webhook_urls.split(",") if u.strip())
 
     @model_validator(mode="after")
     def _shards_fit_partitions(self) -> Settings:

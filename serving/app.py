@@ -10,6 +10,7 @@ needs, ``GET /healthz`` answers probes. Errors map to status codes in
 """
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from actors.insights import (
     merge_insights,
     retention_answer,
     retention_problem,
+    segments_report,
     trends_answer,
 )
 from actors.jetstream import StreamNames, dead_letter_counts
@@ -42,6 +44,7 @@ from actors.state import iso_ms
 from actors.validation import ValidationPolicy, parse_events
 from actors.windows import Granularity, WindowConfig
 from serving import dashboard
+from serving.alerts import AlertCenter, AlertsConfig
 from serving.errors import install_error_handlers
 from serving.schemas import (
     ConversionAnswer,
@@ -50,6 +53,7 @@ from serving.schemas import (
     Profile,
     RejectedEvent,
     RetentionAnswer,
+    SegmentsAnswer,
     TrendsAnswer,
 )
 
@@ -78,6 +82,7 @@ class GatewayConfig:
     max_events_per_request: int = 10_000
     windows: WindowConfig = field(default_factory=WindowConfig)
     insights_merge_every_s: float = 1.0
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
 
 
 def _unwrap_events(raw: bytes) -> bytes:
@@ -131,6 +136,10 @@ class ApiGateway:
         self._merged: tuple[float, Insights] | None = None
         self._merged_ready = asyncio.Event()
         self._merge_task: asyncio.Task[None] | None = None
+        self.alerts = AlertCenter(config.alerts)
+        if config.alerts.webhook_urls:  # deliveries must not wait for a first reader
+            with contextlib.suppress(RuntimeError):  # no loop: the first request starts it
+                self._merge_task = asyncio.get_running_loop().create_task(self._merge_forever())
 
     async def _connected(self) -> Producer:
         async with self._lock:
@@ -222,6 +231,7 @@ class ApiGateway:
                 partials = await self.pool.insights_partials()
                 self._merged = (time.time(), merge_insights(partials))
                 self._merged_ready.set()
+                self.alerts.dispatch(self.alerts.evaluate(self._merged[1]), self._publish_alert)
             except Exception:  # a restarting shard: keep the last snapshot, try again
                 log.warning("could not merge insights partials", exc_info=True)
             await asyncio.sleep(self.config.insights_merge_every_s)
@@ -340,6 +350,33 @@ class ApiGateway:
         """Decayed trends and a 15-minute forecast from the last merged snapshot."""
         as_of, insights = await self._merged_insights()
         return {"as_of": iso_ms(int(as_of * 1000)), **trends_answer(insights, n)}
+
+    @app.get(
+        "/v1/insights/segments",
+        response_model=SegmentsAnswer,
+        summary="Rule-based segments: live sizes, entries and exits",
+    )
+    async def segments(self) -> Any:
+        """Segment counters from the last merged snapshot: shards keep them, nothing scans users."""
+        as_of, insights = await self._merged_insights()
+        return {"as_of": iso_ms(int(as_of * 1000)), **segments_report(insights)}
+
+    async def _publish_alert(self, subject: str, body: bytes) -> None:
+        """Core-publish one alert on the replica's NATS connection."""
+        await self._connected()
+        assert self._nc is not None
+        await self._nc.publish(subject, body)
+
+    @app.get(
+        "/v1/insights/alerts",
+        summary="Recent alerts (metric outside its expected band), the rules, webhook counts",
+    )
+    async def alerts_list(
+        self, limit: Annotated[int, Query(ge=1, le=1000, description="Alerts shown.")] = 50
+    ) -> dict[str, Any]:
+        """Newest first; alerts are raised on closed minute buckets by the merge timer."""
+        await self._merged_insights()  # starts the merge timer that evaluates the rules
+        return self.alerts.answer(limit)
 
     @app.get("/v1/status", summary="Shard counters, lag per partition, dead letters")
     async def status(self) -> dict[str, Any]:

@@ -39,6 +39,9 @@ class Profile(BaseModel):
     recent_items: list[str] = Field(description="Most recent items, newest first.")
     category_affinity: dict[str, float]
     active_days: int = Field(description="Days with activity among the last 64.")
+    segments: list[str] | None = Field(
+        default=None, description="Segments the user is in, as of its shard's event time."
+    )
 
 
 class TopEntry(BaseModel):
@@ -222,3 +225,23 @@ class TrendsAnswer(BaseModel):
         description="id, score (short-window rate over baseline rate), counts and rates."
     )
     forecast: Forecast | None
+
+
+class SegmentSize(BaseModel):
+    """One rule-based segment and its live counts, summed over shards."""
+
+    name: str
+    description: str = Field(description="The rule, in words.")
+    size: int = Field(description="Users in the segment now (exact, not an estimate).")
+    entered: int = Field(description="Entries since the shards started.")
+    left: int = Field(description="Exits since the shards started (deletions included).")
+
+
+class SegmentsAnswer(BaseModel):
+    """Answer to ``GET /v1/insights/segments``."""
+
+    as_of: str = Field(description="When the shards' partials were merged, RFC 3339 UTC.")
+    event_time: str | None = Field(
+        description="Newest event time of any shard: the 'now' the time-based rules use."
+    )
+    segments: list[SegmentSize]

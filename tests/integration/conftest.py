@@ -24,6 +24,7 @@ from actors.pool import NAMESPACE
 from cluster.launcher import Platform
 from cluster.nats_server import EmbeddedNats, free_port
 from cluster.settings import Settings
+from tests.support.webhooks import WebhookReceiver
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +50,16 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNa
 
 
 @pytest.fixture(scope="session")
-def platform(tmp_path_factory: pytest.TempPathFactory, ray_local: int) -> Iterator[Platform]:
+def webhook_receiver() -> Iterator[WebhookReceiver]:
+    """A local HTTP server the platform's alert webhooks post to, for the whole session."""
+    with WebhookReceiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture(scope="session")
+def platform(
+    tmp_path_factory: pytest.TempPathFactory, ray_local: int, webhook_receiver: WebhookReceiver
+) -> Iterator[Platform]:
     with EmbeddedNats(tmp_path_factory.mktemp("platform-nats")) as server:
         settings = Settings(
             nats_url=server.url,
@@ -58,6 +68,8 @@ def platform(tmp_path_factory: pytest.TempPathFactory, ray_local: int) -> Iterat
             http_port=free_port(),
             data_dir=tmp_path_factory.mktemp("platform-data"),
             allowed_lateness_s=20 * 365 * 86_400,
+            webhook_urls=webhook_receiver.url,
+            webhook_secret=webhook_receiver.secret,
             _env_file=None,  # type: ignore[call-arg]
         )
         running = Platform(settings)
