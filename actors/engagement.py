@@ -16,6 +16,11 @@ Definitions, kept simple on purpose:
   hundred users). A sketch cannot forget: a ``user_deleted`` event does not take
   the user out of buckets already counted, and only hashes of ids are kept.
 * sessions: ``session_start`` events in the bucket.
+* session time: active time within sessions, by the state table's session rule
+  (:meth:`~actors.state.UserStateTable.apply`): an event that continues a session
+  adds its gap after the user's earlier events, in the event's bucket, kept in
+  integer milliseconds; a session crossing a bucket edge splits its time between
+  the buckets. The average divides it by the bucket's sessions (null without any).
 * dwell: the sum of ``value`` of ``dwell`` events, kept in integer milliseconds
   so that merging is exact in any order.
 * items and categories: event counts per id. A bucket tracks at most
@@ -59,6 +64,7 @@ class EngagementBucket:
         self.users = HyperLogLog(HLL_PRECISION)
         self.dwell_ms = 0
         self.sessions = 0
+        self.session_ms = 0
         self.items: Counter[str] = Counter()
         self.categories: Counter[str] = Counter()
 
@@ -70,17 +76,23 @@ class EngagementBucket:
             "active_users": round(self.users.count()),
             "dwell_ms": self.dwell_ms,
             "sessions": self.sessions,
+            "session_ms": self.session_ms,
             "items": dict(self.items.most_common(TOP_KEEP)),
             "categories": dict(self.categories.most_common(TOP_KEEP)),
         }
 
 
 def _fold(
-    store: BucketStore[EngagementBucket], batch: EventBatch, rows: np.ndarray, hashes: np.ndarray
+    store: BucketStore[EngagementBucket],
+    batch: EventBatch,
+    rows: np.ndarray,
+    hashes: np.ndarray,
+    session_gaps_ms: np.ndarray,
 ) -> None:
     """Fold the events at ``rows`` of ``batch`` into their buckets of every granularity.
 
-    ``hashes`` holds :func:`~actors.sketches.stable_hash64` of every user id of the batch.
+    ``hashes`` holds :func:`~actors.sketches.stable_hash64` of every user id of the
+    batch, ``session_gaps_ms`` the session time each event of the batch adds.
 
     Sums are reduced per bucket with one numpy call each per granularity; user
     ids are hashed once per batch for the sketches; only the item/category
@@ -92,6 +104,7 @@ def _fold(
     dwell = np.where(types == _DWELL, np.nan_to_num(batch.value[rows], nan=0.0), 0.0)
     dwell_ms = np.round(dwell * 1000).astype(np.int64)
     starts = (types == _SESSION_START).astype(np.int64)
+    gaps = session_gaps_ms[rows]
     for routed in store.route(batch.ts[rows]):
         order, bounds = routed.order, routed.bounds
         heads = bounds[:-1]
@@ -100,6 +113,7 @@ def _fold(
         per_type = counts.reshape(len(heads), N_TYPES).tolist()
         dwell_sums = np.add.reduceat(dwell_ms[order], heads).tolist()
         session_sums = np.add.reduceat(starts[order], heads).tolist()
+        gap_sums = np.add.reduceat(gaps[order], heads).tolist()
         picked = rows[order].tolist()
         picked_hashes = hashes[rows[order]]
         edges = bounds.tolist()
@@ -107,6 +121,7 @@ def _fold(
             bucket.events = [a + b for a, b in zip(bucket.events, per_type[g], strict=True)]
             bucket.dwell_ms += dwell_sums[g]
             bucket.sessions += session_sums[g]
+            bucket.session_ms += gap_sums[g]
             pick = _picker(picked[edges[g] : edges[g + 1]])
             bucket.users.add_hashes(picked_hashes[edges[g] : edges[g + 1]])
             _count_bounded(bucket.items, pick(batch.item_id))
@@ -145,6 +160,7 @@ def merge_buckets(a: Partial, b: Partial) -> Partial:
         "active_users": round(users.count()),
         "dwell_ms": a["dwell_ms"] + b["dwell_ms"],
         "sessions": a["sessions"] + b["sessions"],
+        "session_ms": a["session_ms"] + b["session_ms"],
         "items": dict(Counter(a["items"]) + Counter(b["items"])),
         "categories": dict(Counter(a["categories"]) + Counter(b["categories"])),
     }
@@ -172,11 +188,19 @@ class EngagementWindows:
         self.late_dropped = 0
         self.late_corrected = 0
 
-    def apply(self, batch: EventBatch, partitions: np.ndarray) -> np.ndarray:
+    def apply(
+        self,
+        batch: EventBatch,
+        partitions: np.ndarray,
+        session_gaps_ms: np.ndarray | None = None,
+    ) -> np.ndarray:
         """Fold a validated batch in; ``partitions[i]`` is the partition of event ``i``.
 
         Events of each partition must be in their arrival order (a concatenation
         of deliveries is), since that is what the partition's watermark follows.
+        ``session_gaps_ms[i]`` is the session time event ``i`` adds, as
+        :attr:`~actors.state.UserStateTable.last_session_gaps_ms` gives it
+        (none: no session time).
 
         Returns:
             Which events were late, so other windows (conversion) apply the same rule.
@@ -188,13 +212,16 @@ class EngagementWindows:
             rows = np.flatnonzero(partitions == partition)
             late[rows] = self.watermarks.late_mask(partition, batch.ts[rows])
         hashes = stable_hash64(batch.user_id)
-        _fold(self.on_time, batch, np.flatnonzero(~late), hashes)
+        if session_gaps_ms is None:
+            session_gaps_ms = np.zeros(len(batch), dtype=np.int64)
+        gaps = np.asarray(session_gaps_ms, dtype=np.int64)
+        _fold(self.on_time, batch, np.flatnonzero(~late), hashes, gaps)
         late_rows = np.flatnonzero(late)
         if self.config.policy is LatenessPolicy.DROP:
             self.late_dropped += late_rows.size
         else:
             self.late_corrected += late_rows.size
-            _fold(self.corrections, batch, late_rows, hashes)
+            _fold(self.corrections, batch, late_rows, hashes, gaps)
         return late
 
     def partials(self) -> dict[str, Any]:
@@ -285,6 +312,8 @@ def describe(bucket: Partial, top: int = 10) -> dict[str, Any]:
     counts = dict(zip((t.value for t in EVENT_TYPES), bucket["events"], strict=True))
     active = bucket["active_users"]
     dwell_s = bucket["dwell_ms"] / 1000
+    session_s = bucket["session_ms"] / 1000
+    sessions = bucket["sessions"]
 
     def per_user(x: float) -> float:
         return x / active if active else 0.0
@@ -301,7 +330,9 @@ def describe(bucket: Partial, top: int = 10) -> dict[str, Any]:
         "comments_per_active_user": per_user(counts["comment"]),
         "dwell_seconds": dwell_s,
         "dwell_seconds_per_active_user": per_user(dwell_s),
-        "sessions": bucket["sessions"],
+        "sessions": sessions,
+        "session_seconds": session_s,
+        "avg_session_seconds": session_s / sessions if sessions else None,
         "top_items": _top(bucket["items"], top),
         "top_categories": _top(bucket["categories"], top),
     }

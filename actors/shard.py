@@ -21,6 +21,7 @@ from actors.delivery import Delivery
 from actors.engagement import EngagementWindows
 from actors.errors import WireError
 from actors.events import TYPE_CODE, EventType
+from actors.latency import LatencyRing
 from actors.retention import RetentionAggregate
 from actors.segments import SegmentTracker
 from actors.state import StateRules, UserStateTable
@@ -42,6 +43,7 @@ class _Applied:
     rows: np.ndarray
     first_seen: np.ndarray
     deleted: np.ndarray
+    session_gaps_ms: np.ndarray  # per event, the session time it adds (the table's rule)
 
     @staticmethod
     def concat(steps: Sequence[_Applied]) -> _Applied:
@@ -54,6 +56,7 @@ class _Applied:
             np.concatenate([s.rows for s in steps]),
             np.concatenate([s.first_seen for s in steps]),
             np.zeros(0, dtype=np.int64),
+            np.concatenate([s.session_gaps_ms for s in steps]),
         )
 
 
@@ -108,6 +111,7 @@ class Shard:
         self._freshness_ms = np.zeros(FRESHNESS_SAMPLES, dtype=np.float64)
         self._freshness_count = 0
         self.busy_s = 0.0
+        self.apply_ms = LatencyRing()
         self._unfolded: list[_Applied] = []
         self._unfolded_events = 0
 
@@ -157,9 +161,9 @@ class Shard:
                 result.applied = self.table.apply(batch)
                 rows = self.table.rows_of(batch.user_id)  # -1 for users deleted in the batch
                 self._update_segments(batch, rows, deleted)
-                self._unfolded.append(
-                    _Applied(batch, of_partition, rows, self.table.first_seen_at(rows), deleted)
-                )
+                first = self.table.first_seen_at(rows)
+                gaps = self.table.last_session_gaps_ms
+                self._unfolded.append(_Applied(batch, of_partition, rows, first, deleted, gaps))
                 self._unfolded_events += len(batch)
                 if self._unfolded_events >= INSIGHTS_FOLD_EVENTS:
                     self.fold_insights()
@@ -167,7 +171,9 @@ class Shard:
         self.applied_messages += len(batches)
         self.rejected.update(r.reason.value for r in result.rejected)
         self._record_freshness(stored_ns)
-        self.busy_s += time.perf_counter() - started
+        took = time.perf_counter() - started
+        self.busy_s += took
+        self.apply_ms.add(took * 1000)
         return result
 
     def _update_segments(self, batch: EventBatch, rows: np.ndarray, deleted: np.ndarray) -> None:
@@ -198,7 +204,7 @@ class Shard:
         if pending and not any(p.deleted.size for p in pending):
             pending = [_Applied.concat(pending)]
         for step in pending:
-            late = self.engagement.apply(step.batch, step.partitions)
+            late = self.engagement.apply(step.batch, step.partitions, step.session_gaps_ms)
             self.conversion.forget(step.deleted)
             self.conversion.apply(step.batch, step.rows, late)
             self._fold_batch(step.batch, step.first_seen)
@@ -271,4 +277,5 @@ class Shard:
             "state_bytes": self.table.nbytes() + self.conversion.tracker.nbytes(),
             "busy_s": round(self.busy_s, 3),
             "freshness_ms": {"p50": p50, "p99": p99},
+            "apply_ms": self.apply_ms.percentiles(),
         }

@@ -126,6 +126,9 @@ class UserStateTable:
             OTHER_CATEGORY: rules.max_categories - 1,
         }
         self._cats: list[str] = []
+        # Per row of the batch last applied: the session time each event adds
+        # (0 for a session start), aligned with the batch (see apply).
+        self.last_session_gaps_ms: np.ndarray = np.zeros(0, dtype=np.int64)
         self._grow(max(1, capacity))
 
     def __len__(self) -> int:
@@ -141,10 +144,14 @@ class UserStateTable:
     def apply(self, batch: EventBatch) -> int:
         """Fold a validated batch into the state, in row (arrival) order.
 
+        Afterwards :attr:`last_session_gaps_ms` holds, per row of ``batch``, the
+        session time that event adds (see :meth:`_count_sessions`).
+
         Returns:
             The number of events applied (all of them; deleted users' included).
         """
         n = len(batch)
+        self.last_session_gaps_ms = np.zeros(n, dtype=np.int64)
         if n == 0:
             return 0
         rows = self._rows(batch.user_id)
@@ -167,7 +174,7 @@ class UserStateTable:
             if hit.size:
                 np.maximum.at(column, rows[hit], ts[hit])
 
-        self._count_sessions(g, old_last)
+        self.last_session_gaps_ms[g.order] = self._count_sessions(g, old_last)
         self._add_scores(g, old_last, new_last, batch.category)
         self._mark_days(g, old_last, new_last)
         self._push_items(g, batch.item_id)
@@ -301,8 +308,14 @@ class UserStateTable:
             self._reset(np.array(fresh, dtype=np.int64))
         return rows
 
-    def _count_sessions(self, g: _Groups, old_last: np.ndarray) -> None:
-        """New session: first event ever, a session_start, or a gap after all earlier arrivals."""
+    def _count_sessions(self, g: _Groups, old_last: np.ndarray) -> np.ndarray:
+        """New session: first event ever, a session_start, or a gap after all earlier arrivals.
+
+        Returns:
+            Per sorted event, its continuation gap: ts minus the running max ts of
+            the user's earlier arrivals when the event continues a session and that
+            is positive, else 0 (the session time the event adds).
+        """
         prev = np.empty(len(g.ts), dtype=np.int64)
         prev[1:] = _segmented_cummax(g.ts, g.gid)[:-1]
         prev[g.starts] = old_last
@@ -311,6 +324,7 @@ class UserStateTable:
         gap = g.ts - np.where(has_prev, prev, g.ts)
         new = ~has_prev | (g.types == _SESSION_START) | (gap > self.rules.session_gap_ms)
         self._sessions[g.urows] += np.add.reduceat(new.astype(np.int32), g.starts)
+        return np.where(new, 0, np.maximum(gap, 0))
 
     def _add_scores(
         self,

@@ -38,6 +38,7 @@ from actors.insights import (
     trends_answer,
 )
 from actors.jetstream import StreamNames, dead_letter_counts
+from actors.latency import LatencyRing
 from actors.pool import PoolSpec, ShardPool
 from actors.producer import Producer
 from actors.state import iso_ms
@@ -65,6 +66,28 @@ app = FastAPI(
     description="Real-time audience insights: ingest events, read live per-user state.",
 )
 install_error_handlers(app)
+
+
+def _api_latency(request: Request) -> LatencyRing:
+    """This replica's ring of request latencies, kept on the running app's state.
+
+    Not a module global: Serve pickles the ingress class by value, so a global
+    read there would be a copy of the one the middleware writes.
+    """
+    state = request.app.state
+    if not hasattr(state, "api_latency"):
+        state.api_latency = LatencyRing()
+    ring: LatencyRing = state.api_latency
+    return ring
+
+
+@app.middleware("http")
+async def _time_requests(request: Request, call_next: Any) -> Response:
+    started = time.perf_counter()
+    response: Response = await call_next(request)
+    _api_latency(request).add((time.perf_counter() - started) * 1000)
+    return response
+
 
 # Helpers stand above the deployment: Serve pickles the ingress class by value,
 # with the module globals defined at that point.
@@ -379,7 +402,7 @@ class ApiGateway:
         return self.alerts.answer(limit)
 
     @app.get("/v1/status", summary="Shard counters, lag per partition, dead letters")
-    async def status(self) -> dict[str, Any]:
+    async def status(self, request: Request) -> dict[str, Any]:
         """What ``audience status`` prints."""
         shards = await self.pool.status()
         await self._connected()
@@ -395,6 +418,7 @@ class ApiGateway:
             "shards": shards,
             "lag": dict(sorted(lag.items(), key=lambda kv: int(kv[0]))),
             "dead_letters": dead,
+            "api_latency_ms": _api_latency(request).percentiles(),
         }
 
     @app.get("/healthz", summary="Liveness probe")

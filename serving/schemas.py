@@ -61,6 +61,14 @@ class EngagementTotals(BaseModel):
     comments: int
     dwell_seconds: float = Field(description="Sum of the values of dwell events.")
     sessions: int = Field(description="session_start events.")
+    session_seconds: float = Field(
+        description="Active session time: each event continuing a session adds its gap"
+        " after the user's earlier events, in the event's bucket (sessions crossing"
+        " bucket edges split their time)."
+    )
+    avg_session_seconds: float | None = Field(
+        description="session_seconds / sessions; null when there are no sessions."
+    )
     top_items: list[TopEntry]
     top_categories: list[TopEntry]
 

@@ -61,11 +61,25 @@ function showStatus(status) {
   setText("kpi-dead", fmt(Object.values(status.dead_letters || {}).reduce((s, x) => s + x, 0)));
   setText("kpi-rate", state.rateY.length ? fmt(state.rateY[state.rateY.length - 1]) : "–");
   draw("chart-rate", [{ x: state.rateX, y: state.rateY, type: "scatter", mode: "lines", line: { color: ACCENT, width: 2 }, fill: "tozeroy", fillcolor: "rgba(90,169,255,0.15)" }]);
+  const lag = status.lag || {};
+  const partitions = Object.keys(lag).sort((a, b) => Number(a) - Number(b));
+  draw("chart-lag", [{ type: "bar", x: partitions.map((p) => `p${p}`), y: partitions.map((p) => lag[p]), marker: { color: "#ffb454" } }], { xaxis: { type: "category", color: MUTED, tickfont: { size: 9 } } });
+  showOps(status, shards);
   const names = shards.map((s) => `shard ${s.shard}`);
   draw("chart-shards", [
     { x: names, y: shards.map((s) => s.applied_events), type: "bar", name: "applied", marker: { color: ACCENT } },
     { x: names, y: shards.map((s) => (s.freshness_ms || {}).p99), type: "scatter", mode: "markers+lines", name: "freshness p99 ms", yaxis: "y2", marker: { color: "#ffb454", size: 9 } },
   ], { yaxis2: { overlaying: "y", side: "right", color: "#ffb454", rangemode: "tozero", showgrid: false }, showlegend: true, legend: { orientation: "h", y: -0.2 } });
+}
+
+function showOps(status, shards) {
+  const ms = (x) => (x == null ? "–" : `${fmt(x)} ms`);
+  const rows = shards.map((s) => `<tr><td>shard ${s.shard} apply</td><td>${ms((s.apply_ms || {}).p50)}</td><td>${ms((s.apply_ms || {}).p99)}</td></tr>`
+    + `<tr><td>shard ${s.shard} freshness</td><td>${ms((s.freshness_ms || {}).p50)}</td><td>${ms((s.freshness_ms || {}).p99)}</td></tr>`);
+  const api = status.api_latency_ms || {};
+  rows.push(`<tr><td>API requests</td><td>${ms(api.p50)}</td><td>${ms(api.p99)}</td></tr>`);
+  const dead = Object.entries(status.dead_letters || {}).map(([k, v]) => `${k} ${fmt(v)}`).join(", ") || "none";
+  document.getElementById("ops").innerHTML = "<table><tr><th></th><th>p50</th><th>p99</th></tr>" + rows.join("") + `</table><p style="color:var(--muted);margin:8px 6px">dead letters: ${dead}</p>`;
 }
 
 function showEngagement(answer) {

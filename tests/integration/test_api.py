@@ -120,6 +120,8 @@ def test_status_reports_shards_lag_and_dead_letters(api: httpx.Client) -> None:
     assert sorted(int(p) for p in status["lag"]) == list(range(8))
     assert status["dead_letters"].get("unknown_type", 0) >= 1
     assert all(s["consuming"] for s in status["shards"])
+    assert status["api_latency_ms"]["p99"] > 0  # this replica served requests before
+    assert any(s["apply_ms"]["p99"] for s in status["shards"])
 
 
 def test_counts_after_many_posts_equal_the_ground_truth_of_the_events(api: httpx.Client) -> None:

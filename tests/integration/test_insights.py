@@ -117,6 +117,11 @@ def test_a_scripted_event_set_gives_exactly_the_known_answers_per_hour(api: http
     answer = api.post("/v1/events", json=_events("2024-03-01", "ins-a-"))
     assert answer.status_code == 202, answer.text
     buckets = wait_until(lambda: _hours_of(api, "2024-03-01"))
+    # Session time follows arrival order, so only this in-order post checks it:
+    # hour 10 has 1's, 2's and 3's three, three and one 1-minute gaps; in hour 11,
+    # 1 is back after 57 minutes (a new session) for one gap, and 4 has two.
+    sessions = [(b["session_seconds"], b["avg_session_seconds"]) for b in buckets]
+    assert sessions == [(420.0, 210.0), (180.0, 180.0)]
     assert [(b["start"], b["end"]) for b in buckets] == [
         ("2024-03-01T10:00:00.000Z", "2024-03-01T11:00:00.000Z"),
         ("2024-03-01T11:00:00.000Z", "2024-03-01T12:00:00.000Z"),

@@ -19,7 +19,7 @@ from actors.engagement import (
 )
 from actors.events import Event
 from actors.shard import Shard
-from actors.state import iso_ms
+from actors.state import UserStateTable, iso_ms
 from actors.windows import Granularity, LatenessPolicy, WindowConfig
 from tests.support.events import random_batch
 
@@ -207,3 +207,91 @@ def test_shards_sharing_users_merge_without_double_counting() -> None:
         feed(halves[i % 2], 0, batch_of((f"u{i % 1000}", "click", T, {})))
     (bucket,) = report(merge_partials([h.partials() for h in halves]), Granularity.HOUR)["buckets"]
     assert abs(bucket["active_users"] - 1000) <= 3 * ACTIVE_USERS_RELATIVE_ERROR * 1000
+
+
+# ann's gaps (s): 60, 60, 60; 46 min ends the session; 300; 420 across the hour edge;
+# a session_start; 420; an event older than ann's newest adds 0; 300. carl's first
+# event starts a session (not a session_start event), bob's too in hour 2.
+SESSIONS = [
+    ("ann", "session_start", T + 1 * MIN, {}),
+    ("ann", "page_view", T + 2 * MIN, {}),
+    ("carl", "page_view", T + 5 * MIN, {}),
+    ("ann", "like", T + 3 * MIN, {}),
+    ("carl", "like", T + 6 * MIN, {}),
+    ("ann", "dwell", T + 4 * MIN, {"value": 1.0}),
+    ("ann", "page_view", T + 50 * MIN, {}),
+    ("ann", "like", T + 55 * MIN, {}),
+    ("ann", "click", T + 62 * MIN, {}),
+    ("ann", "session_start", T + 63 * MIN, {}),
+    ("ann", "like", T + 70 * MIN, {}),
+    ("ann", "like", T + 68 * MIN, {}),
+    ("ann", "click", T + 75 * MIN, {}),
+    ("bob", "page_view", T + 130 * MIN, {}),
+    ("bob", "click", T + 131 * MIN, {}),
+]
+SESSION_SECONDS = [(180 + 60 + 300, 1, 540.0), (420 + 420 + 300, 1, 1140.0), (60, 0, None)]
+
+
+def feed_sessions(windows: EngagementWindows, cuts: list[int], rows=SESSIONS) -> None:
+    """Apply ``rows`` cut at ``cuts`` to a state table and feed its session gaps along."""
+    table = UserStateTable()
+    for a, b in itertools.pairwise([0, *cuts, len(rows)]):
+        batch = batch_of(*rows[a:b])
+        table.apply(batch)
+        assert len(table.last_session_gaps_ms) == len(batch)
+        windows.apply(batch, np.zeros(len(batch), dtype=np.int64), table.last_session_gaps_ms)
+
+
+def _session_figures(answer: dict) -> list[tuple]:
+    return [
+        (b["session_seconds"], b["sessions"], b["avg_session_seconds"]) for b in answer["buckets"]
+    ]
+
+
+def test_session_time_adds_each_continuing_events_gap_to_its_bucket() -> None:
+    windows = EngagementWindows(WindowConfig(allowed_lateness_ms=10**12))
+    feed_sessions(windows, [])
+    answer = hour_report(windows)
+    assert _session_figures(answer) == SESSION_SECONDS
+    totals = answer["totals"]
+    assert (totals["session_seconds"], totals["sessions"]) == (1740.0, 2)
+    assert totals["avg_session_seconds"] == 870.0
+
+
+def test_session_time_is_the_same_however_the_stream_is_cut_into_batches() -> None:
+    config = WindowConfig(allowed_lateness_ms=10**12)
+    whole = EngagementWindows(config)
+    feed_sessions(whole, [])
+    expected = [report(merge_partials([whole.partials()]), g) for g in Granularity]
+    cuttings = [[k] for k in range(1, len(SESSIONS))] + [list(range(1, len(SESSIONS)))]
+    rng = random.Random(3)
+    cuttings += [sorted(rng.sample(range(1, len(SESSIONS)), 4)) for _ in range(5)]
+    for cuts in cuttings:
+        windows = EngagementWindows(config)
+        feed_sessions(windows, cuts)
+        assert [report(merge_partials([windows.partials()]), g) for g in Granularity] == expected
+
+
+def test_session_time_of_shards_merges_by_sum() -> None:
+    config = WindowConfig(allowed_lateness_ms=10**12)
+    ann = EngagementWindows(config)
+    feed_sessions(ann, [], [r for r in SESSIONS if r[0] == "ann"])
+    others = EngagementWindows(config)
+    feed_sessions(others, [], [r for r in SESSIONS if r[0] != "ann"])
+    a, b = (w.partials()["buckets"]["hour"] for w in (ann, others))
+    assert [a[T]["session_ms"], b[T]["session_ms"]] == [480_000, 60_000]
+    assert merge_buckets(a[T], b[T])["session_ms"] == 540_000
+    merged = report(merge_partials([ann.partials(), others.partials()]), Granularity.HOUR)
+    assert _session_figures(merged) == SESSION_SECONDS
+
+
+def test_the_shard_carries_the_tables_session_gaps_to_the_engagement_fold() -> None:
+    shard = Shard(0, [0], windows=WindowConfig(allowed_lateness_ms=10**12))
+    deliveries = [
+        Delivery(0, seq, 0, 0, encode(batch_of(*SESSIONS[a:b])))
+        for seq, (a, b) in enumerate(itertools.pairwise([0, 4, 9, len(SESSIONS)]), start=1)
+    ]
+    shard.apply(deliveries[:2])
+    shard.apply(deliveries[2:])
+    shard.fold_insights()
+    assert _session_figures(hour_report(shard.engagement)) == SESSION_SECONDS
