@@ -116,7 +116,7 @@ function showRetention(answer) {
   const cohorts = (answer && answer.cohorts) || [];
   if (!cohorts.length) { waiting("chart-retention", "retention appears once cohorts exist"); return; }
   ready("chart-retention");
-  draw("chart-retention", cohorts.slice(-5).map((c) => ({ type: "scatter", mode: "lines", name: c.date, x: c.curve.map((_, i) => i), y: c.curve })), { showlegend: true, legend: { orientation: "h", y: -0.2 }, xaxis: { title: "days since first seen", color: MUTED, gridcolor: GRID } });
+  draw("chart-retention", cohorts.slice(-5).map((c) => ({ type: "scatter", mode: "lines+markers", name: c.date, x: c.curve.map((_, i) => i), y: c.curve })), { showlegend: true, legend: { orientation: "h", y: -0.2 }, xaxis: { title: "days since first seen", color: MUTED, gridcolor: GRID } });
 }
 
 function showAlerts(answer) {
