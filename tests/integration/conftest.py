@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
+import httpx
 import pytest
 import ray
 
@@ -24,6 +25,7 @@ from actors.pool import NAMESPACE
 from cluster.launcher import Platform
 from cluster.nats_server import EmbeddedNats, free_port
 from cluster.settings import Settings
+from tests.support.waiting import wait_until
 from tests.support.webhooks import WebhookReceiver
 
 
@@ -78,3 +80,19 @@ def platform(
             yield running
         finally:
             running.stop()
+
+
+@pytest.fixture(scope="module")
+def api(platform: Platform) -> Iterator[httpx.Client]:
+    """An HTTP client on the platform's API, once the API answers its probe."""
+    assert platform.info is not None
+    with httpx.Client(base_url=platform.info.http_url, timeout=30) as client:
+        wait_until(lambda: _healthy(client), timeout_s=60)
+        yield client
+
+
+def _healthy(client: httpx.Client) -> bool:
+    try:
+        return client.get("/healthz").status_code == 200
+    except httpx.TransportError:
+        return False

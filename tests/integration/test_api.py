@@ -9,26 +9,10 @@ import orjson
 import pytest
 
 from actors.state import iso_ms
-from cluster.launcher import Platform
 from tests.support.events import event, random_batch
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def api(platform: Platform) -> httpx.Client:
-    assert platform.info is not None
-    with httpx.Client(base_url=platform.info.http_url, timeout=30) as client:
-        wait_until(lambda: _ok(client, "/healthz"), timeout_s=60)
-        yield client
-
-
-def _ok(client: httpx.Client, path: str) -> bool:
-    try:
-        return client.get(path).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def test_posted_events_show_up_in_the_users_profile(api: httpx.Client) -> None:

@@ -14,7 +14,6 @@ from typing import Any
 import httpx
 import pytest
 
-from cluster.launcher import Platform
 from tests.support.events import event
 from tests.support.waiting import wait_until
 
@@ -75,21 +74,6 @@ EXPECTED = [
         "late_events": 0,
     },
 ]
-
-
-@pytest.fixture(scope="module")
-def api(platform: Platform) -> httpx.Client:
-    assert platform.info is not None
-    with httpx.Client(base_url=platform.info.http_url, timeout=30) as client:
-        wait_until(lambda: _ok(client, "/healthz"), timeout_s=60)
-        yield client
-
-
-def _ok(client: httpx.Client, path: str) -> bool:
-    try:
-        return client.get(path).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def _events(day: str, prefix: str) -> list[dict[str, Any]]:

@@ -12,7 +12,6 @@ from typing import Any
 import httpx
 import pytest
 
-from cluster.launcher import Platform
 from tests.support.events import event
 from tests.support.waiting import wait_until
 
@@ -43,21 +42,6 @@ HOURS = [
     {"counts": [3, 2, 1], "revenue": 20.5, "purchases": 1, "purchasing_users": 1, "active": 3},
     {"counts": [1, 1, 2], "revenue": 24.5, "purchases": 4, "purchasing_users": 2, "active": 2},
 ]
-
-
-@pytest.fixture(scope="module")
-def api(platform: Platform) -> httpx.Client:
-    assert platform.info is not None
-    with httpx.Client(base_url=platform.info.http_url, timeout=30) as client:
-        wait_until(lambda: _ok(client), timeout_s=60)
-        yield client
-
-
-def _ok(client: httpx.Client) -> bool:
-    try:
-        return client.get("/healthz").status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def _events() -> list[dict[str, Any]]:

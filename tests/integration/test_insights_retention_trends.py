@@ -14,26 +14,10 @@ from typing import Any
 import httpx
 import pytest
 
-from cluster.launcher import Platform
 from tests.support.events import event
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def api(platform: Platform) -> httpx.Client:
-    assert platform.info is not None
-    with httpx.Client(base_url=platform.info.http_url, timeout=30) as client:
-        wait_until(lambda: _ok(client), timeout_s=60)
-        yield client
-
-
-def _ok(client: httpx.Client) -> bool:
-    try:
-        return client.get("/healthz").status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def _post(api: httpx.Client, events: list[dict[str, Any]]) -> None:

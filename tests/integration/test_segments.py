@@ -13,7 +13,6 @@ and the exit of the cart abandoner as a difference of the ``left`` counter.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -49,21 +48,6 @@ EXPECTED = {
     "seg-fading": ["fading"],
     ANCHORS[0]: ["new_users"],
 }
-
-
-@pytest.fixture(scope="module")
-def api(platform: Platform) -> Iterator[httpx.Client]:
-    assert platform.info is not None
-    with httpx.Client(base_url=platform.info.http_url, timeout=30) as client:
-        wait_until(lambda: _ok(client), timeout_s=60)
-        yield client
-
-
-def _ok(client: httpx.Client) -> bool:
-    try:
-        return client.get("/healthz").status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def _segments_of(api: httpx.Client, user: str) -> list[str] | None:
