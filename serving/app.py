@@ -124,6 +124,29 @@ def _error(status: int, detail: str) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status)
 
 
+# Query parameters shared by the bucketed insights endpoints.
+GranularityParam = Annotated[Granularity, Query(description="Bucket width.")]
+StartParam = Annotated[datetime | None, Query(description="RFC 3339, inclusive.")]
+EndParam = Annotated[datetime | None, Query(description="RFC 3339, exclusive.")]
+IncludeLateParam = Annotated[bool, Query(description="Add late-event corrections.")]
+
+
+def _epoch_ms(value: datetime | None) -> int | None:
+    return None if value is None else to_epoch_ms(value)
+
+
+def _window_header(
+    granularity: Granularity, start_ms: int | None, end_ms: int | None, as_of: float
+) -> dict[str, Any]:
+    """The part every bucketed insights answer starts with."""
+    return {
+        "granularity": granularity.value,
+        "start": None if start_ms is None else iso_ms(start_ms),
+        "end": None if end_ms is None else iso_ms(end_ms),
+        "as_of": iso_ms(int(as_of * 1000)),
+    }
+
+
 def _range_problem(
     granularity: Granularity, start: datetime | None, end: datetime | None, windows: WindowConfig
 ) -> str | None:
@@ -267,10 +290,10 @@ class ApiGateway:
     )
     async def engagement(
         self,
-        granularity: Annotated[Granularity, Query(description="Bucket width.")] = Granularity.HOUR,
-        start: Annotated[datetime | None, Query(description="RFC 3339, inclusive.")] = None,
-        end: Annotated[datetime | None, Query(description="RFC 3339, exclusive.")] = None,
-        include_late: Annotated[bool, Query(description="Add late-event corrections.")] = False,
+        granularity: GranularityParam = Granularity.HOUR,
+        start: StartParam = None,
+        end: EndParam = None,
+        include_late: IncludeLateParam = False,
         top: Annotated[int, Query(ge=1, le=50, description="Top items/categories shown.")] = 10,
     ) -> Any:
         """Buckets starting in ``[start, end)`` from the last merged snapshot (see ``as_of``).
@@ -280,16 +303,12 @@ class ApiGateway:
         problem = _range_problem(granularity, start, end, self.config.windows)
         if problem:
             return _error(422, problem)
-        start_ms = None if start is None else to_epoch_ms(start)
-        end_ms = None if end is None else to_epoch_ms(end)
+        start_ms, end_ms = _epoch_ms(start), _epoch_ms(end)
         as_of, insights = await self._merged_insights()
         merged = insights.engagement
         answer = report(merged, granularity, start_ms, end_ms, include_late=include_late, top=top)
         return {
-            "granularity": granularity.value,
-            "start": None if start_ms is None else iso_ms(start_ms),
-            "end": None if end_ms is None else iso_ms(end_ms),
-            "as_of": iso_ms(int(as_of * 1000)),
+            **_window_header(granularity, start_ms, end_ms, as_of),
             "active_users_relative_error": ACTIVE_USERS_RELATIVE_ERROR,
             **answer,
             "lateness": self._lateness(merged, include_late),
@@ -313,24 +332,20 @@ class ApiGateway:
     )
     async def conversion(
         self,
-        granularity: Annotated[Granularity, Query(description="Bucket width.")] = Granularity.HOUR,
-        start: Annotated[datetime | None, Query(description="RFC 3339, inclusive.")] = None,
-        end: Annotated[datetime | None, Query(description="RFC 3339, exclusive.")] = None,
-        include_late: Annotated[bool, Query(description="Add late-event corrections.")] = False,
+        granularity: GranularityParam = Granularity.HOUR,
+        start: StartParam = None,
+        end: EndParam = None,
+        include_late: IncludeLateParam = False,
     ) -> Any:
         """Funnel buckets starting in ``[start, end)`` from the last merged snapshot."""
         problem = _range_problem(granularity, start, end, self.config.windows)
         if problem:
             return _error(422, problem)
-        start_ms = None if start is None else to_epoch_ms(start)
-        end_ms = None if end is None else to_epoch_ms(end)
+        start_ms, end_ms = _epoch_ms(start), _epoch_ms(end)
         as_of, insights = await self._merged_insights()
         answer = conversion_answer(insights, granularity, start_ms, end_ms, include_late)
         return {
-            "granularity": granularity.value,
-            "start": None if start_ms is None else iso_ms(start_ms),
-            "end": None if end_ms is None else iso_ms(end_ms),
-            "as_of": iso_ms(int(as_of * 1000)),
+            **_window_header(granularity, start_ms, end_ms, as_of),
             "funnel": insights.conversion["funnel"],
             "users_relative_error": PURCHASERS_RELATIVE_ERROR,
             **answer,

@@ -146,9 +146,10 @@ def test_the_same_events_arriving_shuffled_within_the_lateness_give_the_same_ans
         ),
     ],
 )
+@pytest.mark.parametrize("endpoint", [ENDPOINT, "/v1/insights/conversion"])
 def test_bad_parameters_get_a_422_with_the_reason(
-    api: httpx.Client, params: dict[str, str], reason: str
+    api: httpx.Client, endpoint: str, params: dict[str, str], reason: str
 ) -> None:
-    answer = api.get(ENDPOINT, params=params)
+    answer = api.get(endpoint, params=params)
     assert answer.status_code == 422
     assert reason in answer.text
