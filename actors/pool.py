@@ -12,13 +12,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import ray
 from ray.actor import ActorHandle
 
 from actors.conversion import FunnelSpec
 from actors.partitioning import assign_partitions, partition_of
 from actors.shard_actor import ShardActor
-from actors.state import StateRules
+from actors.state import StateRules, UserRows
 from actors.validation import ValidationPolicy
 from actors.windows import WindowConfig
 
@@ -88,9 +89,7 @@ class ShardPool:
 
     async def profiles(self, user_ids: Sequence[str]) -> list[dict[str, Any] | None]:
         """Profiles of ``user_ids`` in order; one call per shard involved."""
-        by_shard: dict[int, list[int]] = defaultdict(list)
-        for index, user_id in enumerate(user_ids):
-            by_shard[self.owner(user_id)].append(index)
+        by_shard = self._by_shard(user_ids)
         shards = list(by_shard)
         answers: list[list[dict[str, Any] | None]] = await asyncio.gather(
             *(self.handles[s].profiles.remote([user_ids[i] for i in by_shard[s]]) for s in shards)
@@ -100,6 +99,41 @@ class ShardPool:
             for index, profile in zip(by_shard[shard], profiles, strict=True):
                 out[index] = profile
         return out
+
+    def _by_shard(self, user_ids: Sequence[str]) -> dict[int, list[int]]:
+        """Indices of ``user_ids`` grouped by owning shard."""
+        by_shard: dict[int, list[int]] = defaultdict(list)
+        for index, user_id in enumerate(user_ids):
+            by_shard[self.owner(user_id)].append(index)
+        return by_shard
+
+    async def user_rows(self, user_ids: Sequence[str]) -> UserRows:
+        """Model-feature state of ``user_ids`` in order; one call per shard involved."""
+        by_shard = self._by_shard(user_ids)
+        shards = list(by_shard)
+        answers: list[UserRows] = await asyncio.gather(
+            *(self.handles[s].user_rows.remote([user_ids[i] for i in by_shard[s]]) for s in shards)
+        )
+        merged = UserRows.concat(answers)
+        order = np.argsort(np.concatenate([by_shard[s] for s in shards]), kind="stable")
+        return merged.take(order.tolist())
+
+    async def seen(self, pairs: Sequence[tuple[str, Sequence[str]]]) -> list[list[bool]]:
+        """Per (user, items), which items the user touched; one call per shard involved."""
+        by_shard = self._by_shard([user for user, _ in pairs])
+        shards = list(by_shard)
+        answers: list[list[list[bool]]] = await asyncio.gather(
+            *(self.handles[s].seen.remote([pairs[i] for i in by_shard[s]]) for s in shards)
+        )
+        out: list[list[bool]] = [[] for _ in pairs]
+        for shard, flags in zip(shards, answers, strict=True):
+            for index, row in zip(by_shard[shard], flags, strict=True):
+                out[index] = row
+        return out
+
+    async def item_partials(self, top_n: int) -> list[dict[str, Any]]:
+        """Every shard's item partial (one call per shard), for the item index merge."""
+        return list(await asyncio.gather(*(h.item_partial.remote(top_n) for h in self.handles)))
 
     async def users(self, limit: int) -> list[str]:
         """Up to ``limit`` known user ids, drawn from every shard."""

@@ -21,10 +21,11 @@ from actors.delivery import Delivery
 from actors.engagement import EngagementWindows
 from actors.errors import WireError
 from actors.events import TYPE_CODE, EventType
+from actors.items import ItemGraph, ItemGraphConfig
 from actors.latency import LatencyRing
 from actors.retention import RetentionAggregate
 from actors.segments import SegmentTracker
-from actors.state import StateRules, UserStateTable
+from actors.state import StateRules, UserRows, UserStateTable
 from actors.trends import TrendAggregate
 from actors.validation import Rejection, RejectReason, ValidationPolicy, check_batch
 from actors.windows import WindowConfig
@@ -94,9 +95,11 @@ class Shard:
         policy: ValidationPolicy | None = None,
         windows: WindowConfig | None = None,
         funnel: FunnelSpec | None = None,
+        items: ItemGraphConfig | None = None,
     ) -> None:
         self.shard_id = shard_id
         self.table = UserStateTable(rules or StateRules())
+        self.items = ItemGraph(items)
         self.engagement = EngagementWindows(windows)
         self.conversion = ConversionWindows(funnel, windows)
         self.retention = RetentionAggregate()
@@ -159,6 +162,7 @@ class Shard:
             if len(batch):
                 deleted = self._rows_deleted_by(batch)
                 result.applied = self.table.apply(batch)
+                self.items.observe(self.table, batch)
                 rows = self.table.rows_of(batch.user_id)  # -1 for users deleted in the batch
                 self._update_segments(batch, rows, deleted)
                 first = self.table.first_seen_at(rows)
@@ -262,6 +266,18 @@ class Shard:
                 profile["segments"] = self.segments.of_row(self.table, row)
         return profiles
 
+    def user_rows(self, user_ids: Sequence[str]) -> UserRows:
+        """Model-feature state of ``user_ids`` (see ``UserStateTable.user_rows``)."""
+        return self.table.user_rows(user_ids)
+
+    def seen(self, pairs: Sequence[tuple[str, Sequence[str]]]) -> list[list[bool]]:
+        """Per (user, items) pair, which of the items the user has touched (may over-report)."""
+        return [self.table.seen(user, items).tolist() for user, items in pairs]
+
+    def item_partial(self, top_n: int = 100) -> dict[str, Any]:
+        """Item stats and co-visitation of this shard's users, for the serving merge."""
+        return self.items.partial(self.table, top_n)
+
     def status(self) -> dict[str, Any]:
         """Counters for operators: applied events, users, positions, freshness."""
         samples = self._freshness_ms[: min(self._freshness_count, FRESHNESS_SAMPLES)]
@@ -275,6 +291,8 @@ class Shard:
             "rejected": dict(self.rejected),
             "positions": dict(self.positions),
             "state_bytes": self.table.nbytes() + self.conversion.tracker.nbytes(),
+            "item_bytes": self.items.nbytes(),
+            "items": len(self.items),
             "busy_s": round(self.busy_s, 3),
             "freshness_ms": {"p50": p50, "p99": p99},
             "apply_ms": self.apply_ms.percentiles(),

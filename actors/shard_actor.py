@@ -25,7 +25,7 @@ from actors.conversion import FunnelSpec
 from actors.deadletter import DeadLetters
 from actors.metrics import ShardMetrics
 from actors.shard import Shard
-from actors.state import StateRules
+from actors.state import StateRules, UserRows
 from actors.validation import ValidationPolicy
 from actors.windows import WindowConfig
 
@@ -119,6 +119,18 @@ class ShardActor:
     async def profiles(self, user_ids: Sequence[str]) -> list[dict[str, Any] | None]:
         """Live profiles for ``user_ids``, None for unknown users."""
         return self.shard.profiles(user_ids)
+
+    async def user_rows(self, user_ids: Sequence[str]) -> UserRows:
+        """Model-feature state of ``user_ids``: one call per shard per request batch."""
+        return self.shard.user_rows(user_ids)
+
+    async def seen(self, pairs: Sequence[tuple[str, Sequence[str]]]) -> list[list[bool]]:
+        """Which candidate items each user has touched (see ``Shard.seen``)."""
+        return self.shard.seen(pairs)
+
+    async def item_partial(self, top_n: int) -> dict[str, Any]:
+        """Item stats and co-visitation partial of this shard (see ``Shard.item_partial``)."""
+        return self.shard.item_partial(top_n)
 
     async def insights_partials(self) -> dict[str, Any]:
         """This shard's insights partials (see ``Shard.insights_partials``), for the merge."""

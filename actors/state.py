@@ -9,6 +9,11 @@ batches: extremes and sums are order free, the time-decayed scores are kept as
 of the user's ``last_seen`` (rescaled when it moves), the active-days bitmap is
 a set, and sessions and recent items follow arrival order, which batching keeps.
 A ``user_deleted`` event removes the user after the rest of its batch is applied.
+Traits sent with ``identify`` events are merged per user in arrival order (a later
+value for a key wins); they live in a dict beside the columns because few users
+have them. Which items a user has touched is kept in a Bloom filter keyed by
+(row, row generation, item), so recommendations can skip seen items in bounded
+memory (a false "seen" is possible, a missed one is not).
 Timestamps are assumed validated (1990 to now), so spans fit easily in int64.
 """
 
@@ -24,11 +29,13 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from actors.batch import EventBatch
-from actors.events import EVENT_TYPES, N_TYPES, TYPE_CODE, EventType
+from actors.events import EVENT_TYPES, N_TYPES, TYPE_CODE, EventType, Scalar
+from actors.sketches._common import _fmix64
 
 DAY_MS = 86_400_000
 OTHER_CATEGORY = "other"
 _NONE = np.iinfo(np.int64).min  # last_seen of a row with no events yet
+_EMPTY_I64 = np.zeros(0, dtype=np.int64)
 _MAX = np.iinfo(np.int64).max
 _DWELL = TYPE_CODE[EventType.DWELL]
 _PURCHASE = TYPE_CODE[EventType.PURCHASE]
@@ -51,14 +58,18 @@ class StateRules:
         recent_items: how many recent item ids each user keeps.
         max_categories: category slots per table; the last slot is "other".
         active_day_window: days covered by the active-days bitmap (at most 64).
+        seen_filter_bits: size of the seen-items Bloom filter (a power of two);
+            2**24 bits (2 MiB) keep false "seen" answers under 1% up to ~1.5M
+            (user, item) pairs per shard.
     """
 
     session_gap_ms: int = 30 * 60_000
     engagement_half_life_ms: int = 7 * DAY_MS
     weights: tuple[float, ...] = DEFAULT_WEIGHTS
-    recent_items: int = 10
+    recent_items: int = 20
     max_categories: int = 32
     active_day_window: int = 64
+    seen_filter_bits: int = 1 << 24
 
     def __post_init__(self) -> None:
         if len(self.weights) != N_TYPES:
@@ -69,6 +80,9 @@ class StateRules:
             raise ValueError("recent_items must be >= 1 and max_categories >= 2")
         if not 1 <= self.active_day_window <= 64:
             raise ValueError("active_day_window must be between 1 and 64")
+        bits = self.seen_filter_bits
+        if bits < 64 or bits & (bits - 1):
+            raise ValueError("seen_filter_bits must be a power of two, at least 64")
 
 
 # Per-row columns: name -> (dtype, width or None for a scalar per row).
@@ -86,7 +100,9 @@ _COLUMNS: dict[str, tuple[type, str | None]] = {
     "_days": (np.uint64, None),
     "_last_cart": (np.int64, None),  # newest add_to_cart time, _NONE without one
     "_last_buy": (np.int64, None),  # newest purchase time, _NONE without one
+    "_generation": (np.uint32, None),  # bumped when a row gets a new user (seen filter)
 }
+_SEEN_HASHES = 3
 
 
 class UserStateTable:
@@ -110,6 +126,7 @@ class UserStateTable:
     _days: np.ndarray  # uint64 bitmap, bit k = active on day (_last // DAY_MS - k)
     _last_cart: np.ndarray  # int64 newest add_to_cart ts, _NONE without one
     _last_buy: np.ndarray  # int64 newest purchase ts, _NONE without one
+    _generation: np.ndarray  # uint32, incremented each time the row is handed to a new user
 
     def __init__(self, rules: StateRules = StateRules(), capacity: int = 1024) -> None:
         self.rules = rules
@@ -126,9 +143,23 @@ class UserStateTable:
             OTHER_CATEGORY: rules.max_categories - 1,
         }
         self._cats: list[str] = []
+        self._traits: dict[int, dict[str, Scalar]] = {}  # row -> merged identify traits
+        self._seen = np.zeros(rules.seen_filter_bits // 64, dtype=np.uint64)
+        self._seen_pairs = 0
         # Per row of the batch last applied: the session time each event adds
         # (0 for a session start), aligned with the batch (see apply).
         self.last_session_gaps_ms: np.ndarray = np.zeros(0, dtype=np.int64)
+        # Of the batch last applied: item and category code per event (-1 for
+        # none); the items pushed into recent-items rings as (row, code) in row
+        # then arrival order; and those rows' rings before the batch, newest
+        # first (what ItemGraph pairs new items with).
+        self.last_item_codes: np.ndarray = np.zeros(0, dtype=np.int32)
+        self.last_category_codes: np.ndarray = np.zeros(0, dtype=np.int32)
+        self.last_pushes: tuple[np.ndarray, np.ndarray] = (_EMPTY_I64, _EMPTY_I64)
+        self.last_recent_before: tuple[np.ndarray, np.ndarray] = (
+            _EMPTY_I64,
+            np.zeros((0, rules.recent_items), np.int64),
+        )
         self._grow(max(1, capacity))
 
     def __len__(self) -> int:
@@ -152,6 +183,10 @@ class UserStateTable:
         """
         n = len(batch)
         self.last_session_gaps_ms = np.zeros(n, dtype=np.int64)
+        self.last_item_codes = np.zeros(0, dtype=np.int32)
+        self.last_category_codes = np.zeros(0, dtype=np.int32)
+        self.last_pushes = (_EMPTY_I64, _EMPTY_I64)
+        self.last_recent_before = (_EMPTY_I64, np.zeros((0, self.rules.recent_items), np.int64))
         if n == 0:
             return 0
         rows = self._rows(batch.user_id)
@@ -175,9 +210,14 @@ class UserStateTable:
                 np.maximum.at(column, rows[hit], ts[hit])
 
         self.last_session_gaps_ms[g.order] = self._count_sessions(g, old_last)
-        self._add_scores(g, old_last, new_last, batch.category)
+        width = self.rules.max_categories
+        self.last_category_codes = _intern(batch.category, self._cat_codes, self._cats, width - 1)
+        self._add_scores(g, old_last, new_last, self.last_category_codes[g.order])
         self._mark_days(g, old_last, new_last)
-        self._push_items(g, batch.item_id)
+        self.last_item_codes = _intern(batch.item_id, self._item_codes, self._items, None)
+        self._push_items(g, self.last_item_codes[g.order])
+        self._mark_seen(rows, self.last_item_codes)
+        self._merge_traits(rows, batch.traits)
 
         for i in np.flatnonzero(types == _DELETED).tolist():
             row = self._index.pop(batch.user_id[i], None)
@@ -185,6 +225,71 @@ class UserStateTable:
                 self._free.append(row)
                 self._reset(np.array([row]))
         return n
+
+    def _merge_traits(self, rows: np.ndarray, traits: list[dict[str, Scalar] | None]) -> None:
+        """Merge each event's traits into its user's, in arrival order (later keys win)."""
+        if not any(traits):
+            return
+        for row, sent in zip(rows.tolist(), traits, strict=True):
+            if sent:
+                self._traits.setdefault(row, {}).update(sent)
+
+    def _seen_bits(self, rows: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        """Bit positions (``_SEEN_HASHES`` per pair) of (row, generation, item) pairs."""
+        key = (rows.astype(np.uint64) << np.uint64(32)) | codes.astype(np.uint64)
+        key ^= self._generation[rows].astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        h = _fmix64(key)
+        h1, h2 = h & np.uint64(0xFFFFFFFF), (h >> np.uint64(32)) | np.uint64(1)
+        mask = np.uint64(self.rules.seen_filter_bits - 1)
+        return np.stack([(h1 + np.uint64(k) * h2) & mask for k in range(_SEEN_HASHES)])
+
+    def _mark_seen(self, rows: np.ndarray, codes: np.ndarray) -> None:
+        has = np.flatnonzero(codes >= 0)
+        if not has.size:
+            return
+        bits = self._seen_bits(rows[has], codes[has]).reshape(-1)
+        np.bitwise_or.at(self._seen, bits >> np.uint64(6), np.uint64(1) << (bits & np.uint64(63)))
+        self._seen_pairs += int(has.size)
+
+    def seen(self, user_id: str, item_ids: Sequence[str]) -> np.ndarray:
+        """Per item, whether ``user_id`` has touched it (Bloom filter: may say yes wrongly).
+
+        An unknown user or an item never seen by the shard is always False.
+        """
+        row = self._index.get(user_id)
+        out = np.zeros(len(item_ids), dtype=bool)
+        if row is None or not item_ids:
+            return out
+        get = self._item_codes.get
+        codes = np.fromiter(map(get, item_ids, repeat(-1)), np.int64, len(item_ids))
+        known = np.flatnonzero(codes >= 0)
+        if known.size:
+            bits = self._seen_bits(np.full(known.size, row, dtype=np.int64), codes[known])
+            words = self._seen[bits >> np.uint64(6)]
+            hit = (words >> (bits & np.uint64(63))) & np.uint64(1)
+            out[known] = hit.all(axis=0)
+        return out
+
+    def traits(self, user_id: str) -> dict[str, Scalar]:
+        """The user's merged traits (empty for users without identify traits or unknown)."""
+        row = self._index.get(user_id)
+        return dict(self._traits.get(row, {})) if row is not None else {}
+
+    def item_name(self, code: int) -> str:
+        """The item id behind an interned item code."""
+        return self._items[code]
+
+    def category_name(self, code: int) -> str | None:
+        """The category behind an interned category code (None for -1)."""
+        return None if code < 0 else self._cat_name(code)
+
+    def recent_codes(self, rows: np.ndarray) -> np.ndarray:
+        """Item codes of each row's recent items, newest first, -1 padded: int64[n, K]."""
+        k = self.rules.recent_items
+        pushed = self._recent_n[rows].astype(np.int64)
+        t = np.arange(k)
+        ring = self._recent[rows[:, None], (pushed[:, None] - 1 - t) % k].astype(np.int64)
+        return np.where(t < np.minimum(pushed, k)[:, None], ring, -1)
 
     def profile(self, user_id: str) -> dict[str, Any] | None:
         """The user's state as a JSON-ready dict, or ``None`` for an unknown user."""
@@ -215,7 +320,48 @@ class UserStateTable:
             "recent_items": recent,
             "category_affinity": {self._cat_name(c): w for w, c in slots},
             "active_days": int(np.bitwise_count(self._days[row])),
+            "traits": dict(self._traits.get(row, {})),
         }
+
+    def user_rows(self, user_ids: Sequence[str]) -> UserRows:
+        """The compact state of ``user_ids`` that model features are computed from.
+
+        Serving fetches this from the owning shard, training takes it from a
+        replay at each label's cutoff: both then run the same feature code.
+        """
+        rows = self.rows_of(user_ids)
+        held = rows >= 0
+        at = np.where(held, rows, 0)
+        recent = self.recent_codes(at)
+        names = self._items
+        affinity = self._affinity[at]
+        return UserRows(
+            user_ids=list(user_ids),
+            held=held,
+            counts=np.where(held[:, None], self._counts[at], 0),
+            first=np.where(held, self._first[at], _NONE),
+            last=np.where(held, self._last[at], _NONE),
+            sessions=np.where(held, self._sessions[at], 0),
+            dwell=np.where(held, self._dwell[at], 0.0),
+            revenue=np.where(held, self._revenue[at], 0.0),
+            engagement=np.where(held, self._engagement[at], 0.0),
+            days=np.where(held, self._days[at], np.uint64(0)),
+            last_cart=np.where(held, self._last_cart[at], _NONE),
+            last_purchase=np.where(held, self._last_buy[at], _NONE),
+            recent=[
+                [names[c] for c in codes if c >= 0] if ok else []
+                for ok, codes in zip(held.tolist(), recent.tolist(), strict=True)
+            ],
+            affinity=[
+                {self._cat_name(c): w for c, w in enumerate(weights) if w} if ok else {}
+                for ok, weights in zip(held.tolist(), affinity.tolist(), strict=True)
+            ],
+            traits=[
+                dict(self._traits.get(r, {})) if ok else {}
+                for ok, r in zip(held.tolist(), rows.tolist(), strict=True)
+            ],
+            half_life_ms=float(self.rules.engagement_half_life_ms),
+        )
 
     def rows_of(self, user_ids: Sequence[str]) -> np.ndarray:
         """Row per id, -1 for users not held; a freed row is reused by a later new user.
@@ -255,6 +401,8 @@ class UserStateTable:
         total += sys.getsizeof(self._item_codes) + sys.getsizeof(self._items)
         total += sum(sys.getsizeof(s) + 28 for s in self._items)  # name + its int code
         total += sys.getsizeof(self._cat_codes) + sum(sys.getsizeof(s) for s in self._cats)
+        total += self._seen.nbytes + sys.getsizeof(self._traits)
+        total += sum(sys.getsizeof(t) for t in self._traits.values())
         return total
 
     @property
@@ -331,7 +479,7 @@ class UserStateTable:
         g: _Groups,
         old_last: np.ndarray,
         new_last: np.ndarray,
-        categories: list[str | None],
+        codes: np.ndarray,
     ) -> None:
         """Move engagement and affinity to the new last_seen, then add this batch's events."""
         h = float(self.rules.engagement_half_life_ms)
@@ -344,7 +492,6 @@ class UserStateTable:
         if moved.any():
             self._affinity[g.urows[moved]] *= decay[moved, None]
         width = self.rules.max_categories
-        codes = _intern(categories, self._cat_codes, self._cats, width - 1)[g.order]
         hit = np.flatnonzero(codes >= 0)
         if hit.size:
             flat = g.rows[hit] * width + codes[hit]
@@ -363,13 +510,13 @@ class UserStateTable:
         fresh = np.bitwise_or.reduceat(bits.astype(np.uint64), g.starts)
         self._days[g.urows] = (kept | fresh) & np.uint64((1 << window) - 1)
 
-    def _push_items(self, g: _Groups, item_ids: list[str | None]) -> None:
+    def _push_items(self, g: _Groups, codes: np.ndarray) -> None:
         """Write item events into each user's ring, keeping only the last K per user.
 
         An item equal to the user's previous item is not pushed again, so a
         view -> dwell -> cart -> purchase of one item takes one slot, not four.
+        ``codes`` are the batch's item codes in sorted (``g``) order.
         """
-        codes = _intern(item_ids, self._item_codes, self._items, None)[g.order]
         has = codes >= 0
         if not has.any():
             return
@@ -384,19 +531,26 @@ class UserStateTable:
         previous[same_run] = codes[at][:-1][same_run[1:]]
         has[at[codes[at] == previous]] = False
         cum = np.cumsum(has)
-        before = (cum - has)[g.starts]  # item events in earlier runs
+        before: np.ndarray = (cum - has)[g.starts]  # item events in earlier runs
         per_run = np.add.reduceat(has.astype(np.int64), g.starts)
         pos = cum - 1 - before[g.gid]  # 0-based index among this user's items in the batch
         pushed = self._recent_n[g.urows].astype(np.int64)
         write = has & (pos >= per_run[g.gid] - k)
         run = g.gid[write]
         slot = (pushed[run] + pos[write]) % k
+        touched = g.urows[per_run > 0]
+        self.last_recent_before = (touched, self.recent_codes(touched))
         self._recent[g.urows[run], slot] = codes[write]
         self._recent_n[g.urows] = _fold(pushed + per_run, k)
+        self.last_pushes = (g.rows[has], codes[has])
 
     def _reset(self, rows: np.ndarray) -> None:
+        generation = self._generation[rows] + np.uint32(1)
         for name in _COLUMNS:
             getattr(self, name)[rows] = 0
+        self._generation[rows] = generation
+        for row in rows.tolist():
+            self._traits.pop(row, None)
         self._first[rows] = _MAX
         self._last[rows] = _NONE
         self._last_cart[rows] = _NONE
@@ -415,6 +569,71 @@ class UserStateTable:
                 column[: self._cap] = getattr(self, name)
             setattr(self, name, column)
         self._cap = cap
+
+
+_ROW_ARRAYS = (
+    "held", "counts", "first", "last", "sessions", "dwell", "revenue",
+    "engagement", "days", "last_cart", "last_purchase",
+)  # fmt: skip
+
+
+@dataclass
+class UserRows:
+    """Per-user state of some users, as arrays (see :meth:`UserStateTable.user_rows`).
+
+    ``held`` is False for users the table does not hold; their fields are
+    zeros/empty and times are int64 min. ``recent`` is newest first;
+    ``affinity`` is as of ``last`` (it halves every ``half_life_ms``).
+    """
+
+    user_ids: list[str]
+    held: np.ndarray
+    counts: np.ndarray  # int32[n, N_TYPES]
+    first: np.ndarray
+    last: np.ndarray
+    sessions: np.ndarray
+    dwell: np.ndarray
+    revenue: np.ndarray
+    engagement: np.ndarray
+    days: np.ndarray
+    last_cart: np.ndarray
+    last_purchase: np.ndarray
+    recent: list[list[str]]
+    affinity: list[dict[str, float]]
+    traits: list[dict[str, Scalar]]
+    half_life_ms: float
+
+    def __len__(self) -> int:
+        return len(self.user_ids)
+
+    @classmethod
+    def concat(cls, parts: Sequence[UserRows]) -> UserRows:
+        """One ``UserRows`` holding the users of ``parts`` in order."""
+        if not parts:
+            raise ValueError("nothing to concatenate")
+        arrays = {name: np.concatenate([getattr(p, name) for p in parts]) for name in _ROW_ARRAYS}
+        return cls(
+            user_ids=[u for p in parts for u in p.user_ids],
+            recent=[r for p in parts for r in p.recent],
+            affinity=[a for p in parts for a in p.affinity],
+            traits=[t for p in parts for t in p.traits],
+            half_life_ms=parts[0].half_life_ms,
+            **arrays,
+        )
+
+    def take(self, indices: Sequence[int]) -> UserRows:
+        """The users at ``indices``, in that order."""
+        idx = np.asarray(indices, dtype=np.int64)
+        pick = idx.tolist()
+        arrays = {name: getattr(self, name)[idx] for name in _ROW_ARRAYS}
+        return UserRows(
+            user_ids=[self.user_ids[i] for i in pick],
+            recent=[self.recent[i] for i in pick],
+            affinity=[self.affinity[i] for i in pick],
+            traits=[self.traits[i] for i in pick],
+            half_life_ms=self.half_life_ms,
+            **arrays,
+        )
 
 
 class RowView(NamedTuple):

@@ -1,4 +1,4 @@
-"""The ``audience`` command: ``up``, ``simulate``, ``status``.
+"""The ``audience`` command: ``up``, ``simulate``, ``replay``, ``status``.
 
 Every failure a user can cause (bad settings, a taken port, nothing running)
 ends in one ``error:`` line and exit code 2, not a traceback.
@@ -16,6 +16,7 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -76,6 +77,55 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--nats-url", help="NATS URL; default: the running `audience up`")
     sim.set_defaults(run=_simulate)
 
+    rep = commands.add_parser("replay", help="publish recorded history (MovieLens, event files)")
+    history = rep.add_mutually_exclusive_group(required=True)
+    history.add_argument("--ratings", type=Path, help="MovieLens ratings.csv")
+    history.add_argument("--events", type=Path, help="events as JSON lines or Parquet")
+    rep.add_argument("--movies", type=Path, help="MovieLens movies.csv (categories)")
+    rep.add_argument(
+        "--speed", type=float, default=0.0, help="event time per wall time; 0: as fast as possible"
+    )
+    rep.add_argument(
+        "--holdout-last", action="store_true", help="skip each user's last item (test items)"
+    )
+    rep.add_argument("--nats-url", help="NATS URL; default: the running `audience up`")
+    rep.set_defaults(run=_replay)
+
+    train = commands.add_parser("train", help="train the churn and personalization models")
+    source = train.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ratings", type=Path, help="MovieLens ratings.csv")
+    source.add_argument("--events", type=Path, help="events as JSON lines or Parquet")
+    source.add_argument(
+        "--from-stream", action="store_true", help="every event in the running platform's stream"
+    )
+    source.add_argument("--simulated-users", type=int, help="train on simulated history")
+    train.add_argument("--movies", type=Path, help="MovieLens movies.csv (categories)")
+    train.add_argument("--kind", choices=["churn", "personalization", "both"], default="both")
+    train.add_argument(
+        "--horizon-days", type=float, help="churn horizon (AUDIENCE_CHURN_HORIZON_DAYS)"
+    )
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--no-promote", action="store_true", help="store without making it current")
+    train.add_argument("--nats-url", help="for --from-stream; default: the running `audience up`")
+    train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser("evaluate", help="evaluate the models (MovieLens, Telco)")
+    evaluate.add_argument("--ratings", type=Path, help="MovieLens ratings.csv")
+    evaluate.add_argument("--movies", type=Path, help="MovieLens movies.csv (categories)")
+    evaluate.add_argument("--telco", type=Path, help="Telco-Customer-Churn.csv")
+    evaluate.add_argument("--out", type=Path, help="write the results as JSON here")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument(
+        "--live", action="store_true", help="also through the running platform (NATS, actors, API)"
+    )
+    evaluate.set_defaults(run=_evaluate)
+
+    models = commands.add_parser("models", help="list or promote model versions")
+    models.add_argument("action", choices=["list", "promote"])
+    models.add_argument("kind", nargs="?", choices=["churn", "personalization"])
+    models.add_argument("version", nargs="?", help="e.g. v0002 (for promote)")
+    models.set_defaults(run=_models)
+
     status = commands.add_parser("status", help="lag, applied events and dead letters")
     status.add_argument("--url", help="API base URL; default: the running `audience up`")
     status.add_argument("--json", action="store_true", help="print raw JSON")
@@ -104,6 +154,8 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
         demo = _start_demo(settings, info.nats_url, stop) if args.demo else None
         if demo is not None:
             print(f"demo      {settings.demo_rate:.0f} events/s over {settings.demo_users} users")
+            if settings.serve_models:
+                _train_demo_models(settings)
         print("ready     press Ctrl-C to stop", flush=True)
         stop.wait()
         print("stopping...", flush=True)
@@ -113,6 +165,26 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
         platform.stop()
     print("stopped", flush=True)
     return 0
+
+
+def _train_demo_models(settings: Settings) -> threading.Thread:
+    """Train models on simulated history in the background if the registry has none."""
+    from cluster.train import describe, train_demo_models
+
+    def run() -> None:
+        try:
+            report = train_demo_models(settings.registry_path, settings.demo_users)
+        except Exception as exc:  # the platform keeps running; say why there is no model
+            print(f"models    demo training failed: {exc}", file=sys.stderr, flush=True)
+            return
+        if report is None:
+            print(f"models    loaded from {settings.registry_path}", flush=True)
+        else:
+            print("models    " + describe(report).replace("\n", "\n          "), flush=True)
+
+    thread = threading.Thread(target=run, name="demo-training", daemon=True)
+    thread.start()
+    return thread
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -178,6 +250,141 @@ def _simulate(args: argparse.Namespace, settings: Settings) -> int:
         f"published {report.events} events in {report.messages} messages "
         f"({report.events_per_s:,.0f} events/s), {report.rejected} rejected"
     )
+    return 0
+
+
+def _replay(args: argparse.Namespace, settings: Settings) -> int:
+    from cluster.replay import command
+
+    return command(args, settings)
+
+
+def _history(args: argparse.Namespace, settings: Settings) -> Any:
+    """The training history a command's arguments name (a pandas frame)."""
+    from cluster.train import simulated_history, stream_history
+    from models.history import read_history, read_ratings
+
+    if args.ratings is not None:
+        return read_ratings(args.ratings, args.movies)
+    if args.events is not None:
+        return read_history(args.events)
+    if args.simulated_users is not None:
+        return simulated_history(args.simulated_users, days=60, seed=args.seed, end_ms=_now_ms())
+    nats_url, _ = _platform_nats(args, settings)
+    return asyncio.run(stream_history(nats_url, settings.stream))
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
+
+
+def _platform_nats(args: argparse.Namespace, settings: Settings) -> tuple[str, int]:
+    """NATS URL and partitions: from the arguments, the settings, or the running platform."""
+    from cluster.launcher import RuntimeInfo
+
+    nats_url = getattr(args, "nats_url", None) or (
+        None if settings.embedded_nats else settings.nats_url
+    )
+    if nats_url is not None:
+        return nats_url, settings.partitions
+    info = RuntimeInfo.load(settings.data_dir)
+    if info is None:
+        raise AudienceError("no running `audience up` found; start one or pass --nats-url")
+    return info.nats_url, info.partitions
+
+
+def _train(args: argparse.Namespace, settings: Settings) -> int:
+    from cluster.train import KINDS, describe, ensure_ray, train_and_register
+    from models.registry import ModelRegistry
+    from models.training import ChurnPlan
+
+    frame = _history(args, settings)
+    kinds = KINDS if args.kind == "both" else (args.kind,)
+    plan = ChurnPlan(horizon_days=args.horizon_days or settings.churn_horizon_days)
+    started = ensure_ray(settings.num_cpus)
+    try:
+        report = train_and_register(
+            frame,
+            ModelRegistry(settings.registry_path),
+            kinds=kinds,
+            plan=plan,
+            seed=args.seed,
+            promote=not args.no_promote,
+        )
+    except ValueError as exc:
+        return _fail(f"cannot train: {exc}")
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    print(describe(report))
+    print(f"registry  {settings.registry_path}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    from cluster.evaluate import (
+        evaluate_live,
+        evaluate_offline,
+        markdown,
+        run_replay,
+        write_results,
+    )
+    from cluster.launcher import RuntimeInfo
+    from cluster.train import ensure_ray
+    from models.history import read_ratings
+    from models.registry import ModelRegistry
+
+    if args.ratings is None and args.telco is None:
+        return _fail("give --ratings (MovieLens) and/or --telco")
+    if args.live and args.ratings is None:
+        return _fail("--live needs --ratings")
+    info = RuntimeInfo.load(settings.data_dir) if args.live else None
+    if args.live and info is None:
+        return _fail("--live needs a running `audience up` (none found in the data folder)")
+    frame = read_ratings(args.ratings, args.movies) if args.ratings else None
+    started = ensure_ray(settings.num_cpus) if not args.live else False
+    if args.live:
+        import ray
+
+        ray.init(address="auto", namespace="audience", log_to_driver=False)
+    try:
+        results, ranker = evaluate_offline(frame, args.telco, args.seed)
+        if info is not None and frame is not None and ranker is not None:
+            replay = run_replay(info.nats_url, info.partitions, settings.batch_max_events)
+            registry = ModelRegistry(settings.registry_path)
+            results["live"] = evaluate_live(
+                frame, ranker, registry, info.http_url, replay, seed=args.seed
+            )
+    finally:
+        import ray
+
+        if started or args.live:
+            ray.shutdown()
+    print(markdown(results))
+    if args.out:
+        write_results(results, args.out)
+        print(f"results   {args.out}")
+    return 0
+
+
+def _models(args: argparse.Namespace, settings: Settings) -> int:
+    from models.registry import ModelRegistry
+
+    registry = ModelRegistry(settings.registry_path)
+    if args.action == "promote":
+        if args.kind is None or args.version is None:
+            return _fail("usage: audience models promote KIND VERSION")
+        registry.promote(args.kind, args.version)
+        print(f"{args.kind} {args.version} is current; replicas switch within seconds")
+        return 0
+    for kind in ("churn", "personalization"):
+        current = registry.current(kind)
+        shown = [f"{v}*" if v == current else v for v in registry.versions(kind)]
+        print(f"{kind:<16} {' '.join(shown) or '(none)'}")
     return 0
 
 

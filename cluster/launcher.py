@@ -32,10 +32,12 @@ from cluster.nats_server import EmbeddedNats, free_port
 from cluster.settings import Settings
 from serving.alerts import AlertsConfig
 from serving.app import GatewayConfig, build_app
+from serving.models import ModelsConfig
 
 log = logging.getLogger(__name__)
 
 APP_NAME = "audience"
+TRAINING_HEADROOM_CPUS = 2  # logical CPUs beyond the cores, for Ray Data training tasks
 
 
 @dataclass(frozen=True)
@@ -169,14 +171,26 @@ class Platform:
             spec, policy=policy_of(s), windows=windows_of(s), funnel=funnel_of(s)
         )
         serve.start(http_options={"host": s.http_host, "port": s.http_port})
+        registry = str(s.registry_path.resolve())
         config = GatewayConfig(
             pool=spec,
             streams=streams_of(s),
             policy=policy_of(s),
             windows=windows_of(s),
             alerts=alerts_of(s),
+            registry=registry if s.serve_models else None,
         )
-        serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
+        models = (
+            ModelsConfig(
+                pool=spec,
+                registry=registry,
+                poll_s=s.model_poll_s,
+                item_refresh_s=s.item_index_refresh_s,
+            )
+            if s.serve_models
+            else None
+        )
+        serve.run(build_app(config, models), name=APP_NAME, route_prefix="/", blocking=False)
         host = "127.0.0.1" if s.http_host in ("0.0.0.0", "::") else s.http_host
         self.info = RuntimeInfo(
             nats_url=self.nats_url,
@@ -205,7 +219,7 @@ class Platform:
         self.metrics_port = s.metrics_port or free_port()
         ray.init(
             _metrics_export_port=self.metrics_port,
-            num_cpus=s.num_cpus or os.cpu_count() or 1,
+            num_cpus=s.num_cpus or (os.cpu_count() or 1) + TRAINING_HEADROOM_CPUS,
             include_dashboard=False,
             namespace=NAMESPACE,
             logging_level=logging.WARNING,

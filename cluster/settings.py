@@ -75,7 +75,9 @@ class Settings(BaseSettings):
     num_cpus: int | None = Field(
         default=None,
         ge=1,
-        description="CPUs a local Ray may use; default: all of this machine's.",
+        description="Logical CPUs a local Ray schedules with; default: this machine's cores "
+        "plus 2, so that Ray Data training fits beside the always-on shards and replicas "
+        "(which mostly wait on I/O and reserve CPU fractions).",
     )
     http_host: str = Field(default="127.0.0.1", description="Address the HTTP API binds to.")
     http_port: int = Field(default=8000, ge=0, le=65535, description="Port of the HTTP API.")
@@ -134,6 +136,22 @@ class Settings(BaseSettings):
         default=SecretStr(""),
         description="Shared secret of the webhooks' X-Audience-Signature (HMAC-SHA256).",
     )
+    serve_models: bool = Field(
+        default=True, description="Serve the churn and personalization models (Ray Serve)."
+    )
+    registry_dir: Path | None = Field(
+        default=None,
+        description="Model registry folder; default: <data_dir>/models.",
+    )
+    model_poll_s: float = Field(
+        default=5.0, gt=0, description="How often model replicas check the registry's CURRENT."
+    )
+    item_index_refresh_s: float = Field(
+        default=5.0, gt=0, description="How often serving re-merges the shards' item state."
+    )
+    churn_horizon_days: float = Field(
+        default=14.0, gt=0, description="Churned = no activity this many days after the cutoff."
+    )
     demo_users: int = Field(default=10_000, ge=1, description="Users simulated by `up --demo`.")
     demo_rate: float = Field(
         default=500, gt=0, description="Events per second simulated by `up --demo`."
@@ -167,6 +185,11 @@ class Settings(BaseSettings):
         if self.nats_url != "embedded" and not self.nats_url.startswith(("nats://", "tls://")):
             raise ValueError("nats_url must be 'embedded' or a nats:// or tls:// URL")
         return self
+
+    @property
+    def registry_path(self) -> Path:
+        """Where models are stored: ``registry_dir``, or ``models`` under ``data_dir``."""
+        return self.registry_dir or self.data_dir / "models"
 
     @property
     def embedded_nats(self) -> bool:

@@ -15,19 +15,21 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import date, datetime
+from pathlib import Path as PathLib
 from typing import Annotated, Any
 
 import nats
 import orjson
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Path, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from nats.aio.client import Client
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from actors.conversion import PURCHASERS_RELATIVE_ERROR
 from actors.engagement import ACTIVE_USERS_RELATIVE_ERROR, report
 from actors.errors import UnavailableError
-from actors.events import to_epoch_ms
+from actors.events import MAX_ID_LENGTH, to_epoch_ms
 from actors.funnel_report import conversion_answer
 from actors.insights import (
     Insights,
@@ -44,14 +46,26 @@ from actors.producer import Producer
 from actors.state import iso_ms
 from actors.validation import ValidationPolicy, parse_events
 from actors.windows import Granularity, WindowConfig
+from models.booster import ArtifactError
+from models.churn import KIND as CHURN
+from models.ranker import KIND as PERSONALIZATION
+from models.registry import ModelRegistry
 from serving import dashboard
 from serving.alerts import AlertCenter, AlertsConfig
 from serving.errors import install_error_handlers
+from serving.models import ChurnScorer, ModelsConfig, Personalizer
 from serving.schemas import (
+    ChurnAnswer,
+    ChurnBatchRequest,
     ConversionAnswer,
     EngagementAnswer,
     IngestResult,
+    PersonalizeAnswer,
+    PersonalizeBatchRequest,
     Profile,
+    PromoteRequest,
+    RankAnswer,
+    RankRequest,
     RejectedEvent,
     RetentionAnswer,
     SegmentsAnswer,
@@ -106,6 +120,27 @@ class GatewayConfig:
     windows: WindowConfig = field(default_factory=WindowConfig)
     insights_merge_every_s: float = 1.0
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    registry: str | None = None
+
+
+def _model_answer(answer: dict[str, Any]) -> Response:
+    """A model deployment's answer as HTTP: the result, 404 for unknown users, 503 for no model."""
+    error = answer.get("error")
+    if error == "unknown_user":
+        return _error(404, answer["detail"])
+    if error is not None:
+        return JSONResponse(
+            {"detail": answer.get("detail")}, status_code=503, headers={"Retry-After": "5"}
+        )
+    return Response(orjson.dumps(answer), media_type="application/json")
+
+
+def _no_models() -> JSONResponse:
+    return JSONResponse(
+        {"detail": "model serving is not enabled on this platform"},
+        status_code=503,
+        headers={"Retry-After": "30"},
+    )
 
 
 def _unwrap_events(raw: bytes) -> bytes:
@@ -173,8 +208,15 @@ def _range_problem(
 class ApiGateway:
     """One API replica: a NATS connection, a producer, handles to the shard pool."""
 
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        churn: DeploymentHandle | None = None,
+        personalizer: DeploymentHandle | None = None,
+    ) -> None:
         self.config = config
+        self.churn = churn
+        self.personalizer = personalizer
         self.pool = ShardPool.connect(config.pool)
         self._nc: Client | None = None
         self._producer: Producer | None = None
@@ -416,6 +458,99 @@ class ApiGateway:
         await self._merged_insights()  # starts the merge timer that evaluates the rules
         return self.alerts.answer(limit)
 
+    @app.get(
+        "/v1/churn/{user_id}",
+        response_model=ChurnAnswer,
+        responses={
+            404: {"description": "No event of this user has been applied."},
+            503: {"description": "No churn model is loaded yet; retry after the given seconds."},
+        },
+        summary="How likely this user is to leave, and why",
+    )
+    async def churn_one(self, user_id: Annotated[str, Path(max_length=MAX_ID_LENGTH)]) -> Response:
+        """Calibrated churn probability on the user's live features, with the top reasons."""
+        if self.churn is None:
+            return _no_models()
+        return _model_answer(await self.churn.score.remote(user_id))
+
+    @app.post("/v1/churn", summary="Churn scores for many users (unknown ones say so)")
+    async def churn_many(self, body: ChurnBatchRequest) -> Any:
+        """One result per user id, in order; an unknown user gets ``{"error": "unknown_user"}``."""
+        if self.churn is None:
+            return _no_models()
+        answers = await asyncio.gather(*(self.churn.score.remote(u) for u in body.user_ids))
+        if any(a.get("error") == "unavailable" for a in answers):
+            return _model_answer(next(a for a in answers if a.get("error") == "unavailable"))
+        return {"results": answers}
+
+    @app.get(
+        "/v1/personalize/{user_id}",
+        response_model=PersonalizeAnswer,
+        summary="What this user should see next, with reasons",
+    )
+    async def personalize_one(
+        self,
+        user_id: Annotated[str, Path(max_length=MAX_ID_LENGTH)],
+        k: Annotated[int, Query(ge=1, le=100, description="Items to return.")] = 10,
+    ) -> Response:
+        """Top-k items the user has not touched; unknown users get popular items (cold start)."""
+        if self.personalizer is None:
+            return _no_models()
+        return _model_answer(await self.personalizer.recommend.remote(user_id, k))
+
+    @app.post("/v1/personalize", summary="Top-k items for many users")
+    async def personalize_many(self, body: PersonalizeBatchRequest) -> Any:
+        """One answer per user id, in order (see the single-user endpoint)."""
+        if self.personalizer is None:
+            return _no_models()
+        calls = (self.personalizer.recommend.remote(u, body.k) for u in body.user_ids)
+        return {"results": await asyncio.gather(*calls)}
+
+    @app.post(
+        "/v1/personalize/{user_id}/rank",
+        response_model=RankAnswer,
+        summary="Re-rank the given items for this user, with scores",
+    )
+    async def personalize_rank(
+        self, user_id: Annotated[str, Path(max_length=MAX_ID_LENGTH)], body: RankRequest
+    ) -> Response:
+        """The items, best first, each with the model's score (items unknown to the shards too)."""
+        if self.personalizer is None:
+            return _no_models()
+        return _model_answer(await self.personalizer.rank.remote(user_id, list(body.items)))
+
+    @app.get("/v1/models", summary="Model versions served and in the registry")
+    async def models(self) -> dict[str, Any]:
+        """What each model deployment serves (one replica's view) and the registry's versions."""
+        out: dict[str, Any] = {}
+        registry = ModelRegistry(PathLib(self.config.registry)) if self.config.registry else None
+        for kind, handle in ((CHURN, self.churn), (PERSONALIZATION, self.personalizer)):
+            served = await handle.model_version.remote() if handle is not None else None
+            out[kind] = {
+                "served": served,
+                "current": registry.current(kind) if registry else None,
+                "versions": registry.versions(kind) if registry else [],
+            }
+        return out
+
+    @app.post(
+        "/v1/models/{kind}/promote",
+        responses={404: {"description": "No such kind or version."}},
+        summary="Make a registered version current; replicas switch within seconds",
+    )
+    async def promote(self, kind: str, body: PromoteRequest) -> Any:
+        """Point CURRENT at ``version``; replicas following "current" load it without downtime."""
+        if kind not in (CHURN, PERSONALIZATION):
+            return _error(404, f"unknown model kind {kind!r}; use {CHURN!r} or {PERSONALIZATION!r}")
+        if self.config.registry is None:
+            return _no_models()
+        registry = ModelRegistry(PathLib(self.config.registry))
+        try:
+            registry.promote(kind, body.version)
+        except ArtifactError as exc:
+            return _error(404, str(exc))
+        return {"kind": kind, "current": body.version}
+
     @app.get("/v1/status", summary="Shard counters, lag per partition, dead letters")
     async def status(self, request: Request) -> dict[str, Any]:
         """What ``audience status`` prints."""
@@ -461,6 +596,12 @@ class ApiGateway:
         )
 
 
-def build_app(config: GatewayConfig) -> serve.Application:
-    """The Serve application for ``serve.run``."""
-    return ApiGateway.bind(config)  # type: ignore[attr-defined]
+def build_app(config: GatewayConfig, models: ModelsConfig | None = None) -> serve.Application:
+    """The Serve application for ``serve.run``: the API, and the model deployments if asked."""
+    if models is None:
+        return ApiGateway.bind(config)  # type: ignore[attr-defined]
+    return ApiGateway.bind(  # type: ignore[attr-defined]
+        config,
+        ChurnScorer.bind(models),  # type: ignore[attr-defined]
+        Personalizer.bind(models),  # type: ignore[attr-defined]
+    )

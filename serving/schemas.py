@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+
+from actors.events import MAX_ID_LENGTH
 
 
 class RejectedEvent(BaseModel):
@@ -41,6 +43,9 @@ class Profile(BaseModel):
     active_days: int = Field(description="Days with activity among the last 64.")
     segments: list[str] | None = Field(
         default=None, description="Segments the user is in, as of its shard's event time."
+    )
+    traits: dict[str, Any] = Field(
+        default_factory=dict, description="Traits merged from the user's identify events."
     )
 
 
@@ -253,3 +258,89 @@ class SegmentsAnswer(BaseModel):
         description="Newest event time of any shard: the 'now' the time-based rules use."
     )
     segments: list[SegmentSize]
+
+
+ItemId = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]
+UserId = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]
+
+
+class ChurnReason(BaseModel):
+    """A feature that raised the user's churn score, with its value and contribution."""
+
+    feature: str
+    value: float | None
+    contribution: float = Field(description="Added to the model's log-odds (LightGBM SHAP).")
+
+
+class ChurnAnswer(BaseModel):
+    """Answer to ``GET /v1/churn/{user_id}``."""
+
+    user_id: str
+    churn_probability: float = Field(description="Calibrated probability of no activity soon.")
+    reasons: list[ChurnReason] = Field(description="Top features raising the score.")
+    model_version: str
+
+
+class ChurnBatchRequest(BaseModel):
+    """Body of ``POST /v1/churn``."""
+
+    model_config = ConfigDict(extra="forbid")
+    user_ids: list[UserId] = Field(min_length=1, max_length=1000)
+
+
+class Recommendation(BaseModel):
+    """One recommended item, its score and why it was proposed."""
+
+    item_id: str
+    score: float
+    reason: str = Field(description='e.g. "viewed with X", or "popular" for cold starts.')
+
+
+class PersonalizeAnswer(BaseModel):
+    """Answer to ``GET /v1/personalize/{user_id}``."""
+
+    user_id: str
+    cold_start: bool = Field(description="True when the user is unknown: popular items.")
+    items: list[Recommendation]
+    model_version: str = Field(description='"none" when no model is trained: popularity order.')
+    items_indexed: int
+
+
+class PersonalizeBatchRequest(BaseModel):
+    """Body of ``POST /v1/personalize``."""
+
+    model_config = ConfigDict(extra="forbid")
+    user_ids: list[UserId] = Field(min_length=1, max_length=1000)
+    k: int = Field(default=10, ge=1, le=100)
+
+
+class RankRequest(BaseModel):
+    """Body of ``POST /v1/personalize/{user_id}/rank``."""
+
+    model_config = ConfigDict(extra="forbid")
+    items: list[ItemId] = Field(min_length=1, max_length=1000)
+
+
+class RankedItem(BaseModel):
+    """An item of a re-ranking call with its score."""
+
+    item_id: str
+    score: float
+    known_item: bool = Field(description="False when no shard has seen the item yet.")
+
+
+class RankAnswer(BaseModel):
+    """Answer to ``POST /v1/personalize/{user_id}/rank``."""
+
+    user_id: str
+    cold_start: bool
+    items: list[RankedItem]
+    model_version: str
+    items_indexed: int
+
+
+class PromoteRequest(BaseModel):
+    """Body of ``POST /v1/models/{kind}/promote``."""
+
+    model_config = ConfigDict(extra="forbid")
+    version: str = Field(pattern=r"^v\d{4,}$", description="e.g. v0002")

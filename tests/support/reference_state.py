@@ -39,7 +39,7 @@ class ReferenceState:
         self,
         session_gap_ms: int = 30 * 60_000,
         half_life_ms: int = 7 * DAY_MS,
-        recent_items: int = 10,
+        recent_items: int = 20,
         max_categories: int = 32,
         day_window: int = 64,
     ) -> None:
@@ -65,6 +65,8 @@ class ReferenceState:
                 batch.category[i],
                 0.0 if value != value else value,
             )
+            if batch.traits[i]:
+                self.users[batch.user_id[i]]["traits"].update(batch.traits[i])
             if kind is EventType.USER_DELETED:
                 deleted.append(batch.user_id[i])
         for user_id in deleted:
@@ -101,6 +103,7 @@ class ReferenceState:
                 "recent": [],
                 "affinity": {},
                 "days": set(),
+                "traits": {},
             }
             self.users[user_id] = user
         user["counts"][kind] += 1
@@ -160,6 +163,7 @@ class ReferenceState:
             "recent_items": list(user["recent"]),
             "category_affinity": dict(ranked),
             "active_days": sum(1 for d in user["days"] if last_day - d < self.day_window),
+            "traits": dict(user["traits"]),
         }
 
 

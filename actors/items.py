@@ -1,0 +1,230 @@
+"""Item state kept in the stream: per-item counts and times, and co-visitation.
+
+Personalization needs to know, for any two items, how often users touched one
+shortly after the other (co-visitation), and per item how popular it is and
+when it was in use. A shard learns both from its own users, right after each
+apply step: an item a user pushes into its recent-items ring is paired with the
+``window`` items before it there, weighted ``1/d`` by distance ``d``, in both
+directions. Pair weights wait in a buffer and are folded into sorted
+``(key, weight)`` arrays, pruned to the heaviest ``max_pairs`` so memory stays
+bounded. Shards export partials (top neighbours per item and the item stats,
+with item ids as strings) that serving merges across shards by summing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from actors.batch import EventBatch
+from actors.events import TYPE_CODE, EventType
+from actors.state import DAY_MS, UserStateTable
+
+_NO_TIME = np.iinfo(np.int64).max
+_POSITIVE = [
+    TYPE_CODE[t]
+    for t in (EventType.LIKE, EventType.SHARE, EventType.ADD_TO_CART, EventType.PURCHASE)
+]
+
+
+@dataclass(frozen=True)
+class ItemGraphConfig:
+    """Knobs of the item state.
+
+    Attributes:
+        window: how many earlier recent items each new item is paired with.
+        max_pairs: co-visitation pairs kept; the lightest are pruned beyond it.
+        compact_every: buffered pair entries that trigger a fold into the arrays.
+    """
+
+    window: int = 20
+    max_pairs: int = 4_000_000
+    compact_every: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        if self.window < 1 or self.max_pairs < 1 or self.compact_every < 1:
+            raise ValueError("window, max_pairs and compact_every must be positive")
+
+
+class ItemGraph:
+    """Item statistics and co-visitation for the users of one shard.
+
+    Item codes are the shard's :class:`~actors.state.UserStateTable` codes, so
+    nothing is interned twice; partials translate them to item ids.
+    """
+
+    def __init__(self, config: ItemGraphConfig | None = None) -> None:
+        self.config = config or ItemGraphConfig()
+        self.count = np.zeros(0, dtype=np.int64)
+        self.positive = np.zeros(0, dtype=np.int64)  # likes, shares, carts, purchases
+        self.first = np.zeros(0, dtype=np.int64)
+        self.last = np.zeros(0, dtype=np.int64)
+        self.sum_days = np.zeros(0, dtype=np.float64)
+        self.sum_days2 = np.zeros(0, dtype=np.float64)
+        self.category = np.zeros(0, dtype=np.int32)
+        self._keys = np.zeros(0, dtype=np.int64)  # sorted (a << 32) | b
+        self._weights = np.zeros(0, dtype=np.float32)
+        self._pending_keys: list[np.ndarray] = []
+        self._pending_weights: list[np.ndarray] = []
+        self._pending = 0
+        self.pruned_pairs = 0
+
+    def __len__(self) -> int:
+        """Items with at least one event."""
+        return int(np.count_nonzero(self.count))
+
+    def observe(self, table: UserStateTable, batch: EventBatch) -> None:
+        """Take in ``batch``, which ``table`` just applied (its ``last_*`` fields)."""
+        codes = table.last_item_codes
+        has = np.flatnonzero(codes >= 0)
+        if has.size:
+            positive = np.isin(batch.type[has], _POSITIVE)
+            self._count_items(codes[has], batch.ts[has], table.last_category_codes[has], positive)
+        push_rows, push_codes = table.last_pushes
+        if push_rows.size:
+            self._pair(*table.last_recent_before, push_rows, push_codes)
+
+    def _count_items(
+        self, codes: np.ndarray, ts: np.ndarray, categories: np.ndarray, positive: np.ndarray
+    ) -> None:
+        self._grow(int(codes.max()) + 1)
+        days = ts / DAY_MS
+        np.add.at(self.count, codes, 1)
+        np.add.at(self.positive, codes[positive], 1)
+        np.minimum.at(self.first, codes, ts)
+        np.maximum.at(self.last, codes, ts)
+        np.add.at(self.sum_days, codes, days)
+        np.add.at(self.sum_days2, codes, days * days)
+        known = categories >= 0
+        self.category[codes[known]] = categories[known]  # the latest category wins
+
+    def _pair(
+        self,
+        before_rows: np.ndarray,
+        before: np.ndarray,
+        push_rows: np.ndarray,
+        push_codes: np.ndarray,
+    ) -> None:
+        """Pair each pushed item with the ``window`` items before it in its user's sequence.
+
+        The sequence is the user's ring before the batch (oldest first) followed
+        by the batch's pushes in arrival order; pairs among ring items were
+        counted when they were pushed, so each pair has a new item.
+        """
+        w = self.config.window
+        old = before[:, ::-1][:, -w:]  # oldest first, the last w only
+        old_rows = np.repeat(before_rows, old.shape[1])
+        old_codes = old.reshape(-1)
+        keep = old_codes >= 0
+        rows = np.concatenate([old_rows[keep], push_rows])
+        seq = np.concatenate([old_codes[keep], push_codes.astype(np.int64)])
+        new = np.r_[np.zeros(int(keep.sum()), dtype=bool), np.ones(push_rows.size, dtype=bool)]
+        order = np.lexsort((np.arange(rows.size), new, rows))  # by row; ring, then pushes
+        rows, seq, new = rows[order], seq[order], new[order]
+        keys, weights = [], []
+        for d in range(1, w + 1):
+            if d >= rows.size:
+                break
+            a, b = seq[:-d], seq[d:]
+            ok = (rows[:-d] == rows[d:]) & new[d:] & (a != b)
+            a, b = a[ok], b[ok]
+            if a.size:
+                keys += [(a << 32) | b, (b << 32) | a]
+                weights.append(np.full(2 * a.size, 1.0 / d, dtype=np.float32))
+        if keys:
+            self._pending_keys.append(np.concatenate(keys))
+            self._pending_weights.append(np.concatenate(weights))
+            self._pending += len(self._pending_keys[-1])
+            if self._pending >= self.config.compact_every:
+                self.compact()
+
+    def compact(self) -> None:
+        """Fold buffered pairs into the sorted arrays and prune to ``max_pairs``."""
+        if not self._pending_keys:
+            return
+        keys = np.concatenate([self._keys, *self._pending_keys])
+        weights = np.concatenate([self._weights, *self._pending_weights])
+        self._pending_keys, self._pending_weights, self._pending = [], [], 0
+        self._keys, inverse = np.unique(keys, return_inverse=True)
+        self._weights = np.bincount(inverse, weights=weights).astype(np.float32)
+        excess = len(self._keys) - self.config.max_pairs
+        if excess > 0:
+            keep = np.sort(np.argpartition(self._weights, excess)[excess:])
+            self._keys, self._weights = self._keys[keep], self._weights[keep]
+            self.pruned_pairs += excess
+
+    @property
+    def pairs(self) -> int:
+        """Distinct co-visitation pairs held (after a :meth:`compact`)."""
+        return len(self._keys)
+
+    def nbytes(self) -> int:
+        """Bytes held by the item arrays, the pair arrays and the buffer."""
+        arrays = (
+            self.count,
+            self.positive,
+            self.first,
+            self.last,
+            self.sum_days,
+            self.sum_days2,
+            self.category,
+        )
+        held = sum(a.nbytes for a in arrays) + self._keys.nbytes + self._weights.nbytes
+        return held + sum(
+            k.nbytes + w.nbytes
+            for k, w in zip(self._pending_keys, self._pending_weights, strict=True)
+        )
+
+    def partial(self, table: UserStateTable, top_n: int = 100) -> dict[str, Any]:
+        """Item stats and each item's ``top_n`` heaviest neighbours, with item ids as strings.
+
+        The merge (:func:`models.item_index.ItemIndex.merge`) sums partials of
+        several shards; ``top_n`` bounds what crosses the wire.
+        """
+        self.compact()
+        items = np.flatnonzero(self.count)
+        a = (self._keys >> 32).astype(np.int64)
+        b = (self._keys & 0xFFFFFFFF).astype(np.int64)
+        order = np.lexsort((-self._weights, a))
+        a, b, w = a[order], b[order], self._weights[order]
+        if a.size:
+            starts = np.r_[0, np.flatnonzero(a[1:] != a[:-1]) + 1]
+            rank = np.arange(a.size) - np.repeat(starts, np.diff(np.r_[starts, a.size]))
+            keep = rank < top_n
+            a, b, w = a[keep], b[keep], w[keep]
+        position = np.full(len(self.count), -1, dtype=np.int64)
+        position[items] = np.arange(items.size)
+        return {
+            "items": [table.item_name(int(c)) for c in items.tolist()],
+            "category": [table.category_name(int(c)) for c in self.category[items].tolist()],
+            "count": self.count[items],
+            "positive": self.positive[items],
+            "first": self.first[items],
+            "last": self.last[items],
+            "sum_days": self.sum_days[items],
+            "sum_days2": self.sum_days2[items],
+            "pair_a": position[a],
+            "pair_b": position[b],
+            "pair_w": w,
+        }
+
+    def _grow(self, n: int) -> None:
+        have = len(self.count)
+        if n <= have:
+            return
+        size = max(n, 2 * have, 1024)
+        for name, fill in (
+            ("count", 0),
+            ("positive", 0),
+            ("first", _NO_TIME),
+            ("last", -_NO_TIME),
+            ("sum_days", 0),
+            ("sum_days2", 0),
+            ("category", -1),
+        ):
+            old = getattr(self, name)
+            new = np.full(size, fill, dtype=old.dtype)
+            new[:have] = old
+            setattr(self, name, new)

@@ -1,0 +1,116 @@
+"""Answers of the model endpoints, from live user rows: plain Python, no Ray.
+
+The Serve deployments fetch :class:`~actors.state.UserRows` for a request batch
+from the owning shards and call these functions, so what a response says (the
+score, the reasons, the cold-start answer) is unit-tested here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from actors.state import UserRows
+from models.candidates import ItemIndex, pair_columns
+from models.churn import ChurnModel
+from models.features import TraitEncoder, user_columns
+from models.ranker import Ranker
+
+COLD_START_REASON = "popular"
+
+
+@dataclass(frozen=True)
+class CandidateLimits:
+    """How many items candidate generation proposes.
+
+    Attributes:
+        per_recent_item: co-visited partners taken per recent item.
+        popular: most popular items added for everyone (and all a cold user gets).
+    """
+
+    per_recent_item: int = 50
+    popular: int = 200
+
+
+def churn_answers(
+    model: ChurnModel, version: str, rows: UserRows, now_ms: int, top_reasons: int = 3
+) -> list[dict[str, Any] | None]:
+    """Per user, the churn probability with its reasons; None for users the shards do not hold.
+
+    Time features are taken at ``now_ms``, but never before the user's last
+    event (so replayed future-dated history does not read as negative recency).
+    """
+    held = np.flatnonzero(rows.held)
+    out: list[dict[str, Any] | None] = [None] * len(rows)
+    if not held.size:
+        return out
+    known = rows.take(held.tolist())
+    now = np.maximum(now_ms, known.last)
+    columns = user_columns(known, now, TraitEncoder.from_schema(model.schema))
+    probability = model.predict(columns)
+    reasons = model.reasons(columns, top_reasons)
+    for i, p, why in zip(held.tolist(), probability.tolist(), reasons, strict=True):
+        out[i] = {
+            "user_id": rows.user_ids[i],
+            "churn_probability": p,
+            "reasons": [r.to_dict() for r in why],
+            "model_version": version,
+        }
+    return out
+
+
+def propose(index: ItemIndex, rows: UserRows, user: int, limits: CandidateLimits) -> dict[str, str]:
+    """Candidate items (id -> why proposed) for one user; the user's recent items excluded."""
+    recent = rows.recent[user]
+    found = index.candidates(recent, limits.per_recent_item, limits.popular)
+    mine = set(recent)
+    return {index.items[p]: why for p, why in found.items() if index.items[p] not in mine}
+
+
+def recommend(
+    ranker: Ranker | None,
+    index: ItemIndex,
+    rows: UserRows,
+    user: int,
+    candidates: dict[str, str],
+    k: int,
+) -> list[dict[str, Any]]:
+    """The ``k`` best candidates with scores and reasons (popularity order without a ranker)."""
+    items = list(candidates)
+    if not items:
+        return []
+    positions = index.positions(items)
+    if ranker is None or not rows.held[user]:
+        scores = np.log1p(np.where(positions >= 0, index.count[np.maximum(positions, 0)], 0.0))
+    else:
+        scores = ranker.score(pair_columns(index, rows, user, positions))
+    top = np.argsort(-scores, kind="stable")[:k]
+    out = []
+    for i in top.tolist():
+        why = candidates[items[i]]
+        if why != COLD_START_REASON and rows.held[user]:
+            partner = index.top_partner(rows.recent[user], int(positions[i]))
+            why = f"viewed with {partner}" if partner else why
+        out.append({"item_id": items[i], "score": float(scores[i]), "reason": why})
+    return out
+
+
+def rank_items(
+    ranker: Ranker | None, index: ItemIndex, rows: UserRows, user: int, items: Sequence[str]
+) -> list[dict[str, Any]]:
+    """``items`` ordered by score for the user, each with its score (re-ranking)."""
+    if not items:
+        return []
+    positions = index.positions(items)
+    if ranker is None or not rows.held[user]:
+        scores = np.log1p(np.where(positions >= 0, index.count[np.maximum(positions, 0)], 0.0))
+    else:
+        scores = ranker.score(pair_columns(index, rows, user, positions))
+    order = np.argsort(-scores, kind="stable")
+    return [
+        {"item_id": items[i], "score": float(scores[i]), "known_item": bool(positions[i] >= 0)}
+        for i in order.tolist()
+    ]
