@@ -15,7 +15,7 @@ import lightgbm as lgb
 import numpy as np
 
 from models.booster import BoosterModel
-from models.features import FEATURES_VERSION, FeatureSchema
+from models.features import FeatureSchema
 
 KIND = "churn"
 
@@ -33,6 +33,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "verbosity": -1,
 }
 DEFAULT_ROUNDS = 300
+_CALIBRATION_STREAM = 0xCA11B
 
 
 @dataclass
@@ -76,7 +77,7 @@ class ChurnModel:
         x, y = schema.matrix(columns), np.asarray(labels, dtype=np.float64)
         if len(np.unique(y)) < 2:
             raise ValueError("churn training needs both churned and retained users")
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng((seed, _CALIBRATION_STREAM))  # apart from callers' streams
         calib = rng.random(len(y)) < 0.2
         if len(np.unique(y[calib])) < 2 or len(np.unique(y[~calib])) < 2:
             calib = np.zeros(len(y), dtype=bool)  # too few examples to hold some out
@@ -112,13 +113,6 @@ class ChurnModel:
             out.append([Reason(names[i], _value(values[i]), float(row[i])) for i in order])
         return out
 
-    @classmethod
-    def load_from(cls, model: BoosterModel) -> ChurnModel:
-        """Wrap a loaded artifact (the registry checks kind and feature version)."""
-        return cls(model)
-
-
-FEATURES = FEATURES_VERSION
 
 
 def _value(v: float) -> float | None:

@@ -1,0 +1,88 @@
+"""Answers of the model endpoints from live rows: scores, reasons, cold starts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from actors.items import ItemGraph
+from actors.state import UserStateTable
+from models.candidates import PAIR_FEATURES, ItemIndex, pair_columns
+from models.churn import ChurnModel
+from models.features import BEHAVIOUR_FEATURES, TraitEncoder, user_schema
+from models.ranker import Ranker
+from models.scoring import CandidateLimits, churn_answers, propose, rank_items, recommend
+from tests.support.events import random_batch
+
+
+@pytest.fixture(scope="module")
+def live() -> tuple[UserStateTable, ItemIndex]:
+    table, graph = UserStateTable(), ItemGraph()
+    batch = random_batch(5000, users=50, seed=11)
+    table.apply(batch)
+    graph.observe(table, batch)
+    return table, ItemIndex.merge([graph.partial(table, 1000)])
+
+
+def tiny_ranker() -> Ranker:
+    rng = np.random.default_rng(0)
+    n = 200
+    cols = {name: rng.random(n) for name in PAIR_FEATURES}
+    relevance = (cols["covis_weighted"] > 0.7).astype(float)
+    return Ranker.train(cols, relevance, [20] * 10, rounds=20)
+
+
+def test_churn_answers_score_known_users_and_leave_unknown_ones_out(
+    live: tuple[UserStateTable, ItemIndex],
+) -> None:
+    table, _ = live
+    rng = np.random.default_rng(0)
+    cols = {name: rng.random(300) for name in BEHAVIOUR_FEATURES}
+    model = ChurnModel.train(
+        cols, (cols["recency_days"] > 0.5).astype(int), user_schema(TraitEncoder((), {})), rounds=10
+    )
+    user = table.users(1)[0]
+    rows = table.user_rows([user, "ghost"])
+    answers = churn_answers(model, "v0003", rows, now_ms=0)
+    assert answers[1] is None
+    assert answers[0] is not None and answers[0]["model_version"] == "v0003"
+    assert 0 < answers[0]["churn_probability"] < 1
+    assert len(answers[0]["reasons"]) <= 3
+
+
+def test_candidates_skip_the_users_recent_items_and_say_why(
+    live: tuple[UserStateTable, ItemIndex],
+) -> None:
+    table, index = live
+    user = table.users(1)[0]
+    rows = table.user_rows([user])
+    found = propose(index, rows, 0, CandidateLimits(per_recent_item=5, popular=10))
+    assert found and not set(found) & set(rows.recent[0])
+    assert {why.split(" with ")[0] for why in found.values()} <= {"viewed", "popular"}
+    top = recommend(tiny_ranker(), index, rows, 0, found, k=4)
+    assert len(top) == 4
+    assert [t["score"] for t in top] == sorted((t["score"] for t in top), reverse=True)
+
+
+def test_a_cold_user_gets_the_popular_items(live: tuple[UserStateTable, ItemIndex]) -> None:
+    table, index = live
+    rows = table.user_rows(["ghost"])
+    found = propose(index, rows, 0, CandidateLimits(popular=3))
+    top = recommend(tiny_ranker(), index, rows, 0, found, k=3)
+    assert [t["item_id"] for t in top] == [index.items[i] for i in index.popular[:3]]
+    assert {t["reason"] for t in top} == {"popular"}
+
+
+def test_reranking_returns_every_item_ordered_by_the_models_score(
+    live: tuple[UserStateTable, ItemIndex],
+) -> None:
+    table, index = live
+    ranker = tiny_ranker()
+    user = table.users(1)[0]
+    rows = table.user_rows([user])
+    items = [*index.items[:6], "never-seen-item"]
+    ranked = rank_items(ranker, index, rows, 0, items)
+    assert sorted(r["item_id"] for r in ranked) == sorted(items)
+    want = ranker.score(pair_columns(index, rows, 0, index.positions(items)))
+    assert [r["score"] for r in ranked] == sorted(want.tolist(), reverse=True)
+    assert [r["known_item"] for r in ranked if r["item_id"] == "never-seen-item"] == [False]
