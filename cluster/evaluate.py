@@ -73,8 +73,8 @@ def evaluate_live(
         before = _applied(api)
         report = replay(split["train"])
         _wait(lambda: _applied(api) >= before + report.events, timeout_s, "the shards to apply")
-        items = split["train"]["item_id"].dropna().nunique()
-        _wait(lambda: _indexed(api) >= items, timeout_s, "the item index to cover the replay")
+        applied_at = time.time()
+        _wait(lambda: _index_built_after(api, applied_at), timeout_s, "a fresh item index")
         groups = []
         for user, candidates in split["candidates"].items():
             answer = api.post(f"/v1/personalize/{user}/rank", json={"items": candidates})
@@ -104,9 +104,10 @@ def _served(api: httpx.Client) -> str | None:
     return served["version"] if served else None
 
 
-def _indexed(api: httpx.Client) -> int:
+def _index_built_after(api: httpx.Client, moment: float) -> bool:
     served = api.get("/v1/models").json()[PERSONALIZATION]["served"]
-    return int(served.get("items_indexed") or 0) if served else 0
+    age = served.get("index_age_s") if served else None
+    return age is not None and time.time() - age > moment + 1.0
 
 
 def _applied(api: httpx.Client) -> int:

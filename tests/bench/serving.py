@@ -38,6 +38,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
+from time import perf_counter
 from typing import Any, TypeVar
 
 import httpx
@@ -69,6 +70,7 @@ ENDPOINTS = {  # name -> (platform path, bare path); {u} is the user id
     "personalize": ("/v1/personalize/{u}?k=10", "/personalize/{u}?k=10"),
 }
 SERVERS = ("platform", "bare")
+KEEP_ALIVE_S = 90  # idle keep-alive of the bare app: Ray Serve's proxy default
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -163,6 +165,8 @@ def start_bare(snapshot_path: Path, port: int, log_path: Path) -> subprocess.Pop
         "--log-level",
         "warning",
         "--no-access-log",
+        "--timeout-keep-alive",
+        str(KEEP_ALIVE_S),
     ]
     env = os.environ | {SNAPSHOT_ENV: str(snapshot_path)}
     with log_path.open("wb") as log:
@@ -276,7 +280,6 @@ async def open_loop(
     port: int, requests: Sequence[bytes], rate: float, seconds: float, seed: int
 ) -> dict[str, Any]:
     """``rate`` requests/s on schedule whatever the answers do; latency from the schedule."""
-    loop = asyncio.get_running_loop()
     rng = random.Random(seed)
     picks = [rng.choice(requests) for _ in range(round(rate * seconds))]
     idle = [await Connection.open(port) for _ in range(8)]
@@ -291,21 +294,21 @@ async def open_loop(
             status = await conn.get(request)
         except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
             errors[type(exc).__name__] += 1
-            latencies.append(loop.time() - due)
+            latencies.append(perf_counter() - due)
             if conn is not None:
                 conn.close()
             return
-        latencies.append(loop.time() - due)
+        latencies.append(perf_counter() - due)
         if status != 200:
             errors[str(status)] += 1
         if not conn.closed:
             idle.append(conn)
 
-    start = loop.time() + 0.05
+    start = perf_counter() + 0.05
     tasks = []
     for i, request in enumerate(picks):
         due = start + i / rate
-        delay = due - loop.time()
+        delay = due - perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(one(due, request)))
@@ -313,10 +316,10 @@ async def open_loop(
     for task in pending:
         task.cancel()
         errors["timeout_30s"] += 1
-        latencies.append(30.0 + (loop.time() - start))  # never answered: worse than any
+        latencies.append(30.0 + (perf_counter() - start))  # never answered: worse than any
     for conn in idle:
         conn.close()
-    out = summary(latencies, errors, loop.time() - start)
+    out = summary(latencies, errors, perf_counter() - start)
     out["target_rate"] = rate
     out["achieved_rate"] = round(len(picks) / ((len(picks) - 1) / rate), 1) if picks else 0.0
     return out
@@ -326,28 +329,27 @@ async def closed_loop(
     port: int, requests: Sequence[bytes], concurrency: int, seconds: float, seed: int
 ) -> dict[str, Any]:
     """``concurrency`` clients, each sending its next request when the last one is answered."""
-    loop = asyncio.get_running_loop()
     latencies: list[float] = []
     errors: Counter[str] = Counter()
     conns = [await Connection.open(port) for _ in range(concurrency)]
-    start = loop.time()
+    start = perf_counter()
     stop_at = start + seconds
 
     async def client(k: int) -> None:
         rng = random.Random(seed * 1000 + k)
         conn = conns[k]
-        while loop.time() < stop_at:
+        while perf_counter() < stop_at:
             request = rng.choice(requests)
-            sent = loop.time()
+            sent = perf_counter()
             try:
                 status = await conn.get(request)
             except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
                 errors[type(exc).__name__] += 1
-                latencies.append(loop.time() - sent)
+                latencies.append(perf_counter() - sent)
                 conn.close()
                 conn = await Connection.open(port)
                 continue
-            latencies.append(loop.time() - sent)
+            latencies.append(perf_counter() - sent)
             if status != 200:
                 errors[str(status)] += 1
             if conn.closed:
@@ -355,7 +357,7 @@ async def closed_loop(
         conn.close()
 
     await asyncio.wait_for(asyncio.gather(*(client(k) for k in range(concurrency))), seconds + 60)
-    out = summary(latencies, errors, loop.time() - start)
+    out = summary(latencies, errors, perf_counter() - start)
     out["concurrency"] = concurrency
     out["rps"] = out["ok"] / out["seconds"] if out["seconds"] else 0.0
     return out

@@ -31,11 +31,16 @@ from tests.support.webhooks import WebhookReceiver
 
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[int]:
-    """One local Ray for the session; yields its Prometheus metrics port."""
+    """One local Ray for the session; yields its Prometheus metrics port.
+
+    Four logical CPUs on two cores, as ``audience up`` does (TRAINING_HEADROOM_CPUS):
+    shards and Serve replicas reserve CPU fractions, and Ray Data training
+    tasks need whole ones beside them.
+    """
     metrics_port = free_port()
     ray.init(
         _metrics_export_port=metrics_port,
-        num_cpus=2,
+        num_cpus=4,
         include_dashboard=False,
         namespace=NAMESPACE,
         logging_level=logging.WARNING,
@@ -72,6 +77,8 @@ def platform(
             allowed_lateness_s=20 * 365 * 86_400,
             webhook_urls=webhook_receiver.url,
             webhook_secret=webhook_receiver.secret,
+            model_poll_s=0.5,
+            item_index_refresh_s=1.0,
             _env_file=None,  # type: ignore[call-arg]
         )
         running = Platform(settings)
