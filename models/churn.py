@@ -23,7 +23,8 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "objective": "binary",
     "learning_rate": 0.03,
     "num_leaves": 7,
-    "min_data_in_leaf": 40,
+    "min_data_in_leaf": 20,
+    "min_data_per_group": 20,
     "feature_fraction": 0.7,
     "lambda_l2": 5.0,
     "cat_smooth": 20,
@@ -114,7 +115,6 @@ class ChurnModel:
         return out
 
 
-
 def _value(v: float) -> float | None:
     return None if np.isnan(v) else float(v)
 
@@ -136,4 +136,6 @@ def _platt(margin: np.ndarray, y: np.ndarray) -> tuple[float, float]:
         a, b = a - step[0], b - step[1]
         if np.abs(step).max() < 1e-8:
             break
-    return float(a), float(b)
+    # A slope <= 0 would turn the booster's order around (noise on a small slice):
+    # keep the order and let the intercept carry the base rate.
+    return max(float(a), 1e-6), float(b)
