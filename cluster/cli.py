@@ -425,6 +425,11 @@ def format_status(status: dict[str, Any]) -> str:
     lines.append("lag per partition: " + (json.dumps(lagging) if lagging else "none"))
     dead = status["dead_letters"]
     lines.append("dead letters: " + (", ".join(f"{k}={v}" for k, v in dead.items()) or "none"))
+    served = [
+        f"{kind} {m['version']}" + (f" ({m['problem']})" if m.get("problem") else "")
+        for kind, m in status.get("models", {}).items()
+    ]
+    lines.append("models: " + (", ".join(served) or "not served"))
     return "\n".join(lines)
 
 

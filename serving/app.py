@@ -560,7 +560,12 @@ class ApiGateway:
         dead = await dead_letter_counts(self._nc.jetstream(), self.config.streams)
         lag = {p: n for s in shards for p, n in s.get("lag", {}).items()}
         producer = self._producer
+        models = {}
+        for kind, handle in ((CHURN, self.churn), (PERSONALIZATION, self.personalizer)):
+            if handle is not None:
+                models[kind] = await handle.model_version.remote()
         return {
+            "models": models,
             "ingest": {
                 "accepted": producer.published_events if producer else 0,
                 "rejected": dict(producer.rejected) if producer else {},

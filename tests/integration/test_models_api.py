@@ -192,3 +192,12 @@ def test_a_promoted_version_is_rolled_out_without_dropping_a_request(
     assert set(versions[:switched]) == {old} and set(versions[switched:]) == {new}
     listed = api.get("/v1/models").json()["churn"]
     assert listed["current"] == new and new in listed["versions"]
+
+
+def test_status_says_which_models_are_served(api: httpx.Client, trained: TrainReport) -> None:
+    from cluster.cli import format_status
+
+    status = api.get("/v1/status").json()
+    assert status["models"]["personalization"]["version"] == trained.versions["personalization"]
+    assert status["models"]["personalization"]["items_indexed"] > 0
+    assert f"personalization {trained.versions['personalization']}" in format_status(status)
