@@ -5,7 +5,10 @@ shortly after the other (co-visitation), and per item how popular it is and
 when it was in use. A shard learns both from its own users, right after each
 apply step: an item a user pushes into its recent-items ring is paired with the
 ``window`` items before it there, weighted ``1/d`` by distance ``d``, in both
-directions. Pair weights wait in a buffer and are folded into sorted
+directions. Each item also has a heat, the log2 of its events' weights
+``2**(ts / half-life)``: comparing heats ranks items by decayed recent activity
+(trending) without a reference time, and shards merge them with ``logaddexp2``.
+Pair weights wait in a buffer and are folded into sorted
 ``(key, weight)`` arrays, pruned to the heaviest ``max_pairs`` so memory stays
 bounded. Shards export partials (top neighbours per item and the item stats,
 with item ids as strings) that serving merges across shards by summing.
@@ -23,6 +26,7 @@ from actors.events import TYPE_CODE, EventType
 from actors.state import DAY_MS, UserStateTable
 
 _NO_TIME = np.iinfo(np.int64).max
+TRENDING_HALF_LIFE_MS = 86_400_000  # an item event counts half as much for trending a day later
 _POSITIVE = [
     TYPE_CODE[t]
     for t in (EventType.LIKE, EventType.SHARE, EventType.ADD_TO_CART, EventType.PURCHASE)
@@ -58,6 +62,7 @@ class ItemGraph:
     def __init__(self, config: ItemGraphConfig | None = None) -> None:
         self.config = config or ItemGraphConfig()
         self.count = np.zeros(0, dtype=np.int64)
+        self.heat = np.zeros(0, dtype=np.float64)  # log2 of sum 2**(ts / half-life): trending
         self.positive = np.zeros(0, dtype=np.int64)  # likes, shares, carts, purchases
         self.first = np.zeros(0, dtype=np.int64)
         self.last = np.zeros(0, dtype=np.int64)
@@ -92,6 +97,7 @@ class ItemGraph:
         self._grow(int(codes.max()) + 1)
         days = ts / DAY_MS
         np.add.at(self.count, codes, 1)
+        np.logaddexp2.at(self.heat, codes, ts / TRENDING_HALF_LIFE_MS)
         np.add.at(self.positive, codes[positive], 1)
         np.minimum.at(self.first, codes, ts)
         np.maximum.at(self.last, codes, ts)
@@ -200,6 +206,7 @@ class ItemGraph:
             "items": [table.item_name(int(c)) for c in items.tolist()],
             "category": [table.category_name(int(c)) for c in self.category[items].tolist()],
             "count": self.count[items],
+            "heat": self.heat[items],
             "positive": self.positive[items],
             "first": self.first[items],
             "last": self.last[items],
@@ -217,6 +224,7 @@ class ItemGraph:
         size = max(n, 2 * have, 1024)
         for name, fill in (
             ("count", 0),
+            ("heat", -np.inf),
             ("positive", 0),
             ("first", _NO_TIME),
             ("last", -_NO_TIME),

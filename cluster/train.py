@@ -23,10 +23,11 @@ from actors.codec import decode
 from actors.errors import AudienceError, UnavailableError, WireError
 from actors.simulator import Simulator
 from models.churn import KIND as CHURN
+from models.evaluation import evaluate_ranking_offline
 from models.history import batch_to_frame
 from models.ranker import KIND as PERSONALIZATION
 from models.registry import ModelRegistry
-from models.training import ChurnPlan, train_churn, train_ranker
+from models.training import ChurnPlan, train_churn
 
 log = logging.getLogger(__name__)
 KINDS = (CHURN, PERSONALIZATION)
@@ -64,9 +65,10 @@ def train_and_register(
         churn, metrics[CHURN] = train_churn(frame, plan or ChurnPlan(), seed=seed)
         versions[CHURN] = registry.save(churn.model, promote=promote)
     if PERSONALIZATION in kinds:
-        ranker, index = train_ranker(frame, labels=ranker_labels, seed=seed)
-        metrics[PERSONALIZATION] = {"items": len(index), "users": int(frame["user_id"].nunique())}
-        ranker.model.meta["metrics"] = metrics[PERSONALIZATION]
+        # Trained without each user's last interaction, which it is then evaluated on.
+        results, ranker = evaluate_ranking_offline(frame, seed=seed, labels=ranker_labels)
+        metrics[PERSONALIZATION] = results
+        ranker.model.meta["metrics"] = results
         versions[PERSONALIZATION] = registry.save(ranker.model, promote=promote)
     return TrainReport(
         versions=versions,
@@ -151,3 +153,16 @@ def describe(report: TrainReport) -> str:
         }
         lines.append(f"{kind:<16} {version}  {shown}")
     return "\n".join(lines)
+
+
+def _short(metrics: dict[str, Any]) -> str:
+    """Metrics in one line: floats rounded, nested groups as ``group.metric``."""
+    parts = []
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            parts += [f"{key}.{k}={v:.4f}" for k, v in value.items() if isinstance(v, float)]
+        elif isinstance(value, float):
+            parts.append(f"{key}={value:.4f}")
+        else:
+            parts.append(f"{key}={value}")
+    return " ".join(parts)

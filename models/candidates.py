@@ -52,6 +52,7 @@ class ItemIndex:
     items: list[str]
     category: list[str | None]
     count: np.ndarray
+    heat: np.ndarray
     positive: np.ndarray
     first: np.ndarray
     last: np.ndarray
@@ -63,6 +64,10 @@ class ItemIndex:
     def __post_init__(self) -> None:
         self.position = {item: i for i, item in enumerate(self.items)}
         self.popular = np.argsort(-self.count, kind="stable")
+        self.trending = np.argsort(-self.heat, kind="stable")
+        self.by_category: dict[str | None, list[int]] = {}
+        for at in self.popular.tolist():  # each category's items, most popular first
+            self.by_category.setdefault(self.category[at], []).append(at)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -86,6 +91,7 @@ class ItemIndex:
             parts.append((ids, p))
         n = len(names)
         count = np.zeros(n, dtype=np.float64)
+        heat = np.full(n, -np.inf)
         positive = np.zeros(n, dtype=np.float64)
         first = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
         last = np.full(n, np.iinfo(np.int64).min, dtype=np.int64)
@@ -93,6 +99,7 @@ class ItemIndex:
         keys, weights = [], []
         for ids, p in parts:
             np.add.at(count, ids, p["count"])
+            np.logaddexp2.at(heat, ids, p["heat"])
             np.add.at(positive, ids, p["positive"])
             np.minimum.at(first, ids, p["first"])
             np.maximum.at(last, ids, p["last"])
@@ -109,6 +116,7 @@ class ItemIndex:
             items=list(names),
             category=[category.get(i) for i in range(n)],
             count=count,
+            heat=heat,
             positive=positive,
             first=first,
             last=last,
@@ -144,11 +152,19 @@ class ItemIndex:
         top = np.argsort(-weights, kind="stable")[:limit]
         return partners[top], weights[top]
 
-    def candidates(self, recent: Sequence[str], per_item: int, popular: int) -> dict[int, str]:
+    def candidates(
+        self,
+        recent: Sequence[str],
+        affinity: dict[str, float],
+        per_item: int,
+        popular: int,
+    ) -> dict[int, str]:
         """Candidate positions for a user, each with the reason that proposed it.
 
-        Co-visited partners of the recent items come first (newest item first),
-        then the most popular items, so a cold user still gets an answer.
+        In order of precedence: co-visited partners of the recent items (newest
+        item first), the most popular items of the user's two favourite
+        categories, trending items, then the most popular items, so a cold user
+        still gets an answer.
         """
         found: dict[int, str] = {}
         for item, at in zip(recent, self.positions(recent).tolist(), strict=True):
@@ -157,6 +173,12 @@ class ItemIndex:
             partners, _ = self.neighbours(at, per_item)
             for p in partners.tolist():
                 found.setdefault(p, f"viewed with {item}")
+        favourite = sorted(affinity, key=lambda c: -affinity[c])[:2]
+        for category in favourite:
+            for p in self.by_category.get(category, [])[:per_item]:
+                found.setdefault(p, f"popular in {category}")
+        for p in self.trending[: popular // 2].tolist():
+            found.setdefault(p, "trending")
         for p in self.popular[:popular].tolist():
             found.setdefault(p, "popular")
         return found

@@ -19,8 +19,6 @@ from models.churn import ChurnModel
 from models.features import TraitEncoder, user_columns
 from models.ranker import Ranker
 
-COLD_START_REASON = "popular"
-
 
 @dataclass(frozen=True)
 class CandidateLimits:
@@ -65,7 +63,7 @@ def churn_answers(
 def propose(index: ItemIndex, rows: UserRows, user: int, limits: CandidateLimits) -> dict[str, str]:
     """Candidate items (id -> why proposed) for one user; the user's recent items excluded."""
     recent = rows.recent[user]
-    found = index.candidates(recent, limits.per_recent_item, limits.popular)
+    found = index.candidates(recent, rows.affinity[user], limits.per_recent_item, limits.popular)
     mine = set(recent)
     return {index.items[p]: why for p, why in found.items() if index.items[p] not in mine}
 
@@ -91,7 +89,7 @@ def recommend(
     out = []
     for i in top.tolist():
         why = candidates[items[i]]
-        if why != COLD_START_REASON and rows.held[user]:
+        if why.startswith("viewed with") and rows.held[user]:
             partner = index.top_partner(rows.recent[user], int(positions[i]))
             why = f"viewed with {partner}" if partner else why
         out.append({"item_id": items[i], "score": float(scores[i]), "reason": why})

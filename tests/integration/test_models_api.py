@@ -130,7 +130,7 @@ def test_recommendations_skip_seen_items_and_say_why(
 def test_an_unknown_user_gets_a_cold_start_answer(api: httpx.Client, trained: TrainReport) -> None:
     body = api.get("/v1/personalize/brand-new-visitor", params={"k": 3}).json()
     assert body["cold_start"] and len(body["items"]) == 3
-    assert {i["reason"] for i in body["items"]} == {"popular"}
+    assert {i["reason"] for i in body["items"]} <= {"popular", "trending"}
     many = api.post("/v1/personalize", json={"user_ids": ["brand-new-visitor"], "k": 2}).json()
     assert len(many["results"][0]["items"]) == 2
 

@@ -144,3 +144,27 @@ def test_speed_paces_event_time_against_wall_time(platform: Platform, tmp_path: 
     assert report.events == 11
     assert report.seconds >= 0.45
     assert seen[-1] == 11 and len(seen) > 1  # published in steps, not in one go
+
+
+def test_training_history_can_be_read_back_from_the_stream(
+    platform: Platform, tmp_path: Path
+) -> None:
+
+    path = tmp_path / "ratings.csv"
+    rows = write_ratings(path, first_user=930_001, users=5, seed=9)
+    frame = read_ratings(path)
+    asyncio.run(replay_history(platform.nats_url, platform.settings.partitions, frame))
+    found = wait_until(lambda: _with_users(platform, frame["user_id"].nunique()))
+    history = found[0]
+    mine = history[history["event_id"].str.startswith("ml-93000")]
+    assert len(mine) == len(rows)
+    assert set(mine["event_id"]) == set(frame["event_id"])
+
+
+def _with_users(platform: Platform, users: int):
+    from cluster.train import stream_history
+
+    history = asyncio.run(stream_history(platform.nats_url, platform.settings.stream))
+    ids = history["user_id"]
+    found = ids[ids.str.startswith("93000")].nunique()
+    return (history,) if found == users else None

@@ -13,7 +13,7 @@ from actors.events import TYPE_CODE, EventType
 from actors.items import ItemGraph, ItemGraphConfig
 from actors.state import StateRules, UserStateTable
 from models.candidates import ItemIndex
-from tests.support.events import random_batch
+from tests.support.events import T0, random_batch
 
 
 def reference_pairs(batch: EventBatch, window: int) -> dict[tuple[str, str], float]:
@@ -137,3 +137,20 @@ def _one(user: str, kind: EventType, ts: int, item: str | None = None) -> EventB
         value=np.array([np.nan]),
         source=np.zeros(1, dtype=np.uint8),
     )
+
+
+def test_heat_ranks_items_by_recent_activity_and_merges_across_shards() -> None:
+    day = 86_400_000
+    old = [("u1", EventType.PAGE_VIEW, T0 + i, "old-hit") for i in range(10)]
+    new = [("u2", EventType.PAGE_VIEW, T0 + 5 * day + i, "new-hit") for i in range(3)]
+    partials = []
+    for rows in (old, new):
+        table, graph = UserStateTable(), ItemGraph()
+        for user, kind, ts, item in rows:
+            batch = _one(user, kind, ts, item)
+            table.apply(batch)
+            graph.observe(table, batch)
+        partials.append(graph.partial(table))
+    index = ItemIndex.merge(partials)
+    assert index.items[index.popular[0]] == "old-hit"  # more events in all
+    assert index.items[index.trending[0]] == "new-hit"  # 3 events 5 days later weigh more
