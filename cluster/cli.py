@@ -32,6 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     try:
         overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
         settings = Settings(**{k: v for k, v in overrides.items() if v is not None})

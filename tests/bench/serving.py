@@ -177,6 +177,9 @@ def start_bare(snapshot_path: Path, port: int, log_path: Path) -> subprocess.Pop
         str(KEEP_ALIVE_S),
     ]
     env = os.environ | {SNAPSHOT_ENV: str(snapshot_path)}
+    # As Ray does for the Serve replicas (num_cpus 0.25 -> OMP_NUM_THREADS=1 unless set):
+    # LightGBM then predicts on one thread, with no OpenMP threads spinning between requests.
+    env.setdefault("OMP_NUM_THREADS", "1")
     with log_path.open("wb") as log:
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
