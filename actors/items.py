@@ -41,15 +41,17 @@ class ItemGraphConfig:
         window: how many earlier recent items each new item is paired with.
         max_pairs: co-visitation pairs kept; the lightest are pruned beyond it.
         compact_every: buffered pair entries that trigger a fold into the arrays.
+        flush_every: observed events that trigger a :meth:`ItemGraph.flush`.
     """
 
     window: int = 20
     max_pairs: int = 4_000_000
     compact_every: int = 1_000_000
+    flush_every: int = 20_000
 
     def __post_init__(self) -> None:
-        if self.window < 1 or self.max_pairs < 1 or self.compact_every < 1:
-            raise ValueError("window, max_pairs and compact_every must be positive")
+        if min(self.window, self.max_pairs, self.compact_every, self.flush_every) < 1:
+            raise ValueError("window, max_pairs, compact_every and flush_every must be positive")
 
 
 class ItemGraph:
@@ -74,22 +76,47 @@ class ItemGraph:
         self._pending_keys: list[np.ndarray] = []
         self._pending_weights: list[np.ndarray] = []
         self._pending = 0
+        self._counts_pending: list[tuple[np.ndarray, ...]] = []
+        self._pairs_pending: list[tuple[np.ndarray, ...]] = []
+        self._pending_events = 0
         self.pruned_pairs = 0
 
     def __len__(self) -> int:
-        """Items with at least one event."""
+        """Items with at least one event (as of the last flush)."""
         return int(np.count_nonzero(self.count))
 
     def observe(self, table: UserStateTable, batch: EventBatch) -> None:
-        """Take in ``batch``, which ``table`` just applied (its ``last_*`` fields)."""
+        """Take in ``batch``, which ``table`` just applied (its ``last_*`` fields).
+
+        The work is deferred to :meth:`flush` (by :meth:`partial`, or the shard's
+        fold): many small apply steps then cost a few large numpy calls, not
+        many small ones on the freshness path. What is kept are references to
+        arrays that the table replaces on its next apply, not views of its state.
+        """
         codes = table.last_item_codes
         has = np.flatnonzero(codes >= 0)
         if has.size:
-            positive = np.isin(batch.type[has], _POSITIVE)
-            self._count_items(codes[has], batch.ts[has], table.last_category_codes[has], positive)
+            self._counts_pending.append(
+                (codes[has], batch.ts[has], table.last_category_codes[has], batch.type[has])
+            )
         push_rows, push_codes = table.last_pushes
         if push_rows.size:
-            self._pair(*table.last_recent_before, push_rows, push_codes)
+            before_rows, before = table.last_recent_before
+            self._pairs_pending.append((before_rows, before, push_rows, push_codes))
+        self._pending_events += len(batch)
+        if self._pending_events >= self.config.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Fold what :meth:`observe` deferred into the item stats and the pair buffer."""
+        counts, self._counts_pending = self._counts_pending, []
+        pairs, self._pairs_pending = self._pairs_pending, []
+        self._pending_events = 0
+        if counts:
+            codes, ts, categories, types = (np.concatenate(c) for c in zip(*counts, strict=True))
+            self._count_items(codes, ts, categories, np.isin(types, _POSITIVE))
+        for step in pairs:  # each step pairs against the rings as they were before it
+            self._pair(*step)
 
     def _count_items(
         self, codes: np.ndarray, ts: np.ndarray, categories: np.ndarray, positive: np.ndarray
@@ -148,6 +175,8 @@ class ItemGraph:
 
     def compact(self) -> None:
         """Fold buffered pairs into the sorted arrays and prune to ``max_pairs``."""
+        if self._pairs_pending or self._counts_pending:
+            self.flush()
         if not self._pending_keys:
             return
         keys = np.concatenate([self._keys, *self._pending_keys])
@@ -189,6 +218,7 @@ class ItemGraph:
         The merge (:func:`models.item_index.ItemIndex.merge`) sums partials of
         several shards; ``top_n`` bounds what crosses the wire.
         """
+        self.flush()
         self.compact()
         items = np.flatnonzero(self.count)
         a = (self._keys >> 32).astype(np.int64)

@@ -203,6 +203,7 @@ class Shard:
         in between change nothing.
         """
         pending, self._unfolded, self._unfolded_events = self._unfolded, [], 0
+        self.items.flush()
         if self.event_now_ms is not None:  # time-driven segment entries and exits
             self.segments.refresh(self.table, self.event_now_ms)
         if pending and not any(p.deleted.size for p in pending):

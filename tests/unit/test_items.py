@@ -32,9 +32,11 @@ def reference_pairs(batch: EventBatch, window: int) -> dict[tuple[str, str], flo
     return weights
 
 
-def graph_of(parts: list[EventBatch], window: int) -> tuple[ItemGraph, UserStateTable]:
+def graph_of(
+    parts: list[EventBatch], window: int, flush_every: int = 20_000
+) -> tuple[ItemGraph, UserStateTable]:
     table = UserStateTable(StateRules(recent_items=window + 1))
-    graph = ItemGraph(ItemGraphConfig(window=window))
+    graph = ItemGraph(ItemGraphConfig(window=window, flush_every=flush_every))
     for part in parts:
         table.apply(part)
         graph.observe(table, part)
@@ -56,10 +58,11 @@ def test_pairs_match_a_plain_loop_however_the_stream_is_batched() -> None:
     for cuts in ([3000], [1, 999, 1000, 1000], [7] * 428 + [4]):
         bounds = np.cumsum([0, *cuts])
         parts = [batch.slice(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
-        got = as_dict(*graph_of(parts, window=4))
-        assert got.keys() == want.keys()
-        for key, weight in want.items():
-            assert got[key] == pytest.approx(weight, rel=1e-5)
+        for flush_every in (1, 20_000):  # folded at once, or deferred over many steps
+            got = as_dict(*graph_of(parts, window=4, flush_every=flush_every))
+            assert got.keys() == want.keys()
+            for key, weight in want.items():
+                assert got[key] == pytest.approx(weight, rel=1e-5)
 
 
 def test_item_counts_times_and_categories_are_kept_per_item() -> None:
