@@ -268,8 +268,8 @@ class Shard:
         return profiles
 
     def user_rows(self, user_ids: Sequence[str]) -> UserRows:
-        """Model-feature state of ``user_ids`` (see ``UserStateTable.user_rows``)."""
-        return self.table.user_rows(user_ids)
+        """Model-feature state of ``user_ids`` as of this shard's newest event time."""
+        return self.table.user_rows(user_ids, self.event_now_ms)
 
     def seen(self, pairs: Sequence[tuple[str, Sequence[str]]]) -> list[list[bool]]:
         """Per (user, items) pair, which of the items the user has touched (may over-report)."""

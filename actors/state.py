@@ -323,11 +323,13 @@ class UserStateTable:
             "traits": dict(self._traits.get(row, {})),
         }
 
-    def user_rows(self, user_ids: Sequence[str]) -> UserRows:
+    def user_rows(self, user_ids: Sequence[str], as_of_ms: int | None = None) -> UserRows:
         """The compact state of ``user_ids`` that model features are computed from.
 
         Serving fetches this from the owning shard, training takes it from a
         replay at each label's cutoff: both then run the same feature code.
+        ``as_of_ms`` is the holder's "now" (a shard's newest event time), kept
+        per row because a request's rows come from several shards.
         """
         rows = self.rows_of(user_ids)
         held = rows >= 0
@@ -338,6 +340,7 @@ class UserStateTable:
         return UserRows(
             user_ids=list(user_ids),
             held=held,
+            as_of=np.full(len(held), _NONE if as_of_ms is None else as_of_ms, dtype=np.int64),
             counts=np.where(held[:, None], self._counts[at], 0),
             first=np.where(held, self._first[at], _NONE),
             last=np.where(held, self._last[at], _NONE),
@@ -572,7 +575,7 @@ class UserStateTable:
 
 
 _ROW_ARRAYS = (
-    "held", "counts", "first", "last", "sessions", "dwell", "revenue",
+    "held", "as_of", "counts", "first", "last", "sessions", "dwell", "revenue",
     "engagement", "days", "last_cart", "last_purchase",
 )  # fmt: skip
 
@@ -588,6 +591,7 @@ class UserRows:
 
     user_ids: list[str]
     held: np.ndarray
+    as_of: np.ndarray  # int64 "now" of the holder (its newest event time), int64 min if none
     counts: np.ndarray  # int32[n, N_TYPES]
     first: np.ndarray
     last: np.ndarray

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from actors.state import UserRows
+from actors.state import UserRows, iso_ms
 from models.candidates import ItemIndex, pair_columns
 from models.churn import ChurnModel
 from models.features import TraitEncoder, user_columns
@@ -34,27 +34,35 @@ class CandidateLimits:
 
 
 def churn_answers(
-    model: ChurnModel, version: str, rows: UserRows, now_ms: int, top_reasons: int = 3
+    model: ChurnModel, version: str, rows: UserRows, top_reasons: int = 3
 ) -> list[dict[str, Any] | None]:
     """Per user, the churn probability with its reasons; None for users the shards do not hold.
 
-    Time features are taken at ``now_ms``, but never before the user's last
-    event (so replayed future-dated history does not read as negative recency).
+    Time features are taken as of the owning shard's newest event time (the
+    stream's "now", which is also what segments use): live traffic reads as
+    wall-clock recency, and a replayed history is scored as of its own end.
     """
     held = np.flatnonzero(rows.held)
     out: list[dict[str, Any] | None] = [None] * len(rows)
     if not held.size:
         return out
     known = rows.take(held.tolist())
-    now = np.maximum(now_ms, known.last)
+    now = np.maximum(known.as_of, known.last)
     columns = user_columns(known, now, TraitEncoder.from_schema(model.schema))
     probability = model.predict(columns)
     reasons = model.reasons(columns, top_reasons)
-    for i, p, why in zip(held.tolist(), probability.tolist(), reasons, strict=True):
+    names = list(columns)
+    values = np.column_stack([columns[n] for n in names])
+    for j, (i, p, why) in enumerate(zip(held.tolist(), probability.tolist(), reasons, strict=True)):
         out[i] = {
             "user_id": rows.user_ids[i],
             "churn_probability": p,
             "reasons": [r.to_dict() for r in why],
+            "as_of": iso_ms(int(now[j])),
+            "features": {
+                n: None if np.isnan(v) else v
+                for n, v in zip(names, values[j].tolist(), strict=True)
+            },
             "model_version": version,
         }
     return out

@@ -128,7 +128,7 @@ class ChurnScorer:
         if model is None:
             return [{"error": "unavailable", "detail": self.follower.problem}] * len(user_ids)
         rows = await self.pool.user_rows(user_ids)
-        answers = churn_answers(model, version, rows, int(time.time() * 1000))
+        answers = churn_answers(model, version, rows)
         return [
             a if a is not None else {"error": "unknown_user", "detail": f"unknown user {u!r}"}
             for u, a in zip(user_ids, answers, strict=True)

@@ -278,6 +278,8 @@ class ChurnAnswer(BaseModel):
     user_id: str
     churn_probability: float = Field(description="Calibrated probability of no activity soon.")
     reasons: list[ChurnReason] = Field(description="Top features raising the score.")
+    as_of: str = Field(description="The time features were taken at: the shard's newest event.")
+    features: dict[str, float | None] = Field(description="Every feature the model saw.")
     model_version: str
 
 

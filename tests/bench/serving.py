@@ -84,7 +84,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--open-seconds", type=float, default=10.0)
     p.add_argument("--concurrency", type=int, default=32, help="closed loop requests in flight")
     p.add_argument("--closed-seconds", type=float, default=8.0)
-    p.add_argument("--warmup-seconds", type=float, default=1.5)
+    p.add_argument(
+        "--warmup-seconds",
+        type=float,
+        default=2.0,
+        help="one request at a time before the runs (its latency is reported as unloaded)",
+    )
     p.add_argument("--check-users", type=int, default=20, help="users whose answers are compared")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument(
@@ -407,10 +412,10 @@ def run_async(coro: Awaitable[T]) -> T:
 def measure(
     port: int, requests: Sequence[bytes], args: argparse.Namespace, pids: dict[str, int]
 ) -> dict[str, Any]:
-    """Warm-up, open loop, closed loop against one server and endpoint."""
+    """Warm-up (one request at a time, kept as the unloaded latency), open loop, closed loop."""
 
     async def go() -> dict[str, Any]:
-        await closed_loop(port, requests, 4, args.warmup_seconds, args.seed + 99)
+        sequential = await closed_loop(port, requests, 1, args.warmup_seconds, args.seed + 99)
         meter = CpuMeter(pids)
         meter.start()
         opened = await open_loop(port, requests, args.rate, args.open_seconds, args.seed)
@@ -418,7 +423,7 @@ def measure(
         meter.start()
         closed = await closed_loop(port, requests, args.concurrency, args.closed_seconds, args.seed)
         closed["cpu_s"] = meter.stop()
-        return {"open_loop": opened, "closed_loop": closed}
+        return {"sequential": sequential, "open_loop": opened, "closed_loop": closed}
 
     return run_async(go())
 
@@ -436,6 +441,14 @@ def _errors(phase: dict[str, Any]) -> str:
     return f"**{phase['errors']} errors** {phase['error_kinds']}"
 
 
+def _overloaded(phase: dict[str, Any]) -> str:
+    return f", the platform not keeping up ({phase['errors']} errors)" if phase["errors"] else ""
+
+
+def _ratio(ours: float | None, ref: float | None) -> str:
+    return f" ({ours / ref:.2f}x)" if ours and ref else ""
+
+
 def _foreign(phase: dict[str, Any]) -> str:
     """CPU that processes outside the benchmark used meanwhile (a busy neighbour)."""
     cpu = phase["cpu_s"]
@@ -450,6 +463,7 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
         e = r["endpoints"][name]
         po, pc = e["platform"]["open_loop"], e["platform"]["closed_loop"]
         bo, bc = e["bare"]["open_loop"], e["bare"]["closed_loop"]
+        ps, bs = e["platform"]["sequential"], e["bare"]["sequential"]
         route = path.split("{")[0] + "{user}"
         p99_ok = po["p99_ms"] is not None and po["p99_ms"] <= TARGETS["p99_ms_at_rate"]
         out.append(
@@ -484,7 +498,9 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                 f"<= {TARGETS['p50_vs_bare']:g}x",
                 _verdict(None if ratio is None else ratio <= TARGETS["p50_vs_bare"]),
                 f"at {rate:g} rps: {_ms(po['p50_ms'])} ms vs {_ms(bo['p50_ms'])} ms "
-                f"(bare GET {bare_path.split('{')[0]}{{user}})",
+                f"(bare GET {bare_path.split('{')[0]}{{user}}){_overloaded(po)}; unloaded "
+                f"(1 in flight, warm-up): {_ms(ps['p50_ms'])} vs {_ms(bs['p50_ms'])} ms"
+                f"{_ratio(ps['p50_ms'], bs['p50_ms'])}",
             )
         )
         out.append(

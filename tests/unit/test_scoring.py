@@ -43,7 +43,7 @@ def test_churn_answers_score_known_users_and_leave_unknown_ones_out(
     )
     user = table.users(1)[0]
     rows = table.user_rows([user, "ghost"])
-    answers = churn_answers(model, "v0003", rows, now_ms=0)
+    answers = churn_answers(model, "v0003", rows)
     assert answers[1] is None
     assert answers[0] is not None and answers[0]["model_version"] == "v0003"
     assert 0 < answers[0]["churn_probability"] < 1
