@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -111,7 +110,7 @@ async def churn(user_id: str) -> Response:
     rows = s.rows.get(user_id)
     if rows is None:
         return _unknown(user_id)
-    answer = churn_answers(s.churn, s.churn_version, rows, int(time.time() * 1000))[0]
+    answer = churn_answers(s.churn, s.churn_version, rows)[0]
     return _unknown(user_id) if answer is None else _json(answer)
 
 

@@ -203,27 +203,19 @@ def stop_process(proc: subprocess.Popen[bytes] | None) -> None:
 def compare_answers(
     platform_url: str, bare_url: str, users: Sequence[str]
 ) -> dict[str, dict[str, Any]]:
-    """Both servers' answers for ``users``: same top-k items, same churn probability."""
+    """Both servers' whole answers for ``users`` (scores, reasons, features): equal or not."""
     out: dict[str, dict[str, Any]] = {}
     with httpx.Client(base_url=platform_url) as p, httpx.Client(base_url=bare_url) as b:
-        same_items = 0
-        for u in users:
-            ours = p.get(ENDPOINTS["personalize"][0].format(u=u), timeout=30).json()
-            ref = b.get(ENDPOINTS["personalize"][1].format(u=u), timeout=30).json()
-            ids = [[i["item_id"] for i in a.get("items", [])] for a in (ours, ref)]
-            same_items += ids[0] == ids[1] and len(ids[0]) > 0
-        out["personalize"] = {"users": len(users), "same_top_k": same_items}
-        diffs = []
-        for u in users:
-            ours = p.get(ENDPOINTS["churn"][0].format(u=u), timeout=30).json()
-            ref = b.get(ENDPOINTS["churn"][1].format(u=u), timeout=30).json()
-            if "churn_probability" in ours and "churn_probability" in ref:
-                diffs.append(abs(ours["churn_probability"] - ref["churn_probability"]))
-        out["churn"] = {
-            "users": len(users),
-            "answered_by_both": len(diffs),
-            "max_abs_probability_diff": max(diffs) if diffs else None,
-        }
+        for name, (ours_path, ref_path) in ENDPOINTS.items():
+            same, differ = 0, []
+            for u in users:
+                ours = p.get(ours_path.format(u=u), timeout=30)
+                ref = b.get(ref_path.format(u=u), timeout=30)
+                if ours.status_code == ref.status_code == 200 and ours.json() == ref.json():
+                    same += 1
+                else:
+                    differ.append(u)
+            out[name] = {"users": len(users), "same_answer": same, "differ": differ[:5]}
     return out
 
 
@@ -529,9 +521,10 @@ def markdown(r: dict[str, Any]) -> str:
         f"trained {CHURN} {s['versions'][CHURN]} and {PERSONALIZATION} "
         f"{s['versions'][PERSONALIZATION]} and replayed into {s['shards']} shards "
         f"(P={s['partitions']}); {s['benchmark_users']:,} live users requested at random; "
-        f"{s['items_indexed']:,} items indexed. Same answers on {check['personalize']['users']} "
-        f"users: top-k {check['personalize']['same_top_k']}/{check['personalize']['users']}, "
-        f"churn max |diff| {_num(check['churn']['max_abs_probability_diff'], 6)}. "
+        f"{s['items_indexed']:,} items indexed. Identical answers from both servers "
+        f"(whole JSON: scores, reasons, features): churn {check['churn']['same_answer']}/"
+        f"{check['churn']['users']}, personalize {check['personalize']['same_answer']}/"
+        f"{check['personalize']['users']} users. "
         "The bare app is one uvicorn worker scoring one user per request from a snapshot "
         "of the same features (no Ray Serve, no shard calls)."
     )
