@@ -80,6 +80,7 @@ class ItemGraph:
         self._pairs_pending: list[tuple[np.ndarray, ...]] = []
         self._pending_events = 0
         self.pruned_pairs = 0
+        self.version = 0  # bumped by every observe: partials of equal versions are equal
 
     def __len__(self) -> int:
         """Items with at least one event (as of the last flush)."""
@@ -104,6 +105,7 @@ class ItemGraph:
             before_rows, before = table.last_recent_before
             self._pairs_pending.append((before_rows, before, push_rows, push_codes))
         self._pending_events += len(batch)
+        self.version += 1
         if self._pending_events >= self.config.flush_every:
             self.flush()
 

@@ -131,9 +131,19 @@ class ShardPool:
                 out[index] = row
         return out
 
-    async def item_partials(self, top_n: int) -> list[dict[str, Any]]:
-        """Every shard's item partial (one call per shard), for the item index merge."""
-        return list(await asyncio.gather(*(h.item_partial.remote(top_n) for h in self.handles)))
+    async def item_partials(
+        self, top_n: int, known: Sequence[int | None] | None = None
+    ) -> list[dict[str, Any] | None]:
+        """Every shard's item partial (one call per shard), for the item index merge.
+
+        With ``known`` (the versions the caller holds, per shard), a shard whose
+        items did not change answers None instead of its partial.
+        """
+        versions = list(known) if known is not None else [None] * len(self.handles)
+        calls = (
+            h.item_partial.remote(top_n, v) for h, v in zip(self.handles, versions, strict=True)
+        )
+        return list(await asyncio.gather(*calls))
 
     async def users(self, limit: int) -> list[str]:
         """Up to ``limit`` known user ids, drawn from every shard."""

@@ -275,9 +275,15 @@ class Shard:
         """Per (user, items) pair, which of the items the user has touched (may over-report)."""
         return [self.table.seen(user, items).tolist() for user, items in pairs]
 
-    def item_partial(self, top_n: int = 100) -> dict[str, Any]:
-        """Item stats and co-visitation of this shard's users, for the serving merge."""
-        return self.items.partial(self.table, top_n)
+    def item_partial(self, top_n: int = 100, known: int | None = None) -> dict[str, Any] | None:
+        """Item stats and co-visitation of this shard's users, for the serving merge.
+
+        None when nothing changed since the partial of version ``known`` (the
+        caller keeps that one): an idle shard costs the merge nothing.
+        """
+        if known is not None and known == self.items.version:
+            return None
+        return {**self.items.partial(self.table, top_n), "version": self.items.version}
 
     def status(self) -> dict[str, Any]:
         """Counters for operators: applied events, users, positions, freshness."""

@@ -128,9 +128,9 @@ class ShardActor:
         """Which candidate items each user has touched (see ``Shard.seen``)."""
         return self.shard.seen(pairs)
 
-    async def item_partial(self, top_n: int) -> dict[str, Any]:
+    async def item_partial(self, top_n: int, known: int | None = None) -> dict[str, Any] | None:
         """Item stats and co-visitation partial of this shard (see ``Shard.item_partial``)."""
-        return self.shard.item_partial(top_n)
+        return self.shard.item_partial(top_n, known)
 
     async def insights_partials(self) -> dict[str, Any]:
         """This shard's insights partials (see ``Shard.insights_partials``), for the merge."""

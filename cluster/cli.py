@@ -10,7 +10,9 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
+import subprocess
 import sys
 import threading
 import urllib.error
@@ -100,6 +102,9 @@ def _parser() -> argparse.ArgumentParser:
         "--from-stream", action="store_true", help="every event in the running platform's stream"
     )
     source.add_argument("--simulated-users", type=int, help="train on simulated history")
+    source.add_argument(
+        "--demo", action="store_true", help="the demo's models, if the registry has none"
+    )
     train.add_argument("--movies", type=Path, help="MovieLens movies.csv (categories)")
     train.add_argument("--kind", choices=["churn", "personalization", "both"], default="both")
     train.add_argument(
@@ -138,14 +143,16 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
     from cluster.launcher import Platform
 
     platform = Platform(settings)
+    trainer: subprocess.Popen[bytes] | None = None
     stop = threading.Event()
+    signalled: list[int] = []  # appended by the handlers: no locks in a signal handler
     # While starting, a signal unwinds through Platform.start, which stops what
     # it started; once up, it only asks the main thread to stop.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         info = platform.start()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        signal.signal(signal.SIGTERM, lambda signum, _: signalled.append(signum))
+        signal.signal(signal.SIGINT, lambda signum, _: signalled.append(signum))
         print(f"NATS      {info.nats_url}")
         print(f"API       {info.http_url}   (docs: {info.http_url}/docs)")
         print(f"dashboard {info.http_url}/dashboard")
@@ -156,36 +163,47 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
         if demo is not None:
             print(f"demo      {settings.demo_rate:.0f} events/s over {settings.demo_users} users")
             if settings.serve_models:
-                _train_demo_models(settings)
+                trainer = _train_demo_models(settings)
         print("ready     press Ctrl-C to stop", flush=True)
-        stop.wait()
+        # Event.set from a handler can deadlock with a second signal arriving
+        # inside it (both take the Event's lock): poll a list instead.
+        while not signalled and not stop.wait(0.2):
+            pass
+        stop.set()
         print("stopping...", flush=True)
         if demo is not None:
             demo.join(timeout=10)
     finally:
+        _stop_child(trainer)
         platform.stop()
     print("stopped", flush=True)
     return 0
 
 
-def _train_demo_models(settings: Settings) -> threading.Thread:
-    """Train models on simulated history in the background if the registry has none."""
-    from cluster.train import describe, train_demo_models
+def _train_demo_models(settings: Settings) -> subprocess.Popen[bytes]:
+    """Train models on simulated history in a child process if the registry has none.
 
-    def run() -> None:
-        try:
-            report = train_demo_models(settings.registry_path, settings.demo_users)
-        except Exception as exc:  # the platform keeps running; say why there is no model
-            print(f"models    demo training failed: {exc}", file=sys.stderr, flush=True)
-            return
-        if report is None:
-            print(f"models    loaded from {settings.registry_path}", flush=True)
-        else:
-            print("models    " + describe(report).replace("\n", "\n          "), flush=True)
+    A child, attached to this platform's Ray, so that stopping is prompt and
+    clean: it is interrupted like the rest, never left using a Ray being shut down.
+    """
+    import ray
 
-    thread = threading.Thread(target=run, name="demo-training", daemon=True)
-    thread.start()
-    return thread
+    env = {**os.environ, "AUDIENCE_RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    env["AUDIENCE_DATA_DIR"] = str(settings.data_dir)
+    env["AUDIENCE_REGISTRY_DIR"] = str(settings.registry_path)
+    return subprocess.Popen([sys.executable, "-m", "cluster.cli", "train", "--demo"], env=env)
+
+
+def _stop_child(child: subprocess.Popen[bytes] | None) -> None:
+    """Interrupt a child process and wait for it, killing it if it lingers."""
+    if child is None or child.poll() is not None:
+        return
+    child.send_signal(signal.SIGINT)
+    try:
+        child.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -297,14 +315,26 @@ def _platform_nats(args: argparse.Namespace, settings: Settings) -> tuple[str, i
 
 
 def _train(args: argparse.Namespace, settings: Settings) -> int:
-    from cluster.train import KINDS, describe, ensure_ray, train_and_register
+    from cluster.train import KINDS, describe, ensure_ray, train_and_register, train_demo_models
     from models.registry import ModelRegistry
     from models.training import ChurnPlan
 
+    if args.demo:
+        started = ensure_ray(settings.num_cpus, settings.ray_address)
+        try:
+            demo = train_demo_models(settings.registry_path, settings.demo_users)
+        finally:
+            if started:
+                import ray
+
+                ray.shutdown()
+        shown = describe(demo) if demo else f"loaded from {settings.registry_path}"
+        print("models    " + shown.replace("\n", "\n          "), flush=True)
+        return 0
     frame = _history(args, settings)
     kinds = KINDS if args.kind == "both" else (args.kind,)
     plan = ChurnPlan(horizon_days=args.horizon_days or settings.churn_horizon_days)
-    started = ensure_ray(settings.num_cpus)
+    started = ensure_ray(settings.num_cpus, settings.ray_address)
     try:
         report = train_and_register(
             frame,

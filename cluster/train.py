@@ -121,10 +121,13 @@ async def stream_history(nats_url: str, stream: str, timeout_s: float = 30.0) ->
         await nc.close()
 
 
-def ensure_ray(num_cpus: int | None = None) -> bool:
-    """Start a local Ray for Ray Data unless one runs; True when this call started it."""
+def ensure_ray(num_cpus: int | None = None, address: str = "local") -> bool:
+    """Connect to Ray for Ray Data (``address``, or a new local one); True when this call did."""
     if ray.is_initialized():
         return False
+    if address != "local":
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        return True
     ray.init(
         num_cpus=num_cpus,
         include_dashboard=False,
@@ -148,10 +151,7 @@ def describe(report: TrainReport) -> str:
     """A few lines for the terminal."""
     lines = [f"trained on {report.events} events of {report.users} users in {report.seconds:.1f} s"]
     for kind, version in report.versions.items():
-        shown = {
-            k: round(v, 4) if isinstance(v, float) else v for k, v in report.metrics[kind].items()
-        }
-        lines.append(f"{kind:<16} {version}  {shown}")
+        lines.append(f"{kind:<16} {version}  {_short(report.metrics[kind])}")
     return "\n".join(lines)
 
 

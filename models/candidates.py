@@ -65,6 +65,12 @@ class ItemIndex:
         self.position = {item: i for i, item in enumerate(self.items)}
         self.popular = np.argsort(-self.count, kind="stable")
         self.trending = np.argsort(-self.heat, kind="stable")
+        n = len(self.items)
+        partner_of = self.keys // max(n, 1)
+        order = np.lexsort((-self.weights, partner_of))  # per item, heaviest partner first
+        self._partners = (self.keys[order] - partner_of[order] * n).astype(np.int64)
+        self._partner_weights = self.weights[order]
+        self._offsets = np.searchsorted(partner_of[order], np.arange(n + 1))
         self.by_category: dict[str | None, list[int]] = {}
         for at in self.popular.tolist():  # each category's items, most popular first
             self.by_category.setdefault(self.category[at], []).append(at)
@@ -146,11 +152,9 @@ class ItemIndex:
 
     def neighbours(self, a: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``limit`` heaviest co-visited partners of item position ``a`` and their weights."""
-        n = len(self.items)
-        lo, hi = np.searchsorted(self.keys, [a * n, (a + 1) * n])
-        partners, weights = self.keys[lo:hi] - a * n, self.weights[lo:hi]
-        top = np.argsort(-weights, kind="stable")[:limit]
-        return partners[top], weights[top]
+        lo = int(self._offsets[a])
+        hi = min(int(self._offsets[a + 1]), lo + limit)
+        return self._partners[lo:hi], self._partner_weights[lo:hi]
 
     def candidates(
         self,

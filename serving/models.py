@@ -121,7 +121,7 @@ class ChurnScorer:
         """The version served and why none is, if none."""
         return {"version": self.follower.version, "problem": self.follower.problem}
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0005, max_concurrent_batches=4)
     async def score(self, user_ids: list[str]) -> list[dict[str, Any]]:
         """One answer per user: the score, or ``{"error": ...}`` saying why there is none."""
         model, version = self.follower.model, self.follower.version
@@ -159,20 +159,34 @@ class Personalizer:
                 self._index_task = asyncio.get_running_loop().create_task(self._refresh_index())
 
     async def _refresh_index(self) -> None:
-        """Merge the shards' item partials into a fresh index, on a timer."""
+        """Merge the shards' item partials into a fresh index, on a timer.
+
+        Only when a shard's items changed, and never more often than five times
+        the last merge took, so the merge stays a small share of a replica's CPU.
+        """
+        partials: list[dict[str, Any] | None] = [None] * len(self.pool.handles)
         while True:
+            pause = self.config.item_refresh_s
             try:
-                partials = await self.pool.item_partials(self.config.item_top_n)
-                self.index = await asyncio.to_thread(ItemIndex.merge, partials)
+                known = [p["version"] if p else None for p in partials]
+                fresh = await self.pool.item_partials(self.config.item_top_n, known)
+                if any(f is not None for f in fresh):
+                    partials = [
+                        f if f is not None else p for f, p in zip(fresh, partials, strict=True)
+                    ]
+                    started = time.perf_counter()
+                    merged = [p for p in partials if p is not None]
+                    self.index = await asyncio.to_thread(ItemIndex.merge, merged)
+                    pause = max(pause, 5 * (time.perf_counter() - started))
                 self.index_at = time.time()
             except Exception:  # a restarting shard: keep the last index
                 log.warning("could not refresh the item index", exc_info=True)
-            await asyncio.sleep(self.config.item_refresh_s)
+            await asyncio.sleep(pause)
 
     def _header(self) -> dict[str, Any]:
         return {"model_version": self.follower.version, "items_indexed": len(self.index)}
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)  # type: ignore[arg-type]
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0005, max_concurrent_batches=4)  # type: ignore[arg-type]
     async def recommend(  # type: ignore[misc]
         self, user_ids: list[str], ks: list[int]
     ) -> list[dict[str, Any]]:
@@ -198,7 +212,7 @@ class Personalizer:
             )
         return out
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)  # type: ignore[arg-type]
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0005, max_concurrent_batches=4)  # type: ignore[arg-type]
     async def rank(  # type: ignore[misc]
         self, user_ids: list[str], items: list[list[str]]
     ) -> list[dict[str, Any]]:

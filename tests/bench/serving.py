@@ -150,7 +150,7 @@ async def take_snapshot(
     pool = platform.pool
     assert pool is not None
     rows = await pool.user_rows(users)
-    index = ItemIndex.merge(await pool.item_partials(ITEM_TOP_N))
+    index = ItemIndex.merge([p for p in await pool.item_partials(ITEM_TOP_N) if p])
     limits = CandidateLimits()
     held = [i for i in range(len(users)) if rows.held[i]]
     proposed = {i: list(propose(index, rows, i, limits)) for i in held}

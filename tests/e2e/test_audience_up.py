@@ -104,6 +104,7 @@ def test_up_serves_the_api_and_ctrl_c_stops_every_process(audience_up: Running) 
 
     family = psutil.Process(audience_up.process.pid).children(recursive=True)
     os.killpg(audience_up.process.pid, signal.SIGINT)  # Ctrl-C, as a terminal sends it
+    os.killpg(audience_up.process.pid, signal.SIGINT)  # and again, as impatient people do
     assert audience_up.process.wait(60) == 0, "\n".join(audience_up.lines[-20:])
     assert not [line for line in audience_up.lines if "Traceback" in line], audience_up.lines
     wait_until(lambda: "stopped" in audience_up.lines, timeout_s=10)

@@ -88,3 +88,21 @@ def test_reranking_returns_every_item_ordered_by_the_models_score(
     want = ranker.score(pair_columns(index, rows, 0, index.positions(items)))
     assert [r["score"] for r in ranked] == sorted(want.tolist(), reverse=True)
     assert [r["known_item"] for r in ranked if r["item_id"] == "never-seen-item"] == [False]
+
+
+def test_neighbours_are_the_heaviest_partners_first(live: tuple[UserStateTable, ItemIndex]) -> None:
+    _, index = live
+    a = int(index.popular[0])
+    partners, weights = index.neighbours(a, 5)
+    all_weights = index.covis(np.full(len(index), a), np.arange(len(index)))
+    assert weights.tolist() == sorted(all_weights[all_weights > 0], reverse=True)[:5]
+    assert np.allclose(index.covis(np.full(5, a), partners), weights)
+
+
+def test_the_ranker_sees_at_most_the_scored_limit_of_candidates(
+    live: tuple[UserStateTable, ItemIndex],
+) -> None:
+    table, index = live
+    rows = table.user_rows([table.users(1)[0]])
+    found = propose(index, rows, 0, CandidateLimits(per_recent_item=20, popular=50, scored=7))
+    assert len(found) == 7
