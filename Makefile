@@ -41,6 +41,7 @@ $(BENCH_STAMP): pyproject.toml
 
 bench: install $(BENCH_STAMP)
 	$(PY) -m tests.bench.pipeline --reference-python $(BENCH_VENV)/bin/python
+	$(PY) -m tests.bench.serving --out bench-results
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .mypy_cache .ruff_cache bench-results

@@ -9,8 +9,8 @@ directions. Each item also has a heat, the log2 of its events' weights
 ``2**(ts / half-life)``: comparing heats ranks items by decayed recent activity
 (trending) without a reference time, and shards merge them with ``logaddexp2``.
 Pair weights wait in a buffer and are folded into sorted
-``(key, weight)`` arrays, pruned to the heaviest ``max_pairs`` so memory stays
-bounded. Shards export partials (top neighbours per item and the item stats,
+``(key, weight)`` arrays (one key per unordered pair), pruned to the heaviest
+``max_pairs`` so memory stays bounded. Shards export partials (top neighbours per item and the item stats,
 with item ids as strings) that serving merges across shards by summing.
 """
 
@@ -46,7 +46,7 @@ class ItemGraphConfig:
 
     window: int = 20
     max_pairs: int = 4_000_000
-    compact_every: int = 1_000_000
+    compact_every: int = 4_000_000
     flush_every: int = 20_000
 
     def __post_init__(self) -> None:
@@ -166,8 +166,8 @@ class ItemGraph:
             ok = (rows[:-d] == rows[d:]) & new[d:] & (a != b)
             a, b = a[ok], b[ok]
             if a.size:
-                keys += [(a << 32) | b, (b << 32) | a]
-                weights.append(np.full(2 * a.size, 1.0 / d, dtype=np.float32))
+                keys.append((np.minimum(a, b) << 32) | np.maximum(a, b))  # one key per pair
+                weights.append(np.full(a.size, 1.0 / d, dtype=np.float32))
         if keys:
             self._pending_keys.append(np.concatenate(keys))
             self._pending_weights.append(np.concatenate(weights))
@@ -223,10 +223,12 @@ class ItemGraph:
         self.flush()
         self.compact()
         items = np.flatnonzero(self.count)
-        a = (self._keys >> 32).astype(np.int64)
-        b = (self._keys & 0xFFFFFFFF).astype(np.int64)
-        order = np.lexsort((-self._weights, a))
-        a, b, w = a[order], b[order], self._weights[order]
+        lo = (self._keys >> 32).astype(np.int64)
+        hi = (self._keys & 0xFFFFFFFF).astype(np.int64)
+        a, b = np.concatenate([lo, hi]), np.concatenate([hi, lo])  # both directions
+        w = np.concatenate([self._weights, self._weights])
+        order = np.lexsort((-w, a))
+        a, b, w = a[order], b[order], w[order]
         if a.size:
             starts = np.r_[0, np.flatnonzero(a[1:] != a[:-1]) + 1]
             rank = np.arange(a.size) - np.repeat(starts, np.diff(np.r_[starts, a.size]))

@@ -230,9 +230,8 @@ class UserStateTable:
         """Merge each event's traits into its user's, in arrival order (later keys win)."""
         if not any(traits):
             return
-        for row, sent in zip(rows.tolist(), traits, strict=True):
-            if sent:
-                self._traits.setdefault(row, {}).update(sent)
+        for i in [i for i, sent in enumerate(traits) if sent]:  # few events carry traits
+            self._traits.setdefault(int(rows[i]), {}).update(traits[i])  # type: ignore[arg-type]
 
     def _seen_bits(self, rows: np.ndarray, codes: np.ndarray) -> np.ndarray:
         """Bit positions (``_SEEN_HASHES`` per pair) of (row, generation, item) pairs."""
