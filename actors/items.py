@@ -10,8 +10,9 @@ directions. Each item also has a heat, the log2 of its events' weights
 (trending) without a reference time, and shards merge them with ``logaddexp2``.
 Pair weights wait in a buffer and are folded into sorted
 ``(key, weight)`` arrays (one key per unordered pair), pruned to the heaviest
-``max_pairs`` so memory stays bounded. Shards export partials (top neighbours per item and the item stats,
-with item ids as strings) that serving merges across shards by summing.
+``max_pairs`` so memory stays bounded. Shards export partials (top neighbours
+per item and the item stats, with item ids as strings) that serving merges
+across shards by summing.
 """
 
 from __future__ import annotations
