@@ -81,10 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     sim.set_defaults(run=_simulate)
 
     rep = commands.add_parser("replay", help="publish recorded history (MovieLens, event files)")
-    history = rep.add_mutually_exclusive_group(required=True)
-    history.add_argument("--ratings", type=Path, help="MovieLens ratings.csv")
-    history.add_argument("--events", type=Path, help="events as JSON lines or Parquet")
-    rep.add_argument("--movies", type=Path, help="MovieLens movies.csv (categories)")
+    _history_arguments(rep)
     rep.add_argument(
         "--speed", type=float, default=0.0, help="event time per wall time; 0: as fast as possible"
     )
@@ -95,9 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     rep.set_defaults(run=_replay)
 
     train = commands.add_parser("train", help="train the churn and personalization models")
-    source = train.add_mutually_exclusive_group(required=True)
-    source.add_argument("--ratings", type=Path, help="MovieLens ratings.csv")
-    source.add_argument("--events", type=Path, help="events as JSON lines or Parquet")
+    source = _history_arguments(train)
     source.add_argument(
         "--from-stream", action="store_true", help="every event in the running platform's stream"
     )
@@ -105,7 +100,6 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument(
         "--demo", action="store_true", help="the demo's models, if the registry has none"
     )
-    train.add_argument("--movies", type=Path, help="MovieLens movies.csv (categories)")
     train.add_argument("--kind", choices=["churn", "personalization", "both"], default="both")
     train.add_argument(
         "--horizon-days", type=float, help="churn horizon (AUDIENCE_CHURN_HORIZON_DAYS)"
@@ -137,6 +131,15 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print raw JSON")
     status.set_defaults(run=_status)
     return parser
+
+
+def _history_arguments(parser: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:
+    """--ratings / --events (one of them required) and --movies; the group, to add sources to."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ratings", type=Path, help="MovieLens ratings.csv")
+    source.add_argument("--events", type=Path, help="events as JSON lines or Parquet")
+    parser.add_argument("--movies", type=Path, help="MovieLens movies.csv (categories)")
+    return source
 
 
 def _up(args: argparse.Namespace, settings: Settings) -> int:
@@ -240,16 +243,10 @@ def _start_demo(settings: Settings, nats_url: str, stop: threading.Event) -> thr
 
 
 def _simulate(args: argparse.Namespace, settings: Settings) -> int:
-    from cluster.launcher import RuntimeInfo, policy_of
+    from cluster.launcher import find_nats, policy_of
     from cluster.simulate import publish_simulation
 
-    nats_url = args.nats_url or (None if settings.embedded_nats else settings.nats_url)
-    partitions = settings.partitions
-    if nats_url is None:
-        info = RuntimeInfo.load(settings.data_dir)
-        if info is None:
-            return _fail("no running `audience up` found; start one or pass --nats-url")
-        nats_url, partitions = info.nats_url, info.partitions
+    nats_url, partitions = find_nats(settings, args.nats_url)
     report = asyncio.run(
         publish_simulation(
             nats_url,
@@ -289,7 +286,9 @@ def _history(args: argparse.Namespace, settings: Settings) -> Any:
         return read_history(args.events)
     if args.simulated_users is not None:
         return simulated_history(args.simulated_users, days=60, seed=args.seed, end_ms=_now_ms())
-    nats_url, _ = _platform_nats(args, settings)
+    from cluster.launcher import find_nats
+
+    nats_url, _ = find_nats(settings, args.nats_url)
     return asyncio.run(stream_history(nats_url, settings.stream))
 
 
@@ -297,21 +296,6 @@ def _now_ms() -> int:
     import time
 
     return int(time.time() * 1000)
-
-
-def _platform_nats(args: argparse.Namespace, settings: Settings) -> tuple[str, int]:
-    """NATS URL and partitions: from the arguments, the settings, or the running platform."""
-    from cluster.launcher import RuntimeInfo
-
-    nats_url = getattr(args, "nats_url", None) or (
-        None if settings.embedded_nats else settings.nats_url
-    )
-    if nats_url is not None:
-        return nats_url, settings.partitions
-    info = RuntimeInfo.load(settings.data_dir)
-    if info is None:
-        raise AudienceError("no running `audience up` found; start one or pass --nats-url")
-    return info.nats_url, info.partitions
 
 
 def _train(args: argparse.Namespace, settings: Settings) -> int:

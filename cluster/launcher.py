@@ -23,7 +23,7 @@ import ray
 from ray import serve
 
 from actors.conversion import FunnelSpec
-from actors.errors import UnavailableError
+from actors.errors import AudienceError, UnavailableError
 from actors.jetstream import StreamNames, ensure_streams
 from actors.pool import NAMESPACE, PoolSpec, ShardPool
 from actors.validation import ValidationPolicy
@@ -63,6 +63,21 @@ class RuntimeInfo:
             return cls(**json.loads(cls.path(data_dir).read_text()))
         except (OSError, ValueError, TypeError):
             return None
+
+
+def find_nats(settings: Settings, nats_url: str | None = None) -> tuple[str, int]:
+    """NATS URL and partition count: given, from the settings, or from the running ``up``.
+
+    Raises:
+        AudienceError: nothing given, embedded NATS, and no running platform found.
+    """
+    nats_url = nats_url or (None if settings.embedded_nats else settings.nats_url)
+    if nats_url is not None:
+        return nats_url, settings.partitions
+    info = RuntimeInfo.load(settings.data_dir)
+    if info is None:
+        raise AudienceError("no running `audience up` found; start one or pass --nats-url")
+    return info.nats_url, info.partitions
 
 
 def streams_of(settings: Settings) -> StreamNames:

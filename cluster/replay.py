@@ -262,18 +262,12 @@ def load_frame(
 
 def command(args: argparse.Namespace, settings: Settings) -> int:
     """``audience replay``: read the history, find the platform, publish, summarise."""
-    from cluster.launcher import RuntimeInfo, policy_of
+    from cluster.launcher import find_nats, policy_of
 
     if args.speed < 0:
         raise ReplayError(f"--speed must be >= 0, got {args.speed}")
     frame = load_frame(args.ratings, args.events, args.movies, args.holdout_last)
-    nats_url = args.nats_url or (None if settings.embedded_nats else settings.nats_url)
-    partitions = settings.partitions
-    if nats_url is None:
-        info = RuntimeInfo.load(settings.data_dir)
-        if info is None:
-            raise ReplayError("no running `audience up` found; start one or pass --nats-url")
-        nats_url, partitions = info.nats_url, info.partitions
+    nats_url, partitions = find_nats(settings, args.nats_url)
     bar = ProgressBar(sys.stderr)
     try:
         report = asyncio.run(

@@ -101,10 +101,7 @@ def recommend(
     if not items:
         return []
     positions = index.positions(items)
-    if ranker is None or not rows.held[user]:
-        scores = np.log1p(np.where(positions >= 0, index.count[np.maximum(positions, 0)], 0.0))
-    else:
-        scores = ranker.score(pair_columns(index, rows, user, positions))
+    scores = _scores(ranker, index, rows, user, positions)
     top = np.argsort(-scores, kind="stable")[:k]
     out = []
     for i in top.tolist():
@@ -123,12 +120,18 @@ def rank_items(
     if not items:
         return []
     positions = index.positions(items)
-    if ranker is None or not rows.held[user]:
-        scores = np.log1p(np.where(positions >= 0, index.count[np.maximum(positions, 0)], 0.0))
-    else:
-        scores = ranker.score(pair_columns(index, rows, user, positions))
+    scores = _scores(ranker, index, rows, user, positions)
     order = np.argsort(-scores, kind="stable")
     return [
         {"item_id": items[i], "score": float(scores[i]), "known_item": bool(positions[i] >= 0)}
         for i in order.tolist()
     ]
+
+
+def _scores(
+    ranker: Ranker | None, index: ItemIndex, rows: UserRows, user: int, positions: np.ndarray
+) -> np.ndarray:
+    """The ranker's scores, or log popularity for a cold user or when no model is loaded."""
+    if ranker is None or not rows.held[user]:
+        return np.log1p(np.where(positions >= 0, index.count[np.maximum(positions, 0)], 0.0))
+    return ranker.score(pair_columns(index, rows, user, positions))
