@@ -181,10 +181,16 @@ class Shard:
         return result
 
     def _update_segments(self, batch: EventBatch, rows: np.ndarray, deleted: np.ndarray) -> None:
-        """Move event time on and re-evaluate the segments of the rows this batch touched."""
-        newest = int(np.max(batch.ts))
-        if self.event_now_ms is None or newest > self.event_now_ms:
+        """Move event time on and re-evaluate the segments of the rows this batch touched.
+
+        A deletion is not activity: its time does not move "now".
+        """
+        activity = batch.ts[batch.type != _DELETED]
+        newest = int(np.max(activity)) if activity.size else None
+        if newest is not None and (self.event_now_ms is None or newest > self.event_now_ms):
             self.event_now_ms = newest
+        if self.event_now_ms is None:
+            return  # only deletions of users never seen: no segment to leave
         touched = np.unique(np.concatenate([rows[rows >= 0], deleted[deleted >= 0]]))
         self.segments.update(self.table, touched, self.event_now_ms)
 

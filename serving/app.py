@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path as PathLib
@@ -299,6 +300,52 @@ class ApiGateway:
         if profile is None:
             return _error(404, f"unknown user {user_id!r}")
         return Response(orjson.dumps(profile), media_type="application/json")
+
+    @app.delete(
+        "/v1/users/{user_id}",
+        responses={
+            202: {"description": "Deletion published; the shard had not applied it in time."},
+            503: {"description": "NATS unavailable; retry after the given seconds."},
+        },
+        summary="Forget a user: publish user_deleted and wait until its shard has applied it",
+    )
+    async def delete_user(
+        self,
+        user_id: Annotated[str, Path(min_length=1, max_length=MAX_ID_LENGTH)],
+        wait_s: Annotated[
+            float, Query(ge=0, le=60, description="How long to wait for the confirmation.")
+        ] = 10.0,
+    ) -> Response:
+        """``user_deleted`` is an event like any other: it goes through the stream, so the
+        deletion holds after a shard restarts and replays. 200 once the owning shard no
+        longer holds the user, 202 if that did not happen within ``wait_s``.
+        """
+        (before,) = await self.pool.profiles([user_id])
+        producer = await self._connected()
+        event = {
+            "event_id": f"delete-{uuid.uuid4().hex}",
+            "user_id": user_id,
+            "type": "user_deleted",
+            "ts": iso_ms(int(time.time() * 1000)),
+            "source": "server",
+        }
+        checked = parse_events(orjson.dumps([event]), self.config.policy)
+        await producer.publish_checked(checked)
+        await producer.flush()
+        deadline = time.monotonic() + wait_s
+        while True:
+            (profile,) = await self.pool.profiles([user_id])
+            if profile is None:
+                body = {"user_id": user_id, "deleted": True, "was_known": before is not None}
+                return Response(orjson.dumps(body), media_type="application/json")
+            if time.monotonic() >= deadline:
+                body = {
+                    "user_id": user_id,
+                    "deleted": False,
+                    "detail": "published, not yet applied",
+                }
+                return Response(orjson.dumps(body), status_code=202, media_type="application/json")
+            await asyncio.sleep(0.05)
 
     async def _merged_insights(self) -> tuple[float, Insights]:
         """The cached merge of the shards' partials; starts the merge timer on first use."""

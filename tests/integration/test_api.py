@@ -132,3 +132,16 @@ def test_a_sample_of_user_ids_can_be_listed_and_bad_limits_get_422(api: httpx.Cl
     assert len(api.get("/v1/users", params={"limit": 2}).json()["users"]) == 2
     answer = api.get("/v1/users", params={"limit": 0})
     assert answer.status_code == 422 and "limit" in answer.text
+
+
+def test_delete_forgets_a_user_and_confirms_when_its_shard_applied_it(api: httpx.Client) -> None:
+    assert api.post("/v1/events", json=[event("api-forget-me", "like")]).status_code == 202
+    wait_until(lambda: _profile_with(api, "api-forget-me", events=1))
+    answer = api.delete("/v1/users/api-forget-me")
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"user_id": "api-forget-me", "deleted": True, "was_known": True}
+    assert api.get("/v1/users/api-forget-me").status_code == 404
+    again = api.delete("/v1/users/api-forget-me")
+    assert again.status_code == 200 and again.json()["was_known"] is False
+    assert api.delete("/v1/users/" + "x" * 200).status_code == 422
+    assert api.delete("/v1/users/someone", params={"wait_s": -1}).status_code == 422

@@ -85,3 +85,16 @@ def test_folding_the_aggregates_late_and_at_once_equals_folding_every_step(
     eager_parts, lazy_parts = eager.insights_partials(), lazy.insights_partials()
     for name in ("engagement", "conversion", "retention"):
         assert lazy_parts[name] == eager_parts[name], name
+
+
+def test_a_deletion_does_not_move_the_shards_event_time_now() -> None:
+    shard = Shard(0, [0])
+    batch = random_batch(20, users=3, seed=1)
+    shard.apply([Delivery(0, 1, 0, 0, encode(batch))])
+    now = shard.event_now_ms
+    deletion = batch.take([0])
+    deletion.type[:] = TYPE_CODE[EventType.USER_DELETED]
+    deletion.ts[:] = int(batch.ts.max()) + 86_400_000
+    shard.apply([Delivery(0, 2, 0, 0, encode(deletion))])
+    assert shard.event_now_ms == now
+    assert shard.table.user_rows([batch.user_id[0]]).held.tolist() == [False]
