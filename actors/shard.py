@@ -17,6 +17,7 @@ import numpy as np
 from actors.batch import EventBatch
 from actors.codec import decode
 from actors.conversion import ConversionWindows, FunnelSpec
+from actors.dedup import DedupConfig, EventDeduper
 from actors.delivery import Delivery
 from actors.engagement import EngagementWindows
 from actors.errors import WireError
@@ -96,10 +97,12 @@ class Shard:
         windows: WindowConfig | None = None,
         funnel: FunnelSpec | None = None,
         items: ItemGraphConfig | None = None,
+        dedup: DedupConfig | None = None,
     ) -> None:
         self.shard_id = shard_id
         self.table = UserStateTable(rules or StateRules())
         self.items = ItemGraph(items)
+        self.dedup = EventDeduper(dedup)
         self.engagement = EngagementWindows(windows)
         self.conversion = ConversionWindows(funnel, windows)
         self.retention = RetentionAggregate()
@@ -134,6 +137,7 @@ class Shard:
         result = ApplyResult()
         batches = []
         partitions: list[np.ndarray] = []
+        stored_ms: list[np.ndarray] = []  # per event: when JetStream stored its message
         stored_ns = []
         for delivery in deliveries:
             position = self.positions.get(delivery.partition)
@@ -149,16 +153,22 @@ class Shard:
                 continue
             batches.append(batch)
             partitions.append(np.full(len(batch), delivery.partition, dtype=np.int64))
+            stored_ms.append(np.full(len(batch), delivery.stored_ns // 1_000_000, dtype=np.int64))
             stored_ns.append(delivery.stored_ns)
         if batches:
             # One check per step, not per message: its fixed costs dominate small messages.
             checked = check_batch(EventBatch.concat(batches), self.policy)
             result.rejected.extend(checked.rejected)
             batch, of_partition = checked.batch, np.concatenate(partitions)
+            stored = np.concatenate(stored_ms)
             if checked.rejected:
                 keep = np.ones(len(of_partition), dtype=bool)
                 keep[[r.index for r in checked.rejected]] = False
-                of_partition = of_partition[keep]
+                of_partition, stored = of_partition[keep], stored[keep]
+            fresh = self.dedup.fresh(batch.event_id, stored)
+            if not fresh.all():  # the same event_id again: applied once
+                at = np.flatnonzero(fresh)
+                batch, of_partition = batch.take(at), of_partition[at]
             if len(batch):
                 deleted = self._rows_deleted_by(batch)
                 result.applied = self.table.apply(batch)
@@ -167,6 +177,10 @@ class Shard:
                 self._update_segments(batch, rows, deleted)
                 first = self.table.first_seen_at(rows)
                 gaps = self.table.last_session_gaps_ms
+                if deleted.size:  # a deletion is not activity: the aggregates never see it
+                    at = np.flatnonzero(batch.type != _DELETED)
+                    batch, of_partition, rows = batch.take(at), of_partition[at], rows[at]
+                    first, gaps = first[at], gaps[at]
                 self._unfolded.append(_Applied(batch, of_partition, rows, first, deleted, gaps))
                 self._unfolded_events += len(batch)
                 if self._unfolded_events >= INSIGHTS_FOLD_EVENTS:
@@ -305,6 +319,8 @@ class Shard:
             "positions": dict(self.positions),
             "state_bytes": self.table.nbytes() + self.conversion.tracker.nbytes(),
             "item_bytes": self.items.nbytes(),
+            "duplicates": self.dedup.duplicates,
+            "dedup_bytes": self.dedup.nbytes(),
             "items": len(self.items),
             "busy_s": round(self.busy_s, 3),
             "freshness_ms": {"p50": p50, "p99": p99},

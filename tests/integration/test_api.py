@@ -145,3 +145,15 @@ def test_delete_forgets_a_user_and_confirms_when_its_shard_applied_it(api: httpx
     assert again.status_code == 200 and again.json()["was_known"] is False
     assert api.delete("/v1/users/" + "x" * 200).status_code == 422
     assert api.delete("/v1/users/someone", params={"wait_s": -1}).status_code == 422
+
+
+def test_the_same_event_ids_sent_again_later_are_applied_once(api: httpx.Client) -> None:
+    items = [event("api-twice", "click", event_id=f"api-twice-{i}") for i in range(3)]
+    assert api.post("/v1/events", json=items).status_code == 202
+    wait_until(lambda: _profile_with(api, "api-twice", events=3))
+    assert api.post("/v1/events", json=items[1:]).status_code == 202  # a retried request
+    assert api.post("/v1/events", json=[event("api-twice", "like")]).status_code == 202
+    profile = wait_until(lambda: _profile_with(api, "api-twice", events=4))
+    assert profile["counts"]["click"] == 3
+    shards = api.get("/v1/status").json()["shards"]
+    assert sum(s["duplicates"] for s in shards) >= 2

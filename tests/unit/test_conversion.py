@@ -1,5 +1,6 @@
 """Conversion funnel rules: windows, restarts, arrival order, batching and merge invariance."""
 
+import itertools
 import random
 
 import numpy as np
@@ -74,15 +75,18 @@ def test_a_bad_funnel_is_refused_with_a_reason(text: str) -> None:
         FunnelSpec.parse(text, 60)
 
 
+_IDS = itertools.count()  # event ids unique across batches, as producers make them
+
+
 def batch_of(rows: list[tuple[str, str, int, float | None]]) -> EventBatch:
     events = [
         Event.model_validate_json(
             orjson.dumps(
-                {"event_id": f"e{i}", "user_id": u, "type": t, "ts": iso_ms(ms)}
+                {"event_id": f"e{next(_IDS)}", "user_id": u, "type": t, "ts": iso_ms(ms)}
                 | ({} if v is None else {"value": v})
             )
         )
-        for i, (u, t, ms, v) in enumerate(rows)
+        for u, t, ms, v in rows
     ]
     return EventBatch.from_events(events)
 

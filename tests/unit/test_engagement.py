@@ -27,12 +27,17 @@ T = 1_709_251_200_000  # 2024-03-01T00:00:00Z
 MIN = 60_000
 
 
+_IDS = itertools.count()  # event ids unique across batches, as producers make them
+
+
 def batch_of(*rows: tuple[str, str, int, dict]) -> EventBatch:
     events = [
         Event.model_validate_json(
-            orjson.dumps({"event_id": f"e{i}", "user_id": u, "type": t, "ts": iso_ms(ms), **extra})
+            orjson.dumps(
+                {"event_id": f"e{next(_IDS)}", "user_id": u, "type": t, "ts": iso_ms(ms), **extra}
+            )
         )
-        for i, (u, t, ms, extra) in enumerate(rows)
+        for u, t, ms, extra in rows
     ]
     return EventBatch.from_events(events)
 
@@ -172,7 +177,8 @@ def test_the_shard_feeds_each_delivery_with_its_partition_to_the_windows() -> No
     shard.apply([Delivery(0, 1, 0, 0, encode(new)), Delivery(1, 2, 0, 0, encode(old))])
     shard.fold_insights()
     assert shard.engagement.late_corrected == 0  # partition 1 has its own watermark
-    shard.apply([Delivery(0, 3, 0, 0, encode(old))])
+    late = batch_of(("bob", "like", T, {}))  # another event, late on partition 0
+    shard.apply([Delivery(0, 3, 0, 0, encode(late))])
     assert shard.engagement.late_corrected == 0  # applied to state, not yet folded
     shard.fold_insights()
     assert shard.engagement.late_corrected == 1

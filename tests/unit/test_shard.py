@@ -93,8 +93,12 @@ def test_a_deletion_does_not_move_the_shards_event_time_now() -> None:
     shard.apply([Delivery(0, 1, 0, 0, encode(batch))])
     now = shard.event_now_ms
     deletion = batch.take([0])
+    deletion.event_id = ["a-deletion"]
     deletion.type[:] = TYPE_CODE[EventType.USER_DELETED]
     deletion.ts[:] = int(batch.ts.max()) + 86_400_000
     shard.apply([Delivery(0, 2, 0, 0, encode(deletion))])
     assert shard.event_now_ms == now
     assert shard.table.user_rows([batch.user_id[0]]).held.tolist() == [False]
+    partials = shard.insights_partials()  # the aggregates never see the deletion's time
+    assert shard.engagement.watermarks.all()[0] < deletion.ts[0]
+    assert partials["segments"]["now_ms"] == now
