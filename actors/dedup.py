@@ -23,7 +23,7 @@ import numpy as np
 
 from actors.sketches import stable_hash64
 
-_PENDING_LIMIT = 65_536  # hashes a bucket buffers before merging them into its sorted array
+_RECENT_LIMIT = 262_144  # hashes a bucket keeps in its set before merging them into its array
 
 
 @dataclass(frozen=True)
@@ -46,34 +46,34 @@ class DedupConfig:
 
 
 class _Bucket:
-    """The hashes of one slice of event time: a sorted array plus a small buffer."""
+    """The hashes of one slice of stream time: a sorted array, and a set of the newest.
+
+    New hashes go into the set (cheap to add and to look up) and move into the
+    sorted array in large merges, so a batch never pays for re-sorting the bucket.
+    """
 
     def __init__(self) -> None:
         self.sorted = np.zeros(0, dtype=np.uint64)
-        self.pending: list[np.ndarray] = []
-        self.pending_n = 0
+        self.recent: set[int] = set()
 
     def __len__(self) -> int:
-        return len(self.sorted) + self.pending_n
+        return len(self.sorted) + len(self.recent)
 
     def contains(self, hashes: np.ndarray) -> np.ndarray:
-        if self.pending:
-            self._merge()
-        if not len(self.sorted):
-            return np.zeros(len(hashes), dtype=bool)
-        at = np.minimum(np.searchsorted(self.sorted, hashes), len(self.sorted) - 1)
-        found: np.ndarray = self.sorted[at] == hashes
+        found = np.zeros(len(hashes), dtype=bool)
+        if len(self.sorted):
+            at = np.minimum(np.searchsorted(self.sorted, hashes), len(self.sorted) - 1)
+            found |= self.sorted[at] == hashes
+        if self.recent:
+            found |= np.fromiter(map(self.recent.__contains__, hashes.tolist()), bool, len(hashes))
         return found
 
     def add(self, hashes: np.ndarray) -> None:
-        self.pending.append(hashes)
-        self.pending_n += len(hashes)
-        if self.pending_n >= _PENDING_LIMIT:
-            self._merge()
-
-    def _merge(self) -> None:
-        self.sorted = np.union1d(self.sorted, np.concatenate(self.pending))
-        self.pending, self.pending_n = [], 0
+        self.recent.update(hashes.tolist())
+        if len(self.recent) >= _RECENT_LIMIT:
+            merged = np.fromiter(self.recent, np.uint64, len(self.recent))
+            self.sorted = np.union1d(self.sorted, merged)
+            self.recent = set()
 
 
 class EventDeduper:
