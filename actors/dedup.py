@@ -23,8 +23,6 @@ import numpy as np
 
 from actors.sketches import stable_hash64
 
-_RECENT_LIMIT = 262_144  # hashes a bucket keeps in its set before merging them into its array
-
 
 @dataclass(frozen=True)
 class DedupConfig:
@@ -46,34 +44,32 @@ class DedupConfig:
 
 
 class _Bucket:
-    """The hashes of one slice of stream time: a sorted array, and a set of the newest.
+    """The hashes of one slice of stream time, as a few sorted runs of growing size.
 
-    New hashes go into the set (cheap to add and to look up) and move into the
-    sorted array in large merges, so a batch never pays for re-sorting the bucket.
+    A batch's new hashes become a run; while the newest run is at least a quarter
+    of the one before, the two merge (a stable sort of two sorted runs is a
+    linear merge). So a bucket holds O(log n) runs, a lookup is one binary
+    search per run, and no batch pays for re-sorting the whole bucket.
     """
 
     def __init__(self) -> None:
-        self.sorted = np.zeros(0, dtype=np.uint64)
-        self.recent: set[int] = set()
+        self.runs: list[np.ndarray] = []  # sorted uint64 arrays, largest first
 
     def __len__(self) -> int:
-        return len(self.sorted) + len(self.recent)
+        return sum(len(r) for r in self.runs)
 
     def contains(self, hashes: np.ndarray) -> np.ndarray:
         found = np.zeros(len(hashes), dtype=bool)
-        if len(self.sorted):
-            at = np.minimum(np.searchsorted(self.sorted, hashes), len(self.sorted) - 1)
-            found |= self.sorted[at] == hashes
-        if self.recent:
-            found |= np.fromiter(map(self.recent.__contains__, hashes.tolist()), bool, len(hashes))
+        for run in self.runs:
+            at = np.minimum(np.searchsorted(run, hashes), len(run) - 1)
+            found |= run[at] == hashes
         return found
 
     def add(self, hashes: np.ndarray) -> None:
-        self.recent.update(hashes.tolist())
-        if len(self.recent) >= _RECENT_LIMIT:
-            merged = np.fromiter(self.recent, np.uint64, len(self.recent))
-            self.sorted = np.union1d(self.sorted, merged)
-            self.recent = set()
+        run = np.sort(hashes)
+        while self.runs and len(self.runs[-1]) <= 4 * len(run):
+            run = np.sort(np.concatenate([self.runs.pop(), run]), kind="stable")
+        self.runs.append(run)
 
 
 class EventDeduper:
@@ -100,13 +96,15 @@ class EventDeduper:
         if not n:
             return keep
         hashes = stable_hash64(event_ids)
-        _, first = np.unique(hashes, return_index=True)
-        keep[:] = False
-        keep[first] = True  # a repeat inside the batch: the first one counts
+        unique, first = np.unique(hashes, return_index=True)  # sorted: cache-friendly lookups
+        seen = np.zeros(len(unique), dtype=bool)
         for bucket in self._buckets.values():
-            keep &= ~bucket.contains(hashes)
-        self._remember(hashes[keep], ts[keep])
-        self.duplicates += int(n - keep.sum())
+            seen |= bucket.contains(unique)
+        new = first[~seen]  # a repeat inside the batch: its first copy counts
+        keep[:] = False
+        keep[new] = True
+        self._remember(unique[~seen], ts[new])
+        self.duplicates += int(n - len(new))
         return keep
 
     def _remember(self, hashes: np.ndarray, ts: np.ndarray) -> None:
