@@ -361,11 +361,8 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
     if args.live and info is None:
         return _fail("--live needs a running `audience up` (none found in the data folder)")
     frame = read_ratings(args.ratings, args.movies) if args.ratings else None
-    started = ensure_ray(settings.num_cpus) if not args.live else False
-    if args.live:
-        import ray
-
-        ray.init(address="auto", namespace="audience", log_to_driver=False)
+    # --live: Ray Data runs on the platform's Ray cluster, beside it, not in a second one.
+    started = ensure_ray(settings.num_cpus, "auto" if args.live else settings.ray_address)
     try:
         results, ranker = evaluate_offline(frame, args.telco, args.seed)
         if info is not None and frame is not None and ranker is not None:
@@ -375,9 +372,9 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
                 frame, ranker, registry, info.http_url, replay, seed=args.seed
             )
     finally:
-        import ray
+        if started:
+            import ray
 
-        if started or args.live:
             ray.shutdown()
     print(markdown(results))
     if args.out:

@@ -117,7 +117,7 @@ def _applied(api: httpx.Client) -> int:
 def markdown(results: dict[str, Any]) -> str:
     """The results as a Markdown table, with the issue's targets where there is one."""
     rows = ["| metric | value | target |", "|---|---|---|"]
-    for path, value in _flatten(results):
+    for path, value in flatten(results):
         if isinstance(value, float):
             target = TARGETS.get(path)
             shown = f">= {target}" if target is not None else ""
@@ -125,12 +125,13 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+def flatten(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """Leaves of nested metrics as ``(group.metric, value)`` (lists left out)."""
     out: list[tuple[str, Any]] = []
     for key, value in tree.items():
         path = f"{prefix}{key}"
         if isinstance(value, dict):
-            out += _flatten(value, path + ".")
+            out += flatten(value, path + ".")
         elif not isinstance(value, list):
             out.append((path, value))
     return out

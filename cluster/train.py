@@ -157,12 +157,9 @@ def describe(report: TrainReport) -> str:
 
 def _short(metrics: dict[str, Any]) -> str:
     """Metrics in one line: floats rounded, nested groups as ``group.metric``."""
-    parts = []
-    for key, value in metrics.items():
-        if isinstance(value, dict):
-            parts += [f"{key}.{k}={v:.4f}" for k, v in value.items() if isinstance(v, float)]
-        elif isinstance(value, float):
-            parts.append(f"{key}={value:.4f}")
-        else:
-            parts.append(f"{key}={value}")
-    return " ".join(parts)
+    from cluster.evaluate import flatten
+
+    return " ".join(
+        f"{path}={value:.4f}" if isinstance(value, float) else f"{path}={value}"
+        for path, value in flatten(metrics)
+    )

@@ -18,13 +18,12 @@ import numpy as np
 import pandas as pd
 
 from actors.state import UserStateTable
-from models.candidates import ItemIndex
 from models.churn import ChurnModel
 from models.examples import final_state, interacted, item_index, sample_negatives
 from models.features import TraitEncoder, user_columns, user_schema
 from models.history import frame_to_batch, holdout_last, read_telco
 from models.ranker import Ranker
-from models.training import ChurnPlan, _grouped, ranking_columns, train_churn, train_ranker
+from models.training import ChurnPlan, per_user, ranking_columns, train_churn, train_ranker
 
 K = 10
 
@@ -71,9 +70,9 @@ def evaluate_ranking_offline(
     """Train on the history without the test items, then score the model and the baselines."""
     split = ranking_split(frame, negatives, seed)
     train, candidates = split["train"], split["candidates"]
-    ranker, _ = train_ranker(train, labels=labels, seed=seed)
+    ranker = train_ranker(train, labels=labels, seed=seed)
     index = item_index(train)
-    states = _grouped(train, final_state)
+    states = per_user(train, final_state)
     states = states[states["user_id"].isin(candidates)].sort_values("user_id", ignore_index=True)
     lists = [candidates[u] for u in states["user_id"]]
     columns, sizes = ranking_columns(index, states, lists)
@@ -112,6 +111,3 @@ def evaluate_telco(path: Path, folds: int = 5, seed: int = 0) -> dict[str, Any]:
         model = ChurnModel.train(fit, y[fit_at], user_schema(traits), seed=seed)
         aucs.append(float(roc_auc_score(y[test_at], model.predict(test))))
     return {"roc_auc": float(np.mean(aucs)), "roc_auc_folds": aucs, "customers": len(users)}
-
-
-__all__ = ["ItemIndex", "evaluate_churn_history", "evaluate_ranking_offline", "evaluate_telco"]

@@ -43,7 +43,7 @@ class ChurnPlan:
     train_cutoffs: int = 6
 
 
-def _grouped(frame: pd.DataFrame, fn: Any, **kwargs: Any) -> pd.DataFrame:
+def per_user(frame: pd.DataFrame, fn: Any, **kwargs: Any) -> pd.DataFrame:
     """Run ``fn(one user's events, **kwargs)`` per user with Ray Data; concatenated results."""
     ds = ray.data.from_pandas(frame.drop(columns=["traits", "properties"]).assign(
         traits=frame["traits"].map(_json_ready), properties=None
@@ -60,7 +60,7 @@ def _json_ready(traits: Any) -> Any:
 
 
 def _restore(group: pd.DataFrame) -> pd.DataFrame:
-    """Undo what ``_grouped`` did to cross Arrow, and put the user's events in replay order."""
+    """Undo what ``per_user`` did to cross Arrow, and put the user's events in replay order."""
     group = group.assign(
         traits=group["traits"].map(lambda t: pickle.loads(t) if isinstance(t, bytes) else None)
     )
@@ -76,7 +76,7 @@ def churn_cutoffs(end_ms: int, plan: ChurnPlan, offset: int) -> list[int]:
 def churn_frame(frame: pd.DataFrame, cutoffs: list[int], plan: ChurnPlan) -> pd.DataFrame:
     """Churn examples for every user at each cutoff (Ray Data, per user)."""
     h = int(plan.horizon_days * DAY_MS)
-    return _grouped(frame, churn_examples, cutoffs=cutoffs, horizon_ms=h)
+    return per_user(frame, churn_examples, cutoffs=cutoffs, horizon_ms=h)
 
 
 def churn_columns(examples: pd.DataFrame, traits: TraitEncoder) -> dict[str, np.ndarray]:
@@ -150,13 +150,13 @@ def ranking_columns(
 
 def train_ranker(
     frame: pd.DataFrame, *, labels: int = 5, negatives: int = 100, seed: int = 0
-) -> tuple[Ranker, ItemIndex]:
+) -> Ranker:
     """LambdaRank on each user's last ``labels`` item interactions against sampled negatives.
 
     Item stats come from the history without those label interactions, user
     state from a replay up to each label, so nothing the label reveals leaks in.
     """
-    states = _grouped(frame, ranking_states, labels=labels)
+    states = per_user(frame, ranking_states, labels=labels)
     states = states.sort_values(["user_id", "cutoff"], kind="stable", ignore_index=True)
     if states.empty:
         raise ValueError("no user has two item interactions; nothing to learn from")
@@ -171,4 +171,4 @@ def train_ranker(
         columns, relevance, groups, seed=seed,
         meta={"training_window": window, "label_positions": labels, "negatives": negatives},
     )  # fmt: skip
-    return ranker, index
+    return ranker
