@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 BENCH_STAMP := $(BENCH_VENV)/.installed-stamp
 
-.PHONY: install run test lint format bench clean
+.PHONY: install run test lint format bench chaos clean
 
 install: $(STAMP)
 
@@ -42,6 +42,11 @@ $(BENCH_STAMP): pyproject.toml
 bench: install $(BENCH_STAMP)
 	$(PY) -m tests.bench.pipeline --reference-python $(BENCH_VENV)/bin/python
 	$(PY) -m tests.bench.serving --out bench-results
+	$(PY) -m tests.bench.chaos --out bench-results
+
+# The chaos run at full size (1M events, shard kills, a NATS restart): about 2 minutes.
+chaos: install
+	$(PY) -m tests.bench.chaos --out bench-results
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .mypy_cache .ruff_cache bench-results

@@ -78,6 +78,9 @@ def decode(body: bytes) -> EventBatch:
         if not _types(column) <= {dict, type(None)}:
             raise WireError("bad_wire", f"column {name!r} must hold {n} objects or null")
         maps[name] = column
+    # numpy would read "1.5", "inf" or true as numbers too: only JSON numbers are.
+    if not _types(doc["x"]) <= {int, float, type(None)}:
+        raise WireError("bad_wire", "column 'x' must hold numbers or null")
     try:
         types = _ints(doc["t"], np.uint8)
         sources = _ints(doc["s"], np.uint8)
@@ -85,8 +88,6 @@ def decode(body: bytes) -> EventBatch:
         values = np.array(doc["x"], dtype=np.float64)
     except (TypeError, ValueError, OverflowError) as exc:
         raise WireError("bad_wire", f"numeric column: {exc}") from None
-    if values.ndim != 1:
-        raise WireError("bad_wire", "column 'x' must hold numbers or null")
     return EventBatch(
         event_id=doc["e"],
         user_id=doc["u"],

@@ -54,6 +54,8 @@ class _Partition:
         self.received = 0  # messages received for the open request
         self.requested_at = 0.0
         self.pending = 0
+        self.recreating = False  # a re-creation is under way (it awaits the server)
+        self.again = False  # re-creation was asked for while one was under way
 
 
 class StreamReader:
@@ -95,6 +97,7 @@ class StreamReader:
         self._resync_needed = asyncio.Event()
         self.gaps = 0
         self.resyncs = 0
+        self.recreate_failures = 0
 
     @property
     def partitions(self) -> list[int]:
@@ -118,7 +121,25 @@ class StreamReader:
         self._resync_needed.set()
 
     async def _recreate(self, part: _Partition) -> None:
-        """A fresh consumer for ``part`` starting right after what the buffer holds."""
+        """A fresh consumer for ``part`` starting right after what the buffer holds.
+
+        If the server refuses (it may still be recovering after a restart), the
+        partition is left without a consumer and the watchdog tries again.
+        """
+        if part.recreating:  # asked again meanwhile (a reconnect): once more after it
+            part.again = True
+            return
+        part.recreating = True
+        try:
+            while True:
+                part.again = False
+                await self._create(part)
+                if not part.again:
+                    break
+        finally:
+            part.recreating = False
+
+    async def _create(self, part: _Partition) -> None:
         # Retire the old consumer before any await: its replies (such as the
         # "consumer deleted" status the delete below provokes) are stale from
         # here on, and must not start a second, concurrent re-creation.
@@ -230,7 +251,8 @@ class StreamReader:
         return taken
 
     async def _watch(self) -> None:
-        """Re-sync after reconnects; re-ask partitions whose request went quiet."""
+        """Re-sync after reconnects; re-create consumers that failed to come back; re-ask
+        partitions whose request went quiet. Survives any one failure (it is the repair)."""
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._resync_needed.wait(), self.expires_s)
@@ -240,13 +262,23 @@ class StreamReader:
                 # The buffer holds each partition contiguously up to part.after:
                 # new consumers go on from there.
                 for part in self._parts.values():
-                    await self._recreate(part)
+                    await self._try_recreate(part)
                 continue
             stale = time.monotonic() - self.expires_s * 2
             for part in self._parts.values():
-                if part.open_request and part.requested_at < stale:
+                if not part.consumer and not part.recreating:
+                    await self._try_recreate(part)
+                elif part.open_request and part.requested_at < stale:
                     part.open_request = False
-                    await self._request(part)
+                    with contextlib.suppress(Exception):  # the next round asks again
+                        await self._request(part)
+
+    async def _try_recreate(self, part: _Partition) -> None:
+        try:
+            await self._recreate(part)
+        except Exception as exc:  # left without a consumer: the next round tries again
+            self.recreate_failures += 1
+            log.warning("partition %s: cannot re-create its consumer yet: %r", part.partition, exc)
 
     def pending_by_partition(self) -> dict[int, int]:
         """Messages each partition still had on the server at its latest delivery (cheap)."""

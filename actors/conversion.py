@@ -29,6 +29,7 @@ Events of users deleted in the same batch stay out, as in retention.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -257,8 +258,11 @@ class ConversionWindows:
         self.config = config or WindowConfig()
         self.tracker = FunnelTracker(self.spec)
         n = len(self.spec.steps)
-        self.on_time = BucketStore(lambda: ConversionBucket(n), self.config.retention)
-        self.corrections = BucketStore(lambda: ConversionBucket(n), self.config.retention)
+        # A partial, not a lambda: the store is part of a shard snapshot (pickled).
+        self.on_time = BucketStore(functools.partial(ConversionBucket, n), self.config.retention)
+        self.corrections = BucketStore(
+            functools.partial(ConversionBucket, n), self.config.retention
+        )
 
     def apply(self, batch: EventBatch, rows: np.ndarray, late: np.ndarray) -> None:
         """Advance attempts and count transitions and purchases into their buckets.

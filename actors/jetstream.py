@@ -30,10 +30,13 @@ async def ensure_streams(
     duplicate_window_s: float = 120.0,
     max_age_s: float | None = None,
     dlq_max_age_s: float = 7 * 86_400,
+    dlq_duplicate_window_s: float = 3600.0,
 ) -> None:
     """Create the event and dead-letter streams if they do not exist yet.
 
-    ``max_age_s`` bounds how long events are kept (None: for ever).
+    ``max_age_s`` bounds how long events are kept (None: for ever). The dead
+    letter stream's duplicate window must outlast a shard's checkpoint
+    interval: a restored shard re-rejects what it replays, under the same ids.
     """
     wanted = [
         StreamConfig(
@@ -50,6 +53,7 @@ async def ensure_streams(
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             max_age=dlq_max_age_s,
+            duplicate_window=dlq_duplicate_window_s,
         ),
     ]
     for config in wanted:

@@ -2,21 +2,30 @@
 
 Routing is user -> partition (CRC-32) -> owning shard. A query for many users
 costs one actor call per shard involved, never one per user.
+
+Shard actors restart themselves (Ray ``max_restarts``) and keep their names,
+so the handles stay valid. While a shard is dead or restarting, calls to it
+raise :class:`~actors.errors.ShardRecovering`, as the shard itself does while
+it replays: callers answer "recovering" (HTTP 503) and retry, never stale data.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import ray
 from ray.actor import ActorHandle
+from ray.exceptions import RayActorError
 
+from actors.checkpoint_store import CheckpointConfig
 from actors.conversion import FunnelSpec
+from actors.errors import ShardRecovering
 from actors.partitioning import assign_partitions, partition_of
 from actors.shard_actor import ShardActor
 from actors.state import StateRules, UserRows
@@ -41,6 +50,7 @@ class PoolSpec:
     stream: str
     shard_cpus: float = 0.5
     name: str = "audience"
+    checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 class ShardPool:
@@ -68,7 +78,17 @@ class ShardPool:
             ShardActor.options(  # type: ignore[attr-defined]
                 name=shard_name(spec.name, i), namespace=NAMESPACE, num_cpus=spec.shard_cpus
             ).remote(
-                i, parts, spec.nats_url, spec.stream, rules, policy, windows=windows, funnel=funnel
+                i,
+                parts,
+                spec.nats_url,
+                spec.stream,
+                rules,
+                policy,
+                windows=windows,
+                funnel=funnel,
+                checkpoints=dataclasses.replace(
+                    spec.checkpoints, scope=f"{spec.stream}.{spec.name}"
+                ),
             )
             for i, parts in enumerate(assignment)
         ]
@@ -83,6 +103,15 @@ class ShardPool:
         ]
         return cls(spec, handles)
 
+    async def _call(self, shard: int, method: str, *args: Any) -> Any:
+        """Call ``method`` on a shard; a dead or restarting actor is "recovering"."""
+        try:
+            return await getattr(self.handles[shard], method).remote(*args)
+        except RayActorError as exc:  # ActorDiedError, ActorUnavailableError
+            raise ShardRecovering(
+                shard, f"the actor is restarting ({type(exc).__name__})"
+            ) from None
+
     def owner(self, user_id: str) -> int:
         """The shard that holds ``user_id``."""
         return self._owner[partition_of(user_id, self.spec.partitions)]
@@ -92,7 +121,7 @@ class ShardPool:
         by_shard = self._by_shard(user_ids)
         shards = list(by_shard)
         answers: list[list[dict[str, Any] | None]] = await asyncio.gather(
-            *(self.handles[s].profiles.remote([user_ids[i] for i in by_shard[s]]) for s in shards)
+            *(self._call(s, "profiles", [user_ids[i] for i in by_shard[s]]) for s in shards)
         )
         out: list[dict[str, Any] | None] = [None] * len(user_ids)
         for shard, profiles in zip(shards, answers, strict=True):
@@ -112,7 +141,7 @@ class ShardPool:
         by_shard = self._by_shard(user_ids)
         shards = list(by_shard)
         answers: list[UserRows] = await asyncio.gather(
-            *(self.handles[s].user_rows.remote([user_ids[i] for i in by_shard[s]]) for s in shards)
+            *(self._call(s, "user_rows", [user_ids[i] for i in by_shard[s]]) for s in shards)
         )
         merged = UserRows.concat(answers)
         order = np.argsort(np.concatenate([by_shard[s] for s in shards]), kind="stable")
@@ -123,7 +152,7 @@ class ShardPool:
         by_shard = self._by_shard([user for user, _ in pairs])
         shards = list(by_shard)
         answers: list[list[list[bool]]] = await asyncio.gather(
-            *(self.handles[s].seen.remote([pairs[i] for i in by_shard[s]]) for s in shards)
+            *(self._call(s, "seen", [pairs[i] for i in by_shard[s]]) for s in shards)
         )
         out: list[list[bool]] = [[] for _ in pairs]
         for shard, flags in zip(shards, answers, strict=True):
@@ -140,26 +169,38 @@ class ShardPool:
         items did not change answers None instead of its partial.
         """
         versions = list(known) if known is not None else [None] * len(self.handles)
-        calls = (
-            h.item_partial.remote(top_n, v) for h, v in zip(self.handles, versions, strict=True)
-        )
+        calls = (self._call(s, "item_partial", top_n, v) for s, v in enumerate(versions))
         return list(await asyncio.gather(*calls))
 
     async def users(self, limit: int) -> list[str]:
         """Up to ``limit`` known user ids, drawn from every shard."""
         per_shard = -(-limit // len(self.handles))
         found: list[list[str]] = await asyncio.gather(
-            *(h.users.remote(per_shard) for h in self.handles)
+            *(self._call(s, "users", per_shard) for s in range(len(self.handles)))
         )
         return [user for users in found for user in users][:limit]
 
     async def insights_partials(self) -> list[dict[str, Any]]:
         """Every shard's insights partials (one call per shard), for the merge timer."""
-        return list(await asyncio.gather(*(h.insights_partials.remote() for h in self.handles)))
+        shards = range(len(self.handles))
+        return list(await asyncio.gather(*(self._call(s, "insights_partials") for s in shards)))
 
     async def status(self) -> list[dict[str, Any]]:
-        """Every shard's status, in shard order."""
-        return list(await asyncio.gather(*(h.status.remote() for h in self.handles)))
+        """Every shard's status, in shard order; a restarting shard says only that."""
+        answers = await asyncio.gather(
+            *(self._call(s, "status") for s in range(len(self.handles))), return_exceptions=True
+        )
+        return [
+            {"shard": s, "recovering": True, "detail": str(a)}
+            if isinstance(a, ShardRecovering)
+            else _raise_other(a)
+            for s, a in enumerate(answers)
+        ]
+
+    async def checkpoint(self) -> list[dict[str, Any]]:
+        """Snapshot every shard now (on demand); what each stored."""
+        shards = range(len(self.handles))
+        return list(await asyncio.gather(*(self._call(s, "checkpoint") for s in shards)))
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
         """Stop consuming and end the actors."""
@@ -168,3 +209,10 @@ class ShardPool:
         finally:
             for handle in self.handles:
                 ray.kill(handle, no_restart=True)
+
+
+def _raise_other(answer: Any) -> Any:
+    """``answer`` itself, unless it is an exception (re-raised)."""
+    if isinstance(answer, BaseException):
+        raise answer
+    return answer

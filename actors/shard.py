@@ -6,6 +6,8 @@ plain Python so that tests and training can drive it directly.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -15,6 +17,13 @@ from typing import Any
 import numpy as np
 
 from actors.batch import EventBatch
+from actors.checkpoint import (
+    SnapshotError,
+    SnapshotHeader,
+    decode_snapshot,
+    encode_snapshot,
+    fingerprint_of,
+)
 from actors.codec import decode
 from actors.conversion import ConversionWindows, FunnelSpec
 from actors.dedup import DedupConfig, EventDeduper
@@ -34,6 +43,23 @@ from actors.windows import WindowConfig
 FRESHNESS_SAMPLES = 4096
 INSIGHTS_FOLD_EVENTS = 20_000  # applied events held back before the aggregates see them
 _DELETED = TYPE_CODE[EventType.USER_DELETED]
+_NO_ROWS = np.zeros(0, dtype=np.int64)
+# What a snapshot holds: everything that an uninterrupted run would have built.
+_SNAPSHOT_FIELDS = (
+    "table",
+    "items",
+    "dedup",
+    "engagement",
+    "conversion",
+    "retention",
+    "trends",
+    "segments",
+    "event_now_ms",
+    "positions",
+    "applied_events",
+    "applied_messages",
+    "rejected",
+)
 
 
 @dataclass(frozen=True)
@@ -71,6 +97,30 @@ class ApplyResult:
     rejected: list[Rejection] = field(default_factory=list)
 
 
+def _keyed(rejected: list[Rejection], where: np.ndarray) -> list[Rejection]:
+    """Rejections keyed by where they sit in the stream (``partition.seq.row``).
+
+    A replay after a restore rejects the same rows again; the key becomes the
+    dead letter's message id, so JetStream keeps one copy.
+    """
+    return [
+        dataclasses.replace(r, key=".".join(map(str, where[r.index].tolist()))) for r in rejected
+    ]
+
+
+def _steps_ending_at_deletions(batch: EventBatch) -> list[tuple[int, int]]:
+    """Cut ``batch`` right after each ``user_deleted`` event.
+
+    The table removes a deleted user after the rest of its step; cutting there
+    makes a deletion erase exactly the events before it in the stream, and the
+    events after it start a new user, however the stream was cut into messages
+    and apply steps (a restored shard replays in other steps than the original).
+    """
+    cuts = (np.flatnonzero(batch.type == _DELETED) + 1).tolist()
+    bounds = [0, *(c for c in cuts if c < len(batch)), len(batch)]
+    return [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
+
+
 class Shard:
     """Per-user state of a set of partitions, with each partition's stream position.
 
@@ -100,6 +150,14 @@ class Shard:
         dedup: DedupConfig | None = None,
     ) -> None:
         self.shard_id = shard_id
+        # Snapshots taken under other state-shaping settings are refused on restore.
+        self.fingerprint = fingerprint_of(
+            rules or StateRules(),
+            windows or WindowConfig(),
+            funnel or FunnelSpec(),
+            items or ItemGraphConfig(),
+            dedup or DedupConfig(),
+        )
         self.table = UserStateTable(rules or StateRules())
         self.items = ItemGraph(items)
         self.dedup = EventDeduper(dedup)
@@ -139,6 +197,7 @@ class Shard:
         partitions: list[np.ndarray] = []
         stored_ms: list[np.ndarray] = []  # per event: when JetStream stored its message
         stored_ns = []
+        where: list[np.ndarray] = []  # per event: partition, message sequence, row in message
         for delivery in deliveries:
             position = self.positions.get(delivery.partition)
             if position is None or delivery.seq <= position:
@@ -149,17 +208,29 @@ class Shard:
                 batch = decode(delivery.data)
             except WireError as exc:
                 reason = RejectReason(exc.reason)
-                result.rejected.append(Rejection(-1, reason, exc.detail, delivery.data))
+                key = f"{delivery.partition}.{delivery.seq}"
+                result.rejected.append(Rejection(-1, reason, exc.detail, delivery.data, key))
                 continue
             batches.append(batch)
             partitions.append(np.full(len(batch), delivery.partition, dtype=np.int64))
+            where.append(
+                np.column_stack(
+                    (
+                        np.full(len(batch), delivery.partition),
+                        np.full(len(batch), delivery.seq),
+                        np.arange(len(batch)),
+                    )
+                )
+            )
             stored_ms.append(np.full(len(batch), delivery.stored_ns // 1_000_000, dtype=np.int64))
             stored_ns.append(delivery.stored_ns)
         if batches:
             # One check per step, not per message: its fixed costs dominate small messages.
             checked = check_batch(EventBatch.concat(batches), self.policy)
-            result.rejected.extend(checked.rejected)
-            batch, of_partition = checked.batch, np.concatenate(partitions)
+            of_partition = np.concatenate(partitions)
+            if checked.rejected:
+                result.rejected.extend(_keyed(checked.rejected, np.concatenate(where)))
+            batch = checked.batch
             stored = np.concatenate(stored_ms)
             if checked.rejected:
                 keep = np.ones(len(of_partition), dtype=bool)
@@ -169,22 +240,9 @@ class Shard:
             if not fresh.all():  # the same event_id again: applied once
                 at = np.flatnonzero(fresh)
                 batch, of_partition = batch.take(at), of_partition[at]
-            if len(batch):
-                deleted = self._rows_deleted_by(batch)
-                result.applied = self.table.apply(batch)
-                self.items.observe(self.table, batch)
-                rows = self.table.rows_of(batch.user_id)  # -1 for users deleted in the batch
-                self._update_segments(batch, rows, deleted)
-                first = self.table.first_seen_at(rows)
-                gaps = self.table.last_session_gaps_ms
-                if deleted.size:  # a deletion is not activity: the aggregates never see it
-                    at = np.flatnonzero(batch.type != _DELETED)
-                    batch, of_partition, rows = batch.take(at), of_partition[at], rows[at]
-                    first, gaps = first[at], gaps[at]
-                self._unfolded.append(_Applied(batch, of_partition, rows, first, deleted, gaps))
-                self._unfolded_events += len(batch)
-                if self._unfolded_events >= INSIGHTS_FOLD_EVENTS:
-                    self.fold_insights()
+            for start, stop in _steps_ending_at_deletions(batch):
+                self._apply_step(batch.slice(start, stop), of_partition[start:stop])
+                result.applied += stop - start
         self.applied_events += result.applied
         self.applied_messages += len(batches)
         self.rejected.update(r.reason.value for r in result.rejected)
@@ -193,6 +251,41 @@ class Shard:
         self.busy_s += took
         self.apply_ms.add(took * 1000)
         return result
+
+    def _apply_step(self, batch: EventBatch, of_partition: np.ndarray) -> None:
+        """Apply checked, fresh events; a step holds at most one deletion, as its last event.
+
+        The events before a deletion count in the aggregates like any activity
+        (as they would had they come in an earlier step); the deletion then
+        frees the user's row and leaves the user's segments.
+        """
+        n = len(batch)
+        if batch.type[-1] != _DELETED:
+            self._apply_activity(batch, of_partition)
+            return
+        self._apply_activity(batch.slice(0, n - 1), of_partition[: n - 1])
+        deletion = batch.slice(n - 1, n)
+        deleted = self._rows_deleted_by(deletion)
+        self.table.apply(deletion)
+        self._update_segments(deletion, np.full(1, -1, dtype=np.int64), deleted)
+        self._unfolded.append(
+            _Applied(EventBatch.empty(), _NO_ROWS, _NO_ROWS, _NO_ROWS, deleted, _NO_ROWS)
+        )
+
+    def _apply_activity(self, batch: EventBatch, of_partition: np.ndarray) -> None:
+        """Apply events that delete nobody to the table and everything that follows it."""
+        if not len(batch):
+            return
+        self.table.apply(batch)
+        self.items.observe(self.table, batch)
+        rows = self.table.rows_of(batch.user_id)
+        self._update_segments(batch, rows, _NO_ROWS)
+        first = self.table.first_seen_at(rows)
+        gaps = self.table.last_session_gaps_ms
+        self._unfolded.append(_Applied(batch, of_partition, rows, first, _NO_ROWS, gaps))
+        self._unfolded_events += len(batch)
+        if self._unfolded_events >= INSIGHTS_FOLD_EVENTS:
+            self.fold_insights()
 
     def _update_segments(self, batch: EventBatch, rows: np.ndarray, deleted: np.ndarray) -> None:
         """Move event time on and re-evaluate the segments of the rows this batch touched.
@@ -304,6 +397,43 @@ class Shard:
         if known is not None and known == self.items.version:
             return None
         return {**self.items.partial(self.table, top_n), "version": self.items.version}
+
+    def snapshot(self, created_ms: int) -> tuple[SnapshotHeader, bytes]:
+        """The whole state and the position of every partition, as one snapshot blob.
+
+        Pending batches are folded first, so the blob holds aggregates and
+        per-user rows but no raw events (a deleted user's id is not in it).
+        """
+        self.fold_insights()
+        state = {name: getattr(self, name) for name in _SNAPSHOT_FIELDS}
+        return encode_snapshot(
+            self.shard_id,
+            self.positions,
+            created_ms,
+            self.fingerprint,
+            state,
+            applied_events=self.applied_events,
+            users=len(self.table),
+        )
+
+    def restore(self, blob: bytes) -> SnapshotHeader:
+        """Replace the state with a snapshot's; replay then goes on from its positions.
+
+        Raises:
+            SnapshotError: the blob is unusable here (format, digest, settings, or
+                other partitions); the state is left as it was.
+        """
+        header, state = decode_snapshot(blob, self.fingerprint)
+        if header.partitions != self.partitions:
+            raise SnapshotError(
+                f"snapshot covers partitions {header.partitions}, this shard owns {self.partitions}"
+            )
+        if set(state) != set(_SNAPSHOT_FIELDS):
+            raise SnapshotError(f"snapshot holds {sorted(state)}, expected {_SNAPSHOT_FIELDS}")
+        self._unfolded, self._unfolded_events = [], 0
+        for name, value in state.items():
+            setattr(self, name, value)
+        return header
 
     def status(self) -> dict[str, Any]:
         """Counters for operators: applied events, users, positions, freshness."""

@@ -8,14 +8,17 @@ Two entry points share one set of rules:
 * :func:`check_batch` for columnar batches (simulator, replay, and every batch a
   shard consumes, since anyone with publish rights could write to the stream):
   the row rules pydantic cannot express (time window) plus the ones a
-  hand-made wire batch could break (codes, empty ids).
+  hand-made wire batch could break (codes, empty or long strings, maps that
+  are not small maps of scalars).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from enum import Enum
+from itertools import compress
 from typing import Any
 
 import numpy as np
@@ -23,11 +26,24 @@ import orjson
 from pydantic import TypeAdapter, ValidationError
 
 from actors.batch import EventBatch
-from actors.events import MAX_ID_LENGTH, N_TYPES, SOURCES, Event
+from actors.events import (
+    MAX_CATEGORY_LENGTH,
+    MAX_ID_LENGTH,
+    MAX_MAP_KEYS,
+    MAX_STRING_VALUE,
+    N_TYPES,
+    SOURCES,
+    Event,
+)
 
 _BATCH_ADAPTER: TypeAdapter[list[Event]] = TypeAdapter(list[Event])
 
 DAY_MS = 86_400_000
+# Revenue or dwell seconds beyond this is no real event; the aggregates keep value
+# in integer thousandths, which must not overflow int64.
+MAX_ABS_VALUE = 1e12
+_INT_RANGE = (-(2**63), 2**64 - 1)  # the integers orjson can write
+_UNWRITABLE = "<not serialisable>"  # stands in a dead letter for a map orjson cannot write
 
 
 class RejectReason(str, Enum):
@@ -54,11 +70,15 @@ class ValidationPolicy:
         min_ts_ms: the oldest event time accepted (default 1990-01-01, so that
             historical replays such as MovieLens pass).
         max_event_bytes: the largest single event, as JSON.
+        max_dead_letter_bytes: the most bytes of a refused input a dead letter
+            keeps (a whole bad body, an oversized event): NATS refuses messages
+            over its max_payload, 1 MiB by default.
     """
 
     max_future_ms: int = DAY_MS
     min_ts_ms: int = 631_152_000_000
     max_event_bytes: int = 16_384
+    max_dead_letter_bytes: int = 512 * 1024
 
 
 @dataclass(frozen=True)
@@ -69,6 +89,7 @@ class Rejection:
     reason: RejectReason
     detail: str
     raw: bytes
+    key: str | None = None  # where it came from in the stream; makes its dead letter idempotent
 
 
 @dataclass
@@ -88,20 +109,33 @@ def parse_events(raw: bytes, policy: ValidationPolicy, at_ms: int | None = None)
     """Validate a JSON array of events (the HTTP/SDK input).
 
     Raises nothing for bad input: a body that is not a JSON array yields one
-    rejection at index -1 holding the whole body.
+    rejection at index -1 holding the whole body (its first
+    ``policy.max_dead_letter_bytes``). The body must be standard JSON as orjson
+    reads it (no ``NaN``, bytes that are UTF-8), so that an event's verdict never
+    depends on the other events of its body.
     """
-    try:
-        events = _BATCH_ADAPTER.validate_json(raw)
-        return check_batch(EventBatch.from_events(events), policy, at_ms)
-    except ValidationError:
-        pass
     try:
         items = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        return Checked(EventBatch.empty(), [_whole(raw, RejectReason.INVALID_JSON, str(exc))])
+        return Checked(
+            EventBatch.empty(), [_whole(raw, RejectReason.INVALID_JSON, str(exc), policy)]
+        )
     if not isinstance(items, list):
-        return Checked(EventBatch.empty(), [_whole(raw, RejectReason.SCHEMA, "expected an array")])
-    return parse_items(items, policy, at_ms)
+        return Checked(
+            EventBatch.empty(), [_whole(raw, RejectReason.SCHEMA, "expected an array", policy)]
+        )
+    try:
+        events = _BATCH_ADAPTER.validate_json(raw)
+    except ValidationError:
+        return parse_items(items, policy, at_ms)
+    if any(len(orjson.dumps(item)) > policy.max_event_bytes for item in items):
+        return parse_items(items, policy, at_ms)  # it says which events are oversized
+    batch = EventBatch.from_events(events)
+    # Maps as orjson read them: it takes integers beyond 64 bits as floats, as
+    # parse_items does, where pydantic would keep an int that cannot be written.
+    batch.traits = [item.get("traits") for item in items]
+    batch.properties = [item.get("properties") for item in items]
+    return check_batch(batch, policy, at_ms)
 
 
 def parse_items(items: list[Any], policy: ValidationPolicy, at_ms: int | None = None) -> Checked:
@@ -110,9 +144,15 @@ def parse_items(items: list[Any], policy: ValidationPolicy, at_ms: int | None = 
     good: list[Event] = []
     positions: list[int] = []
     for index, item in enumerate(items):
-        raw = orjson.dumps(item)
+        try:
+            raw = orjson.dumps(item)
+        except TypeError:  # orjson reads 1024 levels of nesting but writes only 254
+            detail = "nested too deeply to be an event"
+            rejected.append(Rejection(index, RejectReason.SCHEMA, detail, b'"<nested too deeply>"'))
+            continue
         if len(raw) > policy.max_event_bytes:
             detail = f"{len(raw)} bytes > {policy.max_event_bytes}"
+            raw = raw[: policy.max_dead_letter_bytes]
             rejected.append(Rejection(index, RejectReason.OVERSIZED, detail, raw))
             continue
         try:
@@ -144,11 +184,32 @@ def check_batch(batch: EventBatch, policy: ValidationPolicy, at_ms: int | None =
             "event time too far in the future or too old",
         )
     )
-    reasons.append((np.isinf(batch.value), RejectReason.BAD_VALUE, "value must be finite"))
+    reasons.append(
+        (
+            np.abs(batch.value) > MAX_ABS_VALUE,  # False for NaN: no value
+            RejectReason.BAD_VALUE,
+            f"value must be finite and at most {MAX_ABS_VALUE:.0e} in magnitude",
+        )
+    )
     reasons.append((_bad_ids(batch.user_id), RejectReason.MISSING_USER, "user_id empty or long"))
     reasons.append(
         (_bad_ids(batch.event_id), RejectReason.MISSING_EVENT_ID, "event_id empty or long")
     )
+    # What pydantic checks on JSON input, for batches that never were JSON events
+    # (a hand-made wire message, an SDK batch).
+    reasons.append(
+        (_bad_optional(batch.item_id, MAX_ID_LENGTH), RejectReason.SCHEMA, "item_id empty or long")
+    )
+    reasons.append(
+        (
+            _bad_optional(batch.category, MAX_CATEGORY_LENGTH),
+            RejectReason.SCHEMA,
+            "category empty or long",
+        )
+    )
+    for name, column in (("traits", batch.traits), ("properties", batch.properties)):
+        detail = f"{name} must map at most {MAX_MAP_KEYS} short keys to short scalars"
+        reasons.append((_bad_maps(column), RejectReason.SCHEMA, detail))
     bad = np.zeros(n, dtype=bool)
     for mask, _, _ in reasons:
         bad |= mask
@@ -157,7 +218,7 @@ def check_batch(batch: EventBatch, policy: ValidationPolicy, at_ms: int | None =
     rejected = []
     for i in np.flatnonzero(bad).tolist():
         reason, detail = next((r, d) for mask, r, d in reasons if mask[i])
-        rejected.append(Rejection(i, reason, detail, orjson.dumps(batch.event_dict(i))))
+        rejected.append(Rejection(i, reason, detail, _row_bytes(batch, i)))
     return Checked(batch.take(np.flatnonzero(~bad)), rejected)
 
 
@@ -166,7 +227,64 @@ def _bad_ids(ids: list[str]) -> np.ndarray:
     return (lengths == 0) | (lengths > MAX_ID_LENGTH)
 
 
-def _whole(raw: bytes, reason: RejectReason, detail: str) -> Rejection:
+def _bad_optional(column: list[str | None], limit: int) -> np.ndarray:
+    """Rows whose optional string is empty or longer than ``limit`` (None is fine)."""
+    bad = np.zeros(len(column), dtype=bool)
+    if "" not in column and max(map(len, filter(None, column)), default=0) <= limit:
+        return bad  # the common case, at C speed
+    for i, text in enumerate(column):
+        bad[i] = text is not None and not 0 < len(text) <= limit
+    return bad
+
+
+def _bad_maps(column: list[Any]) -> np.ndarray:
+    """Rows whose traits or properties are not a small map of short scalars (None is fine)."""
+    bad = np.zeros(len(column), dtype=bool)
+    for i in compress(range(len(column)), column):  # only the rows that carry a map
+        bad[i] = not _scalar_map(column[i])
+    return bad
+
+
+def _scalar_map(mapping: Any) -> bool:
+    if type(mapping) is not dict or len(mapping) > MAX_MAP_KEYS:
+        return False
+    for key, value in mapping.items():
+        if type(key) is not str or len(key) > MAX_CATEGORY_LENGTH:
+            return False
+        kind = type(value)
+        if kind is str:
+            if len(value) > MAX_STRING_VALUE:
+                return False
+        elif kind is int:
+            if not _INT_RANGE[0] <= value <= _INT_RANGE[1]:
+                return False
+        elif kind is float:
+            if not math.isfinite(value):
+                return False
+        elif kind is not bool and value is not None:
+            return False
+    return True
+
+
+def _row_bytes(batch: EventBatch, i: int) -> bytes:
+    """Row ``i`` as JSON; a map that orjson cannot write (a hand-made batch) is replaced."""
+    row = batch.event_dict(i)
+    try:
+        return orjson.dumps(row)
+    except TypeError:
+        for name in ("traits", "properties"):
+            if name in row:
+                row[name] = _UNWRITABLE
+        return orjson.dumps(row)
+
+
+def _whole(raw: bytes, reason: RejectReason, detail: str, policy: ValidationPolicy) -> Rejection:
+    """A rejection of a whole body, keeping as much of it as a dead letter can hold."""
+    if len(raw) > policy.max_dead_letter_bytes:
+        detail = (
+            f"{detail} (body of {len(raw)} bytes, the first {policy.max_dead_letter_bytes} kept)"
+        )
+        raw = raw[: policy.max_dead_letter_bytes]
     return Rejection(-1, reason, detail, raw)
 
 

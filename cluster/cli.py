@@ -1,4 +1,4 @@
-"""The ``audience`` command: ``up``, ``simulate``, ``replay``, ``status``.
+"""The ``audience`` command: ``up``, ``simulate``, ``replay``, ``status``, ``checkpoint``.
 
 Every failure a user can cause (bad settings, a taken port, nothing running)
 ends in one ``error:`` line and exit code 2, not a traceback.
@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -130,6 +131,10 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--url", help="API base URL; default: the running `audience up`")
     status.add_argument("--json", action="store_true", help="print raw JSON")
     status.set_defaults(run=_status)
+
+    checkpoint = commands.add_parser("checkpoint", help="snapshot every shard now")
+    checkpoint.add_argument("--url", help="API base URL; default: the running `audience up`")
+    checkpoint.set_defaults(run=_checkpoint)
     return parser
 
 
@@ -400,15 +405,20 @@ def _models(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _status(args: argparse.Namespace, settings: Settings) -> int:
+def _api_url(args: argparse.Namespace, settings: Settings) -> str:
+    """The API base URL: given, or the running ``audience up``'s."""
     from cluster.launcher import RuntimeInfo
 
-    url = args.url
-    if url is None:
-        info = RuntimeInfo.load(settings.data_dir)
-        url = info.http_url if info else f"http://127.0.0.1:{settings.http_port}"
+    if args.url is not None:
+        return str(args.url).rstrip("/")
+    info = RuntimeInfo.load(settings.data_dir)
+    return info.http_url if info else f"http://127.0.0.1:{settings.http_port}"
+
+
+def _status(args: argparse.Namespace, settings: Settings) -> int:
+    url = _api_url(args, settings)
     try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/v1/status", timeout=30) as answer:
+        with urllib.request.urlopen(f"{url}/v1/status", timeout=30) as answer:
             status = json.load(answer)
     except (urllib.error.URLError, OSError) as exc:
         return _fail(f"cannot reach the API at {url}: {exc}")
@@ -419,10 +429,39 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _checkpoint(args: argparse.Namespace, settings: Settings) -> int:
+    url = _api_url(args, settings)
+    request = urllib.request.Request(f"{url}/v1/checkpoints", method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as answer:
+            stored = json.load(answer)["checkpoints"]
+    except urllib.error.HTTPError as exc:
+        return _fail(f"checkpoint refused ({exc.code}): {exc.read().decode(errors='replace')}")
+    except (urllib.error.URLError, OSError) as exc:
+        return _fail(f"cannot reach the API at {url}: {exc}")
+    for shard, snap in enumerate(stored):
+        print(f"shard {shard}: {snap['name']}  {snap['bytes'] / 1e6:.1f} MB in {snap['took_s']} s")
+    return 0
+
+
+def _snapshot_text(shard: dict[str, Any]) -> str:
+    """When a shard last snapshotted and how big it was, or why it answers stale-free."""
+    if shard.get("recovering"):
+        return "recovering"
+    last = shard.get("checkpoint")
+    if not last:
+        return "none yet"
+    age_s = max(0.0, time.time() - last["created_ms"] / 1000)
+    return f"{age_s:.0f} s ago, {last['bytes'] / 1e6:.1f} MB"
+
+
 def format_status(status: dict[str, Any]) -> str:
     """A readable summary of ``GET /v1/status``."""
-    lines = ["shard  users      applied    rejected  partitions  lag  fresh p50/p99 ms"]
+    lines = ["shard  users      applied    rejected  partitions  lag  fresh p50/p99 ms  snapshot"]
     for s in status["shards"]:
+        if "partitions" not in s:  # dead or restarting: only that is known
+            lines.append(f"{s['shard']:>5}  recovering: {s.get('detail', '')}")
+            continue
         lag = sum(s.get("lag", {}).values())
         fresh = s.get("freshness_ms", {})
         p50, p99 = fresh.get("p50"), fresh.get("p99")
@@ -431,10 +470,15 @@ def format_status(status: dict[str, Any]) -> str:
         span = f"{parts[0]}-{parts[-1]}" if parts else "-"
         lines.append(
             f"{s['shard']:>5}  {s['users']:>9}  {s['applied_events']:>9}  "
-            f"{sum(s['rejected'].values()):>8}  {span:>10}  {lag:>3}  {fresh_text}"
+            f"{sum(s['rejected'].values()):>8}  {span:>10}  {lag:>3}  {fresh_text:>16}  "
+            f"{_snapshot_text(s)}"
         )
     lagging = {p: n for p, n in status["lag"].items() if n}
     lines.append("lag per partition: " + (json.dumps(lagging) if lagging else "none"))
+    for warning in status.get("retention_warnings", []):
+        lines.append(
+            f"{warning['level'].upper()}: partition {warning['partition']}: {warning['detail']}"
+        )
     dead = status["dead_letters"]
     lines.append("dead letters: " + (", ".join(f"{k}={v}" for k, v in dead.items()) or "none"))
     served = [

@@ -22,6 +22,7 @@ import nats
 import ray
 from ray import serve
 
+from actors.checkpoint_store import CheckpointConfig
 from actors.conversion import FunnelSpec
 from actors.errors import AudienceError, UnavailableError
 from actors.jetstream import StreamNames, ensure_streams
@@ -105,6 +106,17 @@ def alerts_of(settings: Settings) -> AlertsConfig:
     )
 
 
+def checkpoints_of(settings: Settings) -> CheckpointConfig:
+    """Where and how often shards snapshot, as plain values."""
+    folder = settings.checkpoint_folder
+    return CheckpointConfig(
+        bucket=settings.checkpoint_bucket,
+        folder=str(folder.resolve()) if folder else None,
+        interval_s=settings.checkpoint_interval_s,
+        keep=settings.checkpoints_kept,
+    )
+
+
 def funnel_of(settings: Settings) -> FunnelSpec:
     """The conversion funnel (steps and window) as plain values."""
     return FunnelSpec.parse(settings.funnel_steps, settings.conversion_window_s)
@@ -181,7 +193,9 @@ class Platform:
         asyncio.run(prepare_streams(self.nats_url, streams_of(s), s.stream_max_age_s))
         if not ray.is_initialized():
             self._init_ray()
-        spec = PoolSpec(s.partitions, s.shards, self.nats_url, s.stream)
+        spec = PoolSpec(
+            s.partitions, s.shards, self.nats_url, s.stream, checkpoints=checkpoints_of(s)
+        )
         self.pool = ShardPool.create(
             spec, policy=policy_of(s), windows=windows_of(s), funnel=funnel_of(s)
         )

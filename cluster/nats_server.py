@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -62,7 +63,8 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
 class EmbeddedNats:
     """A nats-server child process with JetStream, started and stopped by its owner.
 
-    Use as a context manager, or call :meth:`start` and :meth:`stop`.
+    Use as a context manager, or call :meth:`start` and :meth:`stop`. For fault
+    tests, :meth:`restart` (also as a crash), :meth:`pause` and :meth:`resume`.
     """
 
     def __init__(
@@ -152,17 +154,69 @@ class EmbeddedNats:
             return " | ".join(self.log_path.read_text().splitlines()[-lines:])
         return ""
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop the server (SIGTERM, then SIGKILL after ``timeout_s``); idempotent."""
+    def stop(self, timeout_s: float = 10.0, kill: bool = False) -> None:
+        """Stop the server; idempotent.
+
+        Args:
+            timeout_s: how long a SIGTERM may take before SIGKILL follows.
+            kill: SIGKILL at once, as a crash would (JetStream recovers its
+                store on the next start).
+        """
         process, self.process = self.process, None
         if process is None or process.poll() is not None:
             return
+        if kill:
+            process.kill()
+            process.wait()
+            return
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGCONT)  # a paused server cannot act on SIGTERM
         process.terminate()
         try:
             process.wait(timeout_s)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+    def restart(self, timeout_s: float = 15.0, kill: bool = False) -> EmbeddedNats:
+        """Stop the server and start it again on the same port with the same store.
+
+        Clients that reconnect find their streams (and the stored messages) again.
+
+        Args:
+            timeout_s: how long the new server may take to accept clients.
+            kill: stop with SIGKILL, as a crash would, instead of a clean shutdown.
+
+        Raises:
+            NatsServerError: the server did not come back.
+        """
+        self.stop(kill=kill)
+        return self.start(timeout_s)
+
+    def pause(self, timeout_s: float = 5.0) -> None:
+        """Freeze the server (SIGSTOP): connections stay open, nothing is answered.
+
+        Returns once the process is seen stopped (on Linux, where /proc tells).
+        """
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGSTOP)
+        stat = Path(f"/proc/{self.process.pid}/stat")
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                state = stat.read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                return  # no /proc: trust the signal
+            if state in ("T", "t"):
+                return
+            time.sleep(0.005)
+        raise NatsServerError(f"nats-server not stopped {timeout_s:.0f} s after SIGSTOP")
+
+    def resume(self) -> None:
+        """Let a paused server go on (SIGCONT)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
 
     @property
     def pid(self) -> int | None:

@@ -54,8 +54,28 @@ class Settings(BaseSettings):
     stream_max_age_s: float = Field(
         default=7 * 86_400,
         gt=0,
-        description="How long the event stream keeps messages; shards rebuild state from it "
-        "on start, so this bounds how far back a restarted platform remembers.",
+        description="How long the event stream keeps messages. Shards restore a snapshot and "
+        "replay the stream after it, so this must outlast the checkpoint interval many times "
+        "over; without snapshots it bounds how far back a rebuilt state reaches.",
+    )
+    checkpoint_interval_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="Seconds between shard snapshots (0: only on demand and at stop). A "
+        "restarted shard restores its newest snapshot and replays the stream from there.",
+    )
+    checkpoint_folder: Path | None = Field(
+        default=None,
+        description="Keep shard snapshots in this folder instead of the JetStream object store "
+        "(a volume every shard can reach).",
+    )
+    checkpoint_bucket: str = Field(
+        default="AUDIENCE_CHECKPOINTS",
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="JetStream object store bucket for shard snapshots (the default store).",
+    )
+    checkpoints_kept: int = Field(
+        default=3, ge=1, description="Snapshots kept per shard; older ones are deleted."
     )
     partitions: int = Field(
         default=64,
@@ -184,6 +204,18 @@ class Settings(BaseSettings):
             )
         if self.nats_url != "embedded" and not self.nats_url.startswith(("nats://", "tls://")):
             raise ValueError("nats_url must be 'embedded' or a nats:// or tls:// URL")
+        return self
+
+    @model_validator(mode="after")
+    def _retention_outlasts_checkpoints(self) -> Settings:
+        # A restore replays from the newest snapshot: the stream must still hold
+        # what came after it, with room for a few failed snapshots in a row.
+        if self.checkpoint_interval_s and self.stream_max_age_s < 10 * self.checkpoint_interval_s:
+            raise ValueError(
+                f"stream_max_age_s ({self.stream_max_age_s:g}) must be at least 10 times "
+                f"checkpoint_interval_s ({self.checkpoint_interval_s:g}), so that a restore "
+                "finds every event after its snapshot"
+            )
         return self
 
     @property

@@ -22,6 +22,7 @@ from actors.batch import EventBatch
 from actors.codec import decode
 from actors.errors import AudienceError, UnavailableError, WireError
 from actors.simulator import Simulator
+from actors.validation import ValidationPolicy, check_batch
 from models.churn import KIND as CHURN
 from models.evaluation import evaluate_ranking_offline
 from models.history import batch_to_frame
@@ -89,7 +90,10 @@ def simulated_history(users: int, days: float, seed: int, end_ms: int) -> pd.Dat
 
 
 async def stream_history(nats_url: str, stream: str, timeout_s: float = 30.0) -> pd.DataFrame:
-    """Every event now in the JetStream stream, decoded (bad messages skipped and counted)."""
+    """Every valid event now in the JetStream stream, once per event id.
+
+    Bad messages and rows are skipped and counted, as the shards dead-letter them.
+    """
     try:
         nc = await asyncio.wait_for(
             nats.connect(nats_url, max_reconnect_attempts=1, connect_timeout=5), timeout=15
@@ -101,22 +105,28 @@ async def stream_history(nats_url: str, stream: str, timeout_s: float = 30.0) ->
         info = await js.stream_info(stream)
         last = info.state.last_seq
         batches: list[EventBatch] = []
-        skipped = 0
+        skipped = refused = 0
+        policy = ValidationPolicy()
         if last:
             subject = (info.config.subjects or [">"])[0]
             sub = await js.subscribe(subject, ordered_consumer=True)
             while True:
                 msg = await sub.next_msg(timeout=timeout_s)
                 try:
-                    batches.append(decode(msg.data))
+                    checked = check_batch(decode(msg.data), policy)  # the shards' rules
                 except WireError:
                     skipped += 1
+                else:
+                    batches.append(checked.batch)
+                    refused += len(checked.rejected)
                 if msg.metadata.sequence.stream >= last:
                     break
             await sub.unsubscribe()
-        if skipped:
-            log.warning("skipped %d messages that are not the wire format", skipped)
-        return batch_to_frame(EventBatch.concat(batches))
+        if skipped or refused:
+            log.warning("skipped %d messages not in the wire format, %d bad rows", skipped, refused)
+        frame = batch_to_frame(EventBatch.concat(batches))
+        # An event id seen again is a duplicate, as the shards' de-duplication decides.
+        return frame.drop_duplicates("event_id", keep="first", ignore_index=True)
     finally:
         await nc.close()
 

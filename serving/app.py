@@ -45,6 +45,7 @@ from actors.latency import LatencyRing
 from actors.pool import PoolSpec, ShardPool
 from actors.producer import Producer
 from actors.state import iso_ms
+from actors.stream_retention import retention_warnings
 from actors.validation import ValidationPolicy, parse_events
 from actors.windows import Granularity, WindowConfig
 from models.booster import ArtifactError
@@ -74,6 +75,8 @@ from serving.schemas import (
 )
 
 log = logging.getLogger(__name__)
+
+RETENTION_CHECK_S = 30.0  # how long a retention check is reused by /v1/status
 
 app = FastAPI(
     title="audience-insights",
@@ -152,7 +155,19 @@ def _unwrap_events(raw: bytes) -> bytes:
         except orjson.JSONDecodeError:
             return raw
         if isinstance(doc, dict) and set(doc) == {"events"}:
-            return orjson.dumps(doc["events"])
+            events = doc["events"]
+            try:
+                return orjson.dumps(events)
+            except TypeError:  # orjson reads 1024 levels of nesting but writes only 254
+                if not isinstance(events, list):
+                    return raw  # no array: refused whole either way
+            items = []  # each item on its own, so the good ones keep their verdict
+            for item in events:
+                try:
+                    items.append(orjson.dumps(item))
+                except TypeError:
+                    items.append(b'"<nested too deeply>"')  # no object: a schema rejection
+            return b"[" + b",".join(items) + b"]"
     return raw
 
 
@@ -225,25 +240,58 @@ class ApiGateway:
         self._merged: tuple[float, Insights] | None = None
         self._merged_ready = asyncio.Event()
         self._merge_task: asyncio.Task[None] | None = None
+        self._retention_cache: tuple[float, list[dict[str, Any]]] = (-RETENTION_CHECK_S, [])
         self.alerts = AlertCenter(config.alerts)
         if config.alerts.webhook_urls:  # deliveries must not wait for a first reader
             with contextlib.suppress(RuntimeError):  # no loop: the first request starts it
                 self._merge_task = asyncio.get_running_loop().create_task(self._merge_forever())
 
     async def _connected(self) -> Producer:
-        async with self._lock:
+        """This replica's producer, on a NATS connection that reconnects for ever.
+
+        The first connection is bounded in time, so that requests arriving while
+        NATS is down answer 503 instead of queueing behind the attempt.
+
+        Raises:
+            UnavailableError: NATS could not be reached in time (the next call tries again).
+        """
+        if self._producer is not None:
+            return self._producer
+        timeout_s = 5.0
+        try:
+            await asyncio.wait_for(self._lock.acquire(), timeout_s)
+        except asyncio.TimeoutError:
+            raise UnavailableError("nats", "still connecting", retry_after_s=2.0) from None
+        try:
             if self._producer is None:
-                self._nc = await nats.connect(
-                    self.config.pool.nats_url, name="audience-api", max_reconnect_attempts=-1
-                )
+                nc = Client()
+                try:
+                    await asyncio.wait_for(
+                        nc.connect(
+                            self.config.pool.nats_url,
+                            name="audience-api",
+                            max_reconnect_attempts=-1,
+                            connect_timeout=2,
+                        ),
+                        timeout_s,
+                    )
+                except (asyncio.TimeoutError, OSError, nats.errors.Error) as exc:
+                    with contextlib.suppress(Exception):
+                        await nc.close()
+                    detail = f"cannot connect to {self.config.pool.nats_url}: {exc!r}"
+                    raise UnavailableError("nats", detail, retry_after_s=2.0) from None
+                self._nc = nc
                 self._producer = await Producer(
-                    self._nc.jetstream(),
+                    nc.jetstream(),
                     self.config.pool.partitions,
                     policy=self.config.policy,
                     max_batch=self.config.max_batch,
                     linger_ms=0,
+                    max_block_s=0,  # a full producer answers 429 at once
                 ).start()
             return self._producer
+        finally:
+            self._lock.release()
 
     @app.post(
         "/v1/events",
@@ -252,7 +300,16 @@ class ApiGateway:
         responses={
             422: {"model": IngestResult, "description": "Some events were rejected."},
             413: {"description": "Body or batch too large."},
-            503: {"description": "NATS unavailable; retry after the given seconds."},
+            429: {
+                "description": "This replica holds as much unacknowledged data as it may; "
+                "nothing was accepted. Retry after the seconds in Retry-After."
+            },
+            503: {
+                "description": "NATS is unreachable (nothing was accepted), or the stream did "
+                "not acknowledge in time (the events are kept and resent). Retry after the "
+                "seconds in Retry-After; a retried event counts once (shards de-duplicate "
+                "event_id)."
+            },
         },
         summary="Ingest a batch of events (a JSON array, or an object with an 'events' array)",
     )
@@ -261,17 +318,30 @@ class ApiGateway:
 
         The answer is 202 when every event was accepted and 422 when some were
         not (the good ones are published all the same). Either way, accepted
-        events are durably in the stream when the answer arrives.
+        events are durably in the stream when the answer arrives. Overload is
+        refused early, before the body is parsed: 429 while the replica's
+        producer is at its bound, 503 while NATS is unreachable.
         """
-        raw = await request.body()
-        if len(raw) > self.config.max_body_bytes:
-            return _error(413, f"body of {len(raw)} bytes exceeds {self.config.max_body_bytes}")
-        checked = parse_events(_unwrap_events(raw), self.config.policy)
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            return _error(413, f"body of {declared} bytes exceeds {limit}")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():  # never more than the limit in memory
+            size += len(chunk)
+            if size > limit:
+                return _error(413, f"body of more than {limit} bytes")
+            chunks.append(chunk)
+        producer = await self._connected()
+        if not producer.connected:
+            raise UnavailableError("nats", "connection lost; reconnecting", retry_after_s=2.0)
+        producer.check_room()
+        checked = parse_events(_unwrap_events(b"".join(chunks)), self.config.policy)
         total = len(checked.batch) + len(checked.rejected)
         if total > self.config.max_events_per_request:
             limit = self.config.max_events_per_request
             return _error(413, f"{total} events in one request; the limit is {limit}")
-        producer = await self._connected()
         await producer.publish_checked(checked)
         await producer.flush()
         result = IngestResult(
@@ -305,7 +375,14 @@ class ApiGateway:
         "/v1/users/{user_id}",
         responses={
             202: {"description": "Deletion published; the shard had not applied it in time."},
-            503: {"description": "NATS unavailable; retry after the given seconds."},
+            429: {
+                "description": "This replica holds as much unacknowledged data as it may; "
+                "nothing was published. Retry after the seconds in Retry-After."
+            },
+            503: {
+                "description": "NATS is unreachable, or the stream did not acknowledge in "
+                "time (the deletion is kept and resent). Retry after the seconds in Retry-After."
+            },
         },
         summary="Forget a user: publish user_deleted and wait until its shard has applied it",
     )
@@ -322,6 +399,8 @@ class ApiGateway:
         """
         (before,) = await self.pool.profiles([user_id])
         producer = await self._connected()
+        if not producer.connected:
+            raise UnavailableError("nats", "connection lost; reconnecting", retry_after_s=2.0)
         event = {
             "event_id": f"delete-{uuid.uuid4().hex}",
             "user_id": user_id,
@@ -605,6 +684,7 @@ class ApiGateway:
         await self._connected()
         assert self._nc is not None
         dead = await dead_letter_counts(self._nc.jetstream(), self.config.streams)
+        retention = await self._retention_warnings(shards)
         lag = {p: n for s in shards for p, n in s.get("lag", {}).items()}
         producer = self._producer
         models = {}
@@ -620,8 +700,39 @@ class ApiGateway:
             "shards": shards,
             "lag": dict(sorted(lag.items(), key=lambda kv: int(kv[0]))),
             "dead_letters": dead,
+            "recovering": [s["shard"] for s in shards if s.get("recovering")],
+            "retention_warnings": retention,
             "api_latency_ms": _api_latency(request).percentiles(),
         }
+
+    async def _retention_warnings(self, shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Partitions whose restore point nears the stream's retention edge (cached a while:
+        each check reads one message per partition)."""
+        cached_at, cached = self._retention_cache
+        if time.monotonic() - cached_at < RETENTION_CHECK_S:
+            return cached
+        needed: dict[int, int] = {}
+        for shard in shards:
+            if "partitions" not in shard:
+                return cached  # a shard is restarting: keep the last answer
+            saved = (shard.get("checkpoint") or {}).get("positions") or (
+                shard.get("recovery", {}).get("restored_positions") or {}
+            )
+            for partition in shard["partitions"]:
+                needed[int(partition)] = int(saved.get(partition, saved.get(str(partition), 0)))
+        assert self._nc is not None
+        found = await retention_warnings(self._nc.jetstream(), self.config.streams.events, needed)
+        self._retention_cache = (time.monotonic(), [w.as_dict() for w in found])
+        return self._retention_cache[1]
+
+    @app.post(
+        "/v1/checkpoints",
+        responses={503: {"description": "A shard is recovering or cannot snapshot now."}},
+        summary="Snapshot every shard now (besides the timer); what each one stored",
+    )
+    async def checkpoint(self) -> dict[str, Any]:
+        """Each shard's snapshot: name, positions, bytes and how long it took."""
+        return {"checkpoints": await self.pool.checkpoint()}
 
     @app.get("/healthz", summary="Liveness probe")
     async def healthz(self) -> dict[str, str]:

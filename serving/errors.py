@@ -8,7 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray.exceptions import RayActorError
 
-from actors.errors import AudienceError, UnavailableError
+from actors.errors import AudienceError, BackpressureError, ShardRecovering, UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -18,9 +18,22 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(UnavailableError)
     async def _unavailable(request: Request, exc: UnavailableError) -> JSONResponse:
+        # From attributes, not str(): raised in another actor, the exception
+        # arrives wrapped by Ray, whose str() carries the remote traceback.
+        body: dict[str, object] = {"detail": f"{exc.what} unavailable: {exc.detail}"}
+        if isinstance(exc, ShardRecovering):
+            body.update(status="recovering", shard=exc.shard)
+        return JSONResponse(
+            body,
+            status_code=503,
+            headers={"Retry-After": str(max(1, round(exc.retry_after_s)))},
+        )
+
+    @app.exception_handler(BackpressureError)
+    async def _backpressure(request: Request, exc: BackpressureError) -> JSONResponse:
         return JSONResponse(
             {"detail": str(exc)},
-            status_code=503,
+            status_code=429,
             headers={"Retry-After": str(max(1, round(exc.retry_after_s)))},
         )
 

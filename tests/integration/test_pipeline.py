@@ -11,6 +11,7 @@ import orjson
 import pytest
 import ray
 
+from actors.errors import ShardRecovering
 from actors.events import EVENT_TYPES
 from actors.partitioning import events_subject
 from actors.producer import Producer
@@ -39,7 +40,7 @@ async def profiles_when_applied(
     async def all_applied() -> list[dict[str, Any]] | None:
         try:
             profiles = await platform.pool.profiles(users)  # type: ignore[union-attr]
-        except ray.exceptions.RayActorError:  # a shard restarting: the API answers 503
+        except ShardRecovering:  # a shard restarting or replaying: the API answers 503
             return None
         done = sum(p["events"] for p in profiles if p) == expected
         return profiles if done else None  # type: ignore[return-value]

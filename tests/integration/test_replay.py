@@ -11,11 +11,15 @@ import sys
 from pathlib import Path
 
 import httpx
+import nats
 import pytest
 
+from actors.codec import encode
+from actors.partitioning import events_subject, partition_of
 from cluster.launcher import Platform
 from cluster.replay import replay_history
 from models.history import read_ratings
+from tests.support.events import random_batch
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -168,3 +172,26 @@ def _with_users(platform: Platform, users: int):
     ids = history["user_id"]
     found = ids[ids.str.startswith("93000")].nunique()
     return (history,) if found == users else None
+
+
+def test_training_history_from_the_stream_skips_bad_rows_and_repeated_event_ids(
+    platform: Platform,
+) -> None:
+    from cluster.train import stream_history
+
+    batch = random_batch(6, 1, seed=77, prefix="hist-bad-")
+    batch.ts[:] = 1_700_000_000_000  # long before the shared platform's "now"
+    batch.type[0] = 250  # an unknown type code, past the producer's checks
+    again = batch.take([1, 2])  # the same event ids in another message
+
+    async def publish() -> None:
+        nc = await nats.connect(platform.nats_url)
+        js = nc.jetstream()
+        for body in (encode(batch), encode(again)):
+            await js.publish(events_subject(partition_of("hist-bad-0", 8)), body)
+        await nc.close()
+
+    asyncio.run(publish())
+    history = asyncio.run(stream_history(platform.nats_url, platform.settings.stream))
+    mine = history[history["event_id"].str.startswith("hist-bad-")]
+    assert sorted(mine["event_id"]) == sorted(batch.event_id[1:])

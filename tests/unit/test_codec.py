@@ -66,3 +66,15 @@ def test_a_body_that_is_not_the_wire_format_is_refused_as_bad_wire(body: bytes) 
         decode(body)
     assert info.value.reason == "bad_wire"
     assert info.value.detail
+
+
+@pytest.mark.parametrize("cell", [b'"1.5"', b'"nan"', b'"inf"', b"true", b"[1]", b"{}"])
+def test_a_value_column_holding_anything_but_numbers_or_null_is_bad_wire(cell: bytes) -> None:
+    body = (
+        b'{"v":1,"e":["a"],"u":["b"],"t":[0],"ts":[1],"i":[null],"c":[null],"x":['
+        + cell
+        + b'],"s":[0]}'
+    )
+    with pytest.raises(WireError) as info:  # numpy read "1.5", "inf" and true as numbers
+        decode(body)
+    assert "'x'" in info.value.detail

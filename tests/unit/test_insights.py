@@ -51,17 +51,23 @@ def test_merged_shards_give_the_known_cohort_size_day_1_retention_and_dau() -> N
     json.dumps(answer, allow_nan=False)
 
 
-def test_a_users_events_in_the_batch_that_deletes_it_stay_out_of_retention() -> None:
-    shard = Shard(0, [0], windows=WINDOWS)
+def test_activity_before_a_deletion_counts_the_same_however_the_stream_is_cut() -> None:
     rows = [
         ("gone", "click", T, {}),
         ("gone", "user_deleted", T + MIN, {}),
         ("kept", "click", T, {}),
     ]
-    shard.apply([Delivery(0, 1, 0, 0, encode(batch_of(*rows)))])
-    assert shard.table.first_seen_of(["gone", "kept"]).tolist() == [-1, T]
-    answer = retention_answer(merge_insights([shard.insights_partials()]))
-    assert answer["active_users"]["dau"] == 1
+    whole = Shard(0, [0], windows=WINDOWS)
+    whole.apply([Delivery(0, 1, 0, 0, encode(batch_of(*rows)))])
+    apart = Shard(0, [0], windows=WINDOWS)
+    for seq, row in enumerate(rows, start=1):
+        apart.apply([Delivery(0, seq, 0, 0, encode(batch_of(row)))])
+    answers = []
+    for shard in (whole, apart):
+        assert shard.table.first_seen_of(["gone", "kept"]).tolist() == [-1, T]
+        answers.append(retention_answer(merge_insights([shard.insights_partials()])))
+    assert answers[0] == answers[1]
+    assert answers[0]["active_users"]["dau"] == 2  # the deleted user was active that day
 
 
 def test_a_burst_tops_the_trends_and_is_emerging_and_the_forecast_covers_15_minutes() -> None:

@@ -102,3 +102,17 @@ def test_a_deletion_does_not_move_the_shards_event_time_now() -> None:
     partials = shard.insights_partials()  # the aggregates never see the deletion's time
     assert shard.engagement.watermarks.all()[0] < deletion.ts[0]
     assert partials["segments"]["now_ms"] == now
+
+
+def test_rejections_are_keyed_by_stream_position_however_the_deliveries_are_grouped() -> None:
+    batch = random_batch(30, 5)
+    batch.user_id[3] = ""  # missing user
+    batch.ts[7] = 10**15  # far future
+    deliveries = [Delivery(1, 5, 0, 0, b"nope")]
+    deliveries += [
+        Delivery(1, 6 + i, 0, 0, encode(batch.slice(i * 10, i * 10 + 10))) for i in range(3)
+    ]
+    together = Shard(0, [1]).apply(deliveries).rejected
+    one_by_one = [r for d in deliveries for r in Shard(0, [1]).apply([d]).rejected]
+    assert sorted(r.key or "" for r in together) == ["1.5", "1.6.3", "1.6.7"]
+    assert sorted(r.key or "" for r in one_by_one) == ["1.5", "1.6.3", "1.6.7"]

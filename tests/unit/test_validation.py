@@ -4,6 +4,7 @@ import numpy as np
 import orjson
 import pytest
 
+from actors.codec import encode
 from actors.events import TYPE_CODE, EventType
 from actors.validation import RejectReason, ValidationPolicy, check_batch, parse_events
 from tests.support.events import event, random_batch
@@ -96,3 +97,75 @@ def test_check_batch_splits_bad_rows_of_a_columnar_batch() -> None:
         (8, RejectReason.BAD_VALUE),
     ]
     assert checked.batch.event_id == [batch.event_id[i] for i in (0, 1, 3, 5, 7, 9)]
+
+
+# Regressions found by tests/unit/test_fuzz_codec.py: the verdict on an event never
+# depends on its neighbours, and nothing a body holds makes parsing raise.
+
+
+def test_an_event_too_big_is_oversized_even_when_every_event_of_its_body_is_valid() -> None:
+    big = event(properties={f"p{i}": "x" * 512 for i in range(32)})
+    assert parse([big]) == (0, [(0, "oversized")])
+    assert parse([event("a"), big, event(type="warp")]) == (
+        1,
+        [(1, "oversized"), (2, "unknown_type")],
+    )
+
+
+def test_integers_beyond_64_bits_in_a_map_are_read_as_floats_whatever_the_neighbours() -> None:
+    huge = orjson.dumps([event("a", properties={"n": 1})]).replace(b'"n":1', b'"n":' + b"9" * 30)
+    for body in (huge, huge[:-1] + b',{"oops":1}]'):
+        checked = parse_events(body, POLICY, at_ms=NOW)
+        assert len(checked.batch) == 1 and checked.batch.properties == [{"n": 1e30}]
+        encode(checked.batch)  # raised TypeError: Integer exceeds 64-bit range
+
+
+@pytest.mark.parametrize("depth", [253, 300, 1000])
+def test_an_item_nested_deeper_than_orjson_writes_is_a_schema_rejection(depth: int) -> None:
+    body = b"[" + orjson.dumps(event("a")) + b"," + b"[" * depth + b"]" * depth + b"]"
+    checked = parse_events(body, POLICY, at_ms=NOW)  # raised TypeError: Recursion limit reached
+    assert len(checked.batch) == 1
+    assert [(r.index, r.reason) for r in checked.rejected] == [(1, RejectReason.SCHEMA)]
+
+
+def test_nan_anywhere_makes_the_whole_body_invalid_json_whatever_the_neighbours() -> None:
+    for items in ([event("a")], [event("a"), event(type="warp")]):
+        body = orjson.dumps([*items, event("b", properties={"x": 1})]).replace(b'"x":1', b'"x":NaN')
+        checked = parse_events(body, POLICY, at_ms=NOW)  # the first was accepted with null
+        assert len(checked.batch) == 0
+        assert [(r.index, r.reason) for r in checked.rejected] == [(-1, RejectReason.INVALID_JSON)]
+
+
+def test_a_dead_letter_keeps_no_more_of_a_body_or_event_than_nats_can_carry() -> None:
+    policy = ValidationPolicy(max_dead_letter_bytes=1000)
+    (whole,) = parse_events(b"x" * 5000, policy, at_ms=NOW).rejected
+    assert whole.raw == b"x" * 1000 and "5000 bytes" in whole.detail
+    big = event(properties={f"p{i}": "x" * 512 for i in range(32)})
+    (oversized,) = parse_events(orjson.dumps([big]), policy, at_ms=NOW).rejected
+    assert oversized.reason is RejectReason.OVERSIZED and len(oversized.raw) == 1000
+
+
+def test_a_value_the_aggregates_cannot_hold_is_a_bad_value() -> None:
+    assert parse([event(value=1e13), event(value=-1e300), event(value=1e12)]) == (
+        1,
+        [(0, "bad_value"), (1, "bad_value")],
+    )
+
+
+def test_check_batch_refuses_rows_that_no_json_event_could_have_been() -> None:
+    n = 9
+    batch = random_batch(n, 3, t0=NOW - 5 * 86_400_000)
+    batch.item_id[0] = ""
+    batch.category[1] = "c" * 65
+    batch.traits[2] = {"nested": {"a": [1]}}
+    batch.properties[3] = {f"k{i}": i for i in range(33)}
+    batch.properties[4] = {"long": "x" * 513}
+    batch.traits[5] = {"huge": 2**70}
+    batch.properties[6] = {"deep": orjson.loads(b"[" * 300 + b"]" * 300)}
+    batch.traits[7] = {"nan": float("nan")}
+    checked = check_batch(batch, POLICY, at_ms=NOW)  # row 6 raised TypeError when dumped
+    assert [(r.index, r.reason) for r in checked.rejected] == [
+        (i, RejectReason.SCHEMA) for i in range(8)
+    ]
+    assert orjson.loads(checked.rejected[6].raw)["properties"] == "<not serialisable>"
+    assert checked.batch.event_id == [batch.event_id[8]]
