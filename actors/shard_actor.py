@@ -55,7 +55,8 @@ from actors.windows import WindowConfig
 log = logging.getLogger(__name__)
 
 MAX_HELD_DEAD_LETTERS = 10_000  # beyond this a shard stops consuming until NATS takes them
-LAST_CHECKPOINT_TIMEOUT_S = 20.0  # a stop must finish within the pool's shutdown budget
+LAST_CHECKPOINT_TIMEOUT_S = 15.0  # a stop must finish within the pool's shutdown budget
+STOP_STEP_TIMEOUT_S = 5.0
 START_RETRY_S = 0.25  # between attempts to start while NATS is away
 
 
@@ -333,6 +334,7 @@ class ShardActor:
             "consumer_resyncs": self._reader.resyncs if self._reader else 0,
             "recovering": self.recovering,
             "recovery": dict(self.recovery),
+            "checkpoint": (self._last_checkpoint or {}).get("name"),
             "started_at": self.started_at,
             "positions": dict(self.shard.positions),
         }
@@ -366,8 +368,9 @@ class ShardActor:
         for task in (self._timer_task, self._loop_task):
             if task is not None:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                # Bounded: a cancel that lands inside nats-py's publish can be lost
+                # (Python 3.11), and a stop must not hang on it.
+                await asyncio.wait({task}, timeout=STOP_STEP_TIMEOUT_S)
         self._timer_task = self._loop_task = None
         if self.checkpoints.on_stop and self._store is not None and not self.recovering:
             if self._held_dead_letters:
@@ -377,9 +380,10 @@ class ShardActor:
             except Exception as exc:  # stopping goes on; the previous snapshot stays
                 log.warning("shard %s: last checkpoint failed: %r", self.shard.shard_id, exc)
         if self._reader is not None:
-            await self._reader.stop()
+            with contextlib.suppress(Exception):  # its consumers expire on their own anyway
+                await asyncio.wait_for(self._reader.stop(), STOP_STEP_TIMEOUT_S)
             self._reader = None
         if self._nc is not None:
             with contextlib.suppress(Exception):
-                await self._nc.close()
+                await asyncio.wait_for(self._nc.close(), STOP_STEP_TIMEOUT_S)
             self._nc = None

@@ -199,7 +199,11 @@ def _train_demo_models(settings: Settings) -> subprocess.Popen[bytes]:
     env = {**os.environ, "AUDIENCE_RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     env["AUDIENCE_DATA_DIR"] = str(settings.data_dir)
     env["AUDIENCE_REGISTRY_DIR"] = str(settings.registry_path)
-    return subprocess.Popen([sys.executable, "-m", "cluster.cli", "train", "--demo"], env=env)
+    # Its own session: a terminal's Ctrl-C (twice, from impatient people) reaches the
+    # whole foreground group; the parent alone interrupts the child, once.
+    return subprocess.Popen(
+        [sys.executable, "-m", "cluster.cli", "train", "--demo"], env=env, start_new_session=True
+    )
 
 
 def _stop_child(child: subprocess.Popen[bytes] | None) -> None:

@@ -106,7 +106,8 @@ def test_up_serves_the_api_and_ctrl_c_stops_every_process(audience_up: Running) 
     os.killpg(audience_up.process.pid, signal.SIGINT)  # Ctrl-C, as a terminal sends it
     os.killpg(audience_up.process.pid, signal.SIGINT)  # and again, as impatient people do
     assert audience_up.process.wait(60) == 0, "\n".join(audience_up.lines[-20:])
-    assert not [line for line in audience_up.lines if "Traceback" in line], audience_up.lines
+    tracebacks = [i for i, line in enumerate(audience_up.lines) if "Traceback" in line]
+    assert not tracebacks, "\n".join(audience_up.lines[tracebacks[0] : tracebacks[0] + 40])
     wait_until(lambda: "stopped" in audience_up.lines, timeout_s=10)
     wait_until(lambda: not [p for p in family if _alive(p)], timeout_s=30)
 
