@@ -157,6 +157,10 @@ class ObjectStoreCheckpoints:
                 self._store = await self._js.create_object_store(self.bucket, config)
         return self._store
 
+    async def ensure(self) -> None:
+        """Create the bucket now if it is missing (once, before shards need it)."""
+        await self._bucket()
+
     async def save(self, name: str, blob: bytes) -> None:
         store = await self._bucket()
         meta = ObjectMeta(name=name, options=ObjectMetaOptions(max_chunk_size=CHUNK_BYTES))

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 1024 * 1024  # NATS' default max_payload: one request must fit one message
 RETRY_PAUSE_S = 0.5
+DELETE_TIMEOUT_S = 1.0  # deleting a replaced consumer is tidying, not worth a stall
 
 
 class _Partition:
@@ -148,7 +149,11 @@ class StreamReader:
         part.open_request = False
         if old:
             with contextlib.suppress(Exception):
-                await self._js.delete_consumer(self.stream, old)
+                # Bounded: the old consumer's server may be gone (a cluster node
+                # died); an ephemeral left behind ends by its inactive_threshold.
+                await self._nc.request(
+                    f"$JS.API.CONSUMER.DELETE.{self.stream}.{old}", b"", timeout=DELETE_TIMEOUT_S
+                )
         config = ConsumerConfig(
             filter_subject=events_subject(part.partition),
             ack_policy=AckPolicy.NONE,
@@ -233,6 +238,9 @@ class StreamReader:
         elif status == "409" and "Deleted" in description:  # e.g. idle past its threshold
             log.warning("partition %s: consumer deleted; re-creating", part.partition)
             await self._recreate(part)
+        elif status == "503":  # no responders: the consumer's server is gone (cluster node lost)
+            log.warning("partition %s: consumer unreachable; re-creating", part.partition)
+            await self._try_recreate(part)
         else:  # no responders, refused: ask again after a pause, not in a tight loop
             loop = asyncio.get_running_loop()
             loop.call_later(RETRY_PAUSE_S, lambda: loop.create_task(self._request(part)))
@@ -254,8 +262,11 @@ class StreamReader:
         """Re-sync after reconnects; re-create consumers that failed to come back; re-ask
         partitions whose request went quiet. Survives any one failure (it is the repair)."""
         while True:
+            # Sooner while a partition has no consumer (its re-creation failed).
+            orphaned = any(not p.consumer and not p.recreating for p in self._parts.values())
+            wait_s = min(self.expires_s, 1.0) if orphaned else self.expires_s
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._resync_needed.wait(), self.expires_s)
+                await asyncio.wait_for(self._resync_needed.wait(), wait_s)
             if self._resync_needed.is_set():
                 self._resync_needed.clear()
                 self.resyncs += 1

@@ -3,6 +3,8 @@
 ``AUDIENCE_EVENTS`` holds ``audience.events.<partition>``; its duplicate window
 makes a re-sent batch (same ``Nats-Msg-Id``) a no-op. ``AUDIENCE_DLQ`` keeps
 dead letters on ``audience.dlq.<reason>`` so they can be counted and inspected.
+On a NATS cluster both can be replicated (``replicas``), so that they outlive
+the loss of a server.
 """
 
 from __future__ import annotations
@@ -31,12 +33,16 @@ async def ensure_streams(
     max_age_s: float | None = None,
     dlq_max_age_s: float = 7 * 86_400,
     dlq_duplicate_window_s: float = 3600.0,
+    replicas: int = 1,
 ) -> None:
     """Create the event and dead-letter streams if they do not exist yet.
 
     ``max_age_s`` bounds how long events are kept (None: for ever). The dead
     letter stream's duplicate window must outlast a shard's checkpoint
     interval: a restored shard re-rejects what it replays, under the same ids.
+    ``replicas`` copies of each stream are kept on as many servers of a NATS
+    cluster (3 survive the loss of one server; a single server takes only 1).
+    Streams that already exist are left as they are, replica count included.
     """
     wanted = [
         StreamConfig(
@@ -46,6 +52,7 @@ async def ensure_streams(
             storage=StorageType.FILE,
             duplicate_window=duplicate_window_s,
             max_age=max_age_s,
+            num_replicas=replicas,
         ),
         StreamConfig(
             name=names.dlq,
@@ -54,6 +61,7 @@ async def ensure_streams(
             storage=StorageType.FILE,
             max_age=dlq_max_age_s,
             duplicate_window=dlq_duplicate_window_s,
+            num_replicas=replicas,
         ),
     ]
     for config in wanted:
@@ -61,6 +69,15 @@ async def ensure_streams(
             await js.stream_info(str(config.name))
         except NotFoundError:
             await js.add_stream(config)
+
+
+def server_list(nats_url: str) -> list[str]:
+    """The servers of a NATS URL setting, which may be a comma-separated seed list.
+
+    ``nats.connect`` takes one URL or a list, not a comma-separated string:
+    pass it ``servers=server_list(url)``. Blanks are dropped.
+    """
+    return [url.strip() for url in nats_url.split(",") if url.strip()]
 
 
 async def subject_counts(js: JetStreamContext, stream: str, subjects: str) -> dict[str, int]:

@@ -26,7 +26,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 
 from actors.checkpoint_store import CheckpointConfig
 from actors.conversion import FunnelSpec
-from actors.errors import ShardRecovering
+from actors.errors import AudienceError, ShardRecovering
 from actors.partitioning import assign_partitions, partition_of
 from actors.shard_actor import ShardActor
 from actors.state import StateRules, UserRows
@@ -74,12 +74,30 @@ class ShardPool:
         timeout_s: float = 60.0,
         windows: WindowConfig | None = None,
         funnel: FunnelSpec | None = None,
+        detached: bool = False,
     ) -> ShardPool:
-        """Start the shard actors (named, in the ``audience`` namespace) and their consumers."""
+        """Start the shard actors (named, in the ``audience`` namespace) and their consumers.
+
+        ``detached`` shards outlive the process that created them (on Kubernetes a
+        Serve application builder creates them in a task that then exits), and
+        creating a detached pool again attaches to the shards already running, so
+        the call is idempotent.
+
+        Raises:
+            AudienceError: (detached) shards of this pool run with other partitions
+                than the spec gives them: a pool of another shard count.
+        """
         assignment = assign_partitions(spec.partitions, spec.shards)
+        lifetime: dict[str, Any] = {}
+        if detached:
+            _check_layout(spec, assignment, timeout_s)
+            lifetime = {"lifetime": "detached", "get_if_exists": True}
         handles = [
             ShardActor.options(  # type: ignore[attr-defined]
-                name=shard_name(spec.name, i), namespace=NAMESPACE, num_cpus=spec.shard_cpus
+                name=shard_name(spec.name, i),
+                namespace=NAMESPACE,
+                num_cpus=spec.shard_cpus,
+                **lifetime,
             ).remote(
                 i,
                 parts,
@@ -218,6 +236,29 @@ class ShardPool:
         finally:
             for handle in self.handles:
                 ray.kill(handle, no_restart=True)
+
+
+def _check_layout(spec: PoolSpec, assignment: list[list[int]], timeout_s: float) -> None:
+    """Refuse to start shards next to running ones of this pool that own other partitions.
+
+    Raises:
+        AudienceError: a shard of this name runs with partitions the spec gives another.
+    """
+    running: list[ActorHandle] = []
+    while True:  # shards are named 0..N-1: the running ones are the first names found
+        try:
+            running.append(ray.get_actor(shard_name(spec.name, len(running)), namespace=NAMESPACE))
+        except ValueError:
+            break
+    if not running:
+        return
+    statuses: list[dict[str, Any]] = ray.get([h.start.remote() for h in running], timeout=timeout_s)
+    found = [list(status["partitions"]) for status in statuses]
+    if found != assignment[: len(found)]:
+        raise AudienceError(
+            f"pool {spec.name!r} runs {len(found)} shards with other partitions than "
+            f"{spec.shards} shards over {spec.partitions} partitions would own; stop it first"
+        )
 
 
 def _raise_other(answer: Any) -> Any:

@@ -45,6 +45,7 @@ from actors.consumer import StreamReader
 from actors.conversion import FunnelSpec
 from actors.deadletter import DeadLetters
 from actors.errors import ShardRecovering
+from actors.jetstream import server_list
 from actors.metrics import ShardMetrics
 from actors.partitioning import events_subject
 from actors.shard import Shard
@@ -119,7 +120,7 @@ class ShardActor:
     async def _start_once(self) -> None:
         if self._nc is None:
             self._nc = await nats.connect(
-                self.nats_url,
+                server_list(self.nats_url),
                 name=f"audience-shard-{self.shard.shard_id}",
                 max_reconnect_attempts=-1,
                 reconnected_cb=self._reconnected,
@@ -335,6 +336,12 @@ class ShardActor:
             "recovering": self.recovering,
             "recovery": dict(self.recovery),
             "checkpoint": (self._last_checkpoint or {}).get("name"),
+            "busy_s": self.shard.busy_s,
+            "backlog": (
+                sum(self._reader.pending_by_partition().values()) + self._reader.buffered
+                if self._reader
+                else 0
+            ),
             "started_at": self.started_at,
             "positions": dict(self.shard.positions),
         }

@@ -483,6 +483,13 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append(
             f"{warning['level'].upper()}: partition {warning['partition']}: {warning['detail']}"
         )
+    scaling = status.get("autoscaling") or {}
+    if scaling.get("decisions"):
+        last = scaling["decisions"][-1]
+        lines.append(
+            f"autoscaling: {last['current']} shards -> {last['desired']} recommended "
+            f"({last['reason']})"
+        )
     dead = status["dead_letters"]
     lines.append("dead letters: " + (", ".join(f"{k}={v}" for k, v in dead.items()) or "none"))
     served = [

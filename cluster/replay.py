@@ -25,6 +25,7 @@ import pandas as pd
 from nats.errors import Error as NatsError
 
 from actors.errors import AudienceError, UnavailableError
+from actors.jetstream import server_list
 from actors.producer import Producer
 from actors.validation import ValidationPolicy
 from cluster.settings import Settings
@@ -175,7 +176,7 @@ async def _connect(nats_url: str) -> Any:
     try:
         return await asyncio.wait_for(
             nats.connect(
-                nats_url,
+                server_list(nats_url),
                 name="audience-replay",
                 max_reconnect_attempts=-1,
                 connect_timeout=2,

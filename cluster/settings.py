@@ -51,6 +51,15 @@ class Settings(BaseSettings):
         pattern=r"^[A-Za-z0-9_-]+$",
         description="JetStream stream that keeps dead-lettered events with their reasons.",
     )
+    stream_replicas: int = Field(
+        default=1,
+        ge=1,
+        le=5,
+        description="Copies of each stream (events, dead letters) and of the snapshot bucket "
+        "kept on as many servers of a NATS cluster: 3 keep ingest and consumption going when "
+        "one server is lost. Only 1 with the embedded (single) nats-server. Applies when the "
+        "streams are created; existing streams keep theirs.",
+    )
     stream_max_age_s: float = Field(
         default=7 * 86_400,
         gt=0,
@@ -87,6 +96,34 @@ class Settings(BaseSettings):
         default=2,
         ge=1,
         description="Shard actor count N; each owns a disjoint set of partitions (N <= P).",
+    )
+    autoscale_min_shards: int = Field(
+        default=1, ge=1, description="Fewest shard actors the autoscaling policy recommends."
+    )
+    autoscale_max_shards: int = Field(
+        default=8, ge=1, description="Most shard actors the autoscaling policy recommends."
+    )
+    autoscale_target_utilisation: float = Field(
+        default=0.6,
+        gt=0,
+        le=1,
+        description="Share of its time a shard should spend applying events; the policy "
+        "recommends more shards above it and fewer below (with stabilisation windows).",
+    )
+    autoscale_every_s: float = Field(
+        default=10.0, gt=0, description="How often the autoscaling policy samples the shards."
+    )
+    serve_min_replicas: int = Field(
+        default=1, ge=1, description="Fewest replicas of each Serve deployment (API, models)."
+    )
+    serve_max_replicas: int = Field(
+        default=1,
+        ge=1,
+        description="Most replicas of each Serve deployment; above serve_min_replicas, Serve "
+        "autoscales on ongoing requests per replica.",
+    )
+    serve_target_ongoing_requests: float = Field(
+        default=16.0, gt=0, description="Ongoing requests per replica Serve's autoscaler aims at."
     )
     ray_address: str = Field(
         default="local",
@@ -204,6 +241,19 @@ class Settings(BaseSettings):
             )
         if self.nats_url != "embedded" and not self.nats_url.startswith(("nats://", "tls://")):
             raise ValueError("nats_url must be 'embedded' or a nats:// or tls:// URL")
+        if self.embedded_nats and self.stream_replicas > 1:
+            raise ValueError(
+                f"stream_replicas ({self.stream_replicas}) needs a NATS cluster; the embedded "
+                "nats-server is a single server (set nats_url, or stream_replicas=1)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _autoscale_bounds(self) -> Settings:
+        if self.autoscale_min_shards > self.autoscale_max_shards:
+            raise ValueError("autoscale_min_shards must not exceed autoscale_max_shards")
+        if self.serve_min_replicas > self.serve_max_replicas:
+            raise ValueError("serve_min_replicas must not exceed serve_max_replicas")
         return self
 
     @model_validator(mode="after")

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import nats
 
+from actors.jetstream import server_list
 from actors.producer import Producer
 from actors.simulator import Simulator
 from actors.validation import ValidationPolicy, now_ms
@@ -50,7 +51,9 @@ async def publish_simulation(
     """
     start = now_ms() if start_ms is None else start_ms
     simulator = Simulator(users, seed, start, time_scale=time_scale)
-    nc = await nats.connect(nats_url, name="audience-simulator", max_reconnect_attempts=-1)
+    nc = await nats.connect(
+        server_list(nats_url), name="audience-simulator", max_reconnect_attempts=-1
+    )
     producer = await Producer(
         nc.jetstream(), partitions, policy=policy, max_batch=max_batch, linger_ms=linger_ms
     ).start()

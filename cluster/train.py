@@ -21,6 +21,7 @@ import ray
 from actors.batch import EventBatch
 from actors.codec import decode
 from actors.errors import AudienceError, UnavailableError, WireError
+from actors.jetstream import server_list
 from actors.simulator import Simulator
 from actors.validation import ValidationPolicy, check_batch
 from models.churn import KIND as CHURN
@@ -96,7 +97,8 @@ async def stream_history(nats_url: str, stream: str, timeout_s: float = 30.0) ->
     """
     try:
         nc = await asyncio.wait_for(
-            nats.connect(nats_url, max_reconnect_attempts=1, connect_timeout=5), timeout=15
+            nats.connect(server_list(nats_url), max_reconnect_attempts=1, connect_timeout=5),
+            timeout=15,
         )
     except Exception as exc:
         raise UnavailableError("nats", f"cannot connect to {nats_url}: {exc!r}") from None

@@ -21,10 +21,12 @@ from typing import Annotated, Any
 
 import nats
 import orjson
+import ray
 from fastapi import FastAPI, Path, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from nats.aio.client import Client
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from actors.conversion import PURCHASERS_RELATIVE_ERROR
@@ -40,9 +42,9 @@ from actors.insights import (
     segments_report,
     trends_answer,
 )
-from actors.jetstream import StreamNames, dead_letter_counts
+from actors.jetstream import StreamNames, dead_letter_counts, server_list
 from actors.latency import LatencyRing
-from actors.pool import PoolSpec, ShardPool
+from actors.pool import NAMESPACE, PoolSpec, ShardPool
 from actors.producer import Producer
 from actors.state import iso_ms
 from actors.stream_retention import retention_warnings
@@ -56,6 +58,7 @@ from serving import dashboard
 from serving.alerts import AlertCenter, AlertsConfig
 from serving.errors import install_error_handlers
 from serving.models import ChurnScorer, ModelsConfig, Personalizer
+from serving.replicas import ReplicaScaling
 from serving.schemas import (
     ChurnAnswer,
     ChurnBatchRequest,
@@ -77,6 +80,7 @@ from serving.schemas import (
 log = logging.getLogger(__name__)
 
 RETENTION_CHECK_S = 30.0  # how long a retention check is reused by /v1/status
+AUTOSCALER_NAME = "audience-autoscaler"  # the cluster layer's controller actor, by name
 
 app = FastAPI(
     title="audience-insights",
@@ -268,7 +272,7 @@ class ApiGateway:
                 try:
                     await asyncio.wait_for(
                         nc.connect(
-                            self.config.pool.nats_url,
+                            server_list(self.config.pool.nats_url),
                             name="audience-api",
                             max_reconnect_attempts=-1,
                             connect_timeout=2,
@@ -701,9 +705,19 @@ class ApiGateway:
             "lag": dict(sorted(lag.items(), key=lambda kv: int(kv[0]))),
             "dead_letters": dead,
             "recovering": [s["shard"] for s in shards if s.get("recovering")],
+            "autoscaling": await self._autoscaling(),
             "retention_warnings": retention,
             "api_latency_ms": _api_latency(request).percentiles(),
         }
+
+    async def _autoscaling(self) -> dict[str, Any] | None:
+        """The shard autoscaler's recent decisions, if a controller runs (found by name)."""
+        try:
+            controller = ray.get_actor(AUTOSCALER_NAME, namespace=NAMESPACE)
+            answer: dict[str, Any] = await controller.decisions.remote()
+        except (ValueError, RayActorError):  # none started (a bare API): nothing to show
+            return None
+        return answer
 
     async def _retention_warnings(self, shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Partitions whose restore point nears the stream's retention edge (cached a while:
@@ -759,12 +773,22 @@ class ApiGateway:
         )
 
 
-def build_app(config: GatewayConfig, models: ModelsConfig | None = None) -> serve.Application:
-    """The Serve application for ``serve.run``: the API, and the model deployments if asked."""
+def build_app(
+    config: GatewayConfig,
+    models: ModelsConfig | None = None,
+    replicas: ReplicaScaling | None = None,
+) -> serve.Application:
+    """The Serve application for ``serve.run``: the API, and the model deployments if asked.
+
+    ``replicas`` sizes every deployment; without it, Serve's defaults (one replica
+    each) hold, and a Serve config file (KubeRay's ``serveConfigV2``) may size them.
+    """
+    options = replicas.options() if replicas is not None else {}
+    gateway = ApiGateway.options(**options)  # type: ignore[attr-defined]
     if models is None:
-        return ApiGateway.bind(config)  # type: ignore[attr-defined]
-    return ApiGateway.bind(  # type: ignore[attr-defined]
+        return gateway.bind(config)
+    return gateway.bind(
         config,
-        ChurnScorer.bind(models),  # type: ignore[attr-defined]
-        Personalizer.bind(models),  # type: ignore[attr-defined]
+        ChurnScorer.options(**options).bind(models),  # type: ignore[attr-defined]
+        Personalizer.options(**options).bind(models),  # type: ignore[attr-defined]
     )

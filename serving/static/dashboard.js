@@ -79,7 +79,13 @@ function showOps(status, shards) {
   const api = status.api_latency_ms || {};
   rows.push(`<tr><td>API requests</td><td>${ms(api.p50)}</td><td>${ms(api.p99)}</td></tr>`);
   const dead = Object.entries(status.dead_letters || {}).map(([k, v]) => `${k} ${fmt(v)}`).join(", ") || "none";
-  document.getElementById("ops").innerHTML = "<table><tr><th></th><th>p50</th><th>p99</th></tr>" + rows.join("") + `</table><p style="color:var(--muted);margin:8px 6px">dead letters: ${dead}</p>`;
+  const note = (text) => `<p style="color:var(--muted);margin:8px 6px">${text}</p>`;
+  const recovering = (status.recovering || []).map((s) => `shard ${s}`).join(", ");
+  const decisions = (status.autoscaling || {}).decisions || [];
+  const last = decisions[decisions.length - 1];
+  const scaling = last ? `autoscaling: ${last.current} shards → ${last.desired} recommended (${last.reason})` : "autoscaling: no recommendation yet";
+  document.getElementById("ops").innerHTML = "<table><tr><th></th><th>p50</th><th>p99</th></tr>" + rows.join("") + "</table>"
+    + note(`dead letters: ${dead}`) + (recovering ? note(`recovering: ${recovering}`) : "") + `<p id="ops-scaling" style="color:var(--muted);margin:8px 6px">${scaling}</p>`;
 }
 
 function showEngagement(answer) {

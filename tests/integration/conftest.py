@@ -79,6 +79,7 @@ def platform(
             webhook_secret=webhook_receiver.secret,
             model_poll_s=0.5,
             item_index_refresh_s=1.0,
+            autoscale_every_s=1.0,
             _env_file=None,  # type: ignore[call-arg]
         )
         running = Platform(settings)

@@ -86,6 +86,7 @@ def test_the_dashboard_renders_charts_without_errors_and_its_numbers_update(
         assert not [line for line in console if "Uncaught" in line or "Error" in line], console
         assert first.stdout.count('class="main-svg"') >= 4, "Plotly drew no charts"
         assert "API requests" in first.stdout and "shard 0 apply" in first.stdout
+        assert re.search(r'id="ops-scaling"[^>]*>autoscaling: ', first.stdout)
         assert re.search(r'data-updates="[1-9]', first.stdout), "the page never polled"
         before = applied_shown(first.stdout)
         assert before >= 1

@@ -1,0 +1,147 @@
+"""The Serve application builder that a KubeRay ``RayService`` deploys: ``cluster.k8s:app``.
+
+On Kubernetes nobody runs ``audience up``. The RayService controller hands
+``serveConfigV2`` to Ray Serve, and Serve calls :func:`app` in a short-lived
+task on the cluster (a worker that exits after one call, retried on failure,
+and run again whenever the application's config changes). So the builder:
+
+* reads :class:`~cluster.settings.Settings` from the environment (the pods'
+  ConfigMap and Secret, and the application's ``runtime_env``), with the
+  config's ``args`` on top;
+* makes sure the streams exist (``prepare_streams``, idempotent);
+* creates the shard pool as *detached* named actors, or attaches to the one an
+  earlier build created: the shards outlive the build task, and Ray restarts
+  them on any node; the autoscaling controller likewise;
+* returns the same application ``audience up`` runs.
+
+The Serve config decides where the API listens (``http_options``) and how many
+replicas each deployment runs (``autoscaling_config``, over the code's default of
+one): the local-only settings in :data:`LOCAL_ONLY` are ignored here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from ray import serve
+
+from actors.errors import AudienceError
+from actors.pool import NAMESPACE, PoolSpec, ShardPool
+from cluster.launcher import (
+    checkpoints_of,
+    funnel_of,
+    policy_of,
+    prepare_streams,
+    scaling_policy_of,
+    serve_app_of,
+    streams_of,
+    windows_of,
+)
+from cluster.scaling_controller import CONTROLLER_NAME, ScalingController
+from cluster.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Settings that only a local `audience up` uses: on a cluster the Serve config
+# (http_options, each deployment's autoscaling_config) and the pods decide these.
+LOCAL_ONLY = frozenset(
+    {
+        "nats_port",
+        "num_cpus",
+        "metrics_port",
+        "http_host",
+        "http_port",
+        "serve_min_replicas",
+        "serve_max_replicas",
+        "serve_target_ongoing_requests",
+    }
+)
+
+
+def settings_from(args: Mapping[str, Any]) -> Settings:
+    """Settings from the environment, with the Serve config's ``args`` (field names) on top.
+
+    Raises:
+        AudienceError: the settings ask for what a cluster does not have: an
+            embedded nats-server, or a model registry that is not a shared folder.
+        pydantic.ValidationError: a setting is invalid (the message names it).
+    """
+    settings = Settings(**args)
+    if settings.embedded_nats:
+        raise AudienceError(
+            "AUDIENCE_NATS_URL must name the JetStream cluster (e.g. nats://nats:4222): "
+            "a Ray cluster runs no embedded nats-server"
+        )
+    if settings.serve_models and settings.registry_dir is None:
+        raise AudienceError(
+            "set AUDIENCE_REGISTRY_DIR to a folder every Ray pod mounts (a ReadWriteMany "
+            "volume), or AUDIENCE_SERVE_MODELS=false: each pod has its own data folder"
+        )
+    ignored = sorted(LOCAL_ONLY & settings.model_fields_set)
+    if ignored:
+        log.warning("ignored on a Ray cluster (Serve's config decides): %s", ", ".join(ignored))
+    return settings
+
+
+def pool_spec(settings: Settings) -> PoolSpec:
+    """The shard pool the settings describe (the same one ``audience up`` makes)."""
+    return PoolSpec(
+        settings.partitions,
+        settings.shards,
+        settings.nats_url,
+        settings.stream,
+        checkpoints=checkpoints_of(settings),
+    )
+
+
+def application(settings: Settings) -> serve.Application:
+    """The Serve application for ``settings``; starts nothing (no Ray, no NATS needed).
+
+    Replica counts come from the Serve config (``serveConfigV2``), not from settings.
+    """
+    return serve_app_of(settings, pool_spec(settings))
+
+
+def start_backend(settings: Settings) -> None:
+    """Streams, the detached shard pool and the autoscaling controller; each kept if it exists.
+
+    Raises:
+        UnavailableError: NATS did not answer.
+        AudienceError: a pool with another layout (shard count) already runs.
+    """
+    asyncio.run(
+        prepare_streams(
+            settings.nats_url,
+            streams_of(settings),
+            settings.stream_max_age_s,
+            settings.stream_replicas,
+            checkpoints_of(settings),
+        )
+    )
+    spec = pool_spec(settings)
+    pool = ShardPool.create(
+        spec,
+        policy=policy_of(settings),
+        windows=windows_of(settings),
+        funnel=funnel_of(settings),
+        detached=True,
+    )
+    ScalingController.options(  # type: ignore[attr-defined]
+        name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True
+    ).remote(spec, scaling_policy_of(settings), settings.autoscale_every_s)
+    log.info("shard pool: %d shards over %d partitions", len(pool.handles), spec.partitions)
+
+
+def app(args: dict[str, Any]) -> serve.Application:
+    """Serve's application builder (``import_path: cluster.k8s:app``).
+
+    Args:
+        args: the application's ``args`` from the Serve config: settings by
+            field name (``{"shards": 4}``), over the environment's ``AUDIENCE_*``.
+    """
+    settings = settings_from(args)
+    start_backend(settings)
+    return application(settings)
