@@ -97,6 +97,7 @@ class ShardPool:
                 name=shard_name(spec.name, i),
                 namespace=NAMESPACE,
                 num_cpus=spec.shard_cpus,
+                scheduling_strategy="SPREAD",  # one node's loss takes as few shards as can be
                 **lifetime,
             ).remote(
                 i,

@@ -302,6 +302,7 @@ class Platform:
         s = self.settings
         self.metrics_port = s.metrics_port or free_port()
         ray.init(
+            address="local",  # a new instance, even if another Ray runs on this machine
             _metrics_export_port=self.metrics_port,
             num_cpus=s.num_cpus or (os.cpu_count() or 1) + TRAINING_HEADROOM_CPUS,
             include_dashboard=False,

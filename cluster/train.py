@@ -141,6 +141,7 @@ def ensure_ray(num_cpus: int | None = None, address: str = "local") -> bool:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         return True
     ray.init(
+        address="local",  # a new instance, even if another Ray runs on this machine
         num_cpus=num_cpus,
         include_dashboard=False,
         logging_level=logging.WARNING,

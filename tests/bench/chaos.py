@@ -180,6 +180,7 @@ def main() -> None:
     parser.add_argument("--settle-s", type=float, default=600, help="most wait for catch-up")
     args = parser.parse_args()
     ray.init(
+        address="local",
         num_cpus=4,
         include_dashboard=False,
         namespace=NAMESPACE,

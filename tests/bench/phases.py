@@ -305,6 +305,7 @@ def _sum_of_independent(a: np.ndarray, b: np.ndarray, n: int = 200_000) -> np.nd
 def init_ray(cpus: int) -> None:
     """A local Ray the way the issue prescribes, quiet."""
     ray.init(
+        address="local",
         num_cpus=cpus,
         include_dashboard=False,
         logging_level=logging.WARNING,

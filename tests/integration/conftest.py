@@ -39,6 +39,7 @@ def ray_local() -> Iterator[int]:
     """
     metrics_port = free_port()
     ray.init(
+        address="local",  # a new instance, even if another Ray runs on this machine
         _metrics_export_port=metrics_port,
         num_cpus=4,
         include_dashboard=False,
