@@ -8,27 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections import Counter
 from collections.abc import Sequence
 
 from nats.js import JetStreamContext
 
+from actors.jetstream import MSG_ID_HEADER
 from actors.partitioning import dlq_subject
 from actors.validation import Rejection
 
 REASON_HEADER = "Audience-Reason"
 DETAIL_HEADER = "Audience-Detail"
 ORIGIN_HEADER = "Audience-Origin"
-MSG_ID_HEADER = "Nats-Msg-Id"
 
 
 class DeadLetters:
-    """Publishes rejections to the dead-letter stream and counts them by reason."""
+    """Publishes rejections to the dead-letter stream (their owner counts them)."""
 
     def __init__(self, js: JetStreamContext, origin: str) -> None:
         self._js = js
         self._origin = origin
-        self.counts: Counter[str] = Counter()
 
     async def publish(self, rejections: Sequence[Rejection], timeout_s: float = 10.0) -> int:
         """Dead-letter each rejection, awaiting the stream's acks; returns how many.
@@ -48,7 +46,6 @@ class DeadLetters:
         if futures:
             # A connection lost mid-way can leave an ack future unresolved for ever.
             await asyncio.wait_for(asyncio.gather(*futures), timeout_s)
-        self.counts.update(r.reason.value for r in rejections)
         return len(futures)
 
 

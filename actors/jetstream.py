@@ -17,6 +17,8 @@ from nats.js.errors import NotFoundError
 
 from actors.partitioning import DLQ_SUBJECT_PREFIX, EVENTS_SUBJECT_PREFIX
 
+MSG_ID_HEADER = "Nats-Msg-Id"  # JetStream drops a message whose id it stored within its window
+
 
 @dataclass(frozen=True)
 class StreamNames:

@@ -212,12 +212,15 @@ class ShardPool:
         answers = await asyncio.gather(
             *(self._call(s, "status") for s in range(len(self.handles))), return_exceptions=True
         )
-        return [
-            {"shard": s, "recovering": True, "detail": str(a)}
-            if isinstance(a, ShardRecovering)
-            else _raise_other(a)
-            for s, a in enumerate(answers)
-        ]
+        out: list[dict[str, Any]] = []
+        for shard, answer in enumerate(answers):
+            if isinstance(answer, ShardRecovering):
+                out.append({"shard": shard, "recovering": True, "detail": str(answer)})
+            elif isinstance(answer, BaseException):
+                raise answer
+            else:
+                out.append(answer)
+        return out
 
     async def checkpoint(self) -> list[dict[str, Any]]:
         """Snapshot every shard now (on demand); what each stored."""
@@ -260,10 +263,3 @@ def _check_layout(spec: PoolSpec, assignment: list[list[int]], timeout_s: float)
             f"pool {spec.name!r} runs {len(found)} shards with other partitions than "
             f"{spec.shards} shards over {spec.partitions} partitions would own; stop it first"
         )
-
-
-def _raise_other(answer: Any) -> Any:
-    """``answer`` itself, unless it is an exception (re-raised)."""
-    if isinstance(answer, BaseException):
-        raise answer
-    return answer

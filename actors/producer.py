@@ -39,13 +39,13 @@ from actors.batch import EventBatch
 from actors.codec import encode
 from actors.deadletter import dead_letter
 from actors.errors import BackpressureError, PublishRefusedError, UnavailableError
+from actors.jetstream import MSG_ID_HEADER
 from actors.partitioning import events_subject, partitions_of
 from actors.resend import Outgoing, ResendBuffer
 from actors.validation import Checked, Rejection, ValidationPolicy, check_batch, parse_events
 
 log = logging.getLogger(__name__)
 
-MSG_ID_HEADER = "Nats-Msg-Id"
 DEFAULT_MAX_PAYLOAD = 1024 * 1024  # NATS' default; the server's own figure wins when known
 HEADER_ROOM = 4096  # headers count against max_payload too
 IDLE_TICK_S = 0.05  # how often the sender checks timeouts and retries when nothing wakes it

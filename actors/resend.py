@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,7 +82,6 @@ class ResendBuffer:
         self._in_flight: dict[int, Outgoing] = {}  # by seq; insertion order is send order
         self.held_bytes = 0  # of the held messages, headers included
         self.held_events = 0  # in the held messages
-        self.failures = 0  # transmissions that failed or were given up
 
     @property
     def held_messages(self) -> int:
@@ -154,7 +152,6 @@ class ResendBuffer:
         out.token = None
         if self._held.get(out.seq) is not out:
             return
-        self.failures += 1
         out.due_at = now + self.delay(out.attempts) if backoff else now
         heapq.heappush(self._retry, (out.due_at, out.seq, out))
 
@@ -195,7 +192,3 @@ class ResendBuffer:
             out.due_at = now
         self._retry = [(now, out.seq, out) for _, _, out in self._retry]
         heapq.heapify(self._retry)  # now in sequence order
-
-    def __iter__(self) -> Iterator[Outgoing]:
-        """Held messages in sequence order."""
-        return iter(list(self._held.values()))

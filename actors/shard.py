@@ -97,15 +97,22 @@ class ApplyResult:
     rejected: list[Rejection] = field(default_factory=list)
 
 
-def _keyed(rejected: list[Rejection], where: np.ndarray) -> list[Rejection]:
+def _keyed(
+    rejected: list[Rejection], deliveries: Sequence[Delivery], sizes: Sequence[int]
+) -> list[Rejection]:
     """Rejections keyed by where they sit in the stream (``partition.seq.row``).
 
-    A replay after a restore rejects the same rows again; the key becomes the
-    dead letter's message id, so JetStream keeps one copy.
+    ``rejected`` index the concatenation of the deliveries' batches (``sizes``
+    events each). A replay after a restore rejects the same rows again; the key
+    becomes the dead letter's message id, so JetStream keeps one copy.
     """
-    return [
-        dataclasses.replace(r, key=".".join(map(str, where[r.index].tolist()))) for r in rejected
-    ]
+    starts = np.cumsum([0, *sizes])
+    keyed = []
+    for r in rejected:
+        at = int(np.searchsorted(starts, r.index, side="right")) - 1
+        d = deliveries[at]
+        keyed.append(dataclasses.replace(r, key=f"{d.partition}.{d.seq}.{r.index - starts[at]}"))
+    return keyed
 
 
 def _steps_ending_at_deletions(batch: EventBatch) -> list[tuple[int, int]]:
@@ -194,10 +201,7 @@ class Shard:
         started = time.perf_counter()
         result = ApplyResult()
         batches = []
-        partitions: list[np.ndarray] = []
-        stored_ms: list[np.ndarray] = []  # per event: when JetStream stored its message
-        stored_ns = []
-        where: list[np.ndarray] = []  # per event: partition, message sequence, row in message
+        taken: list[Delivery] = []  # the decoded deliveries, one per batch
         for delivery in deliveries:
             position = self.positions.get(delivery.partition)
             if position is None or delivery.seq <= position:
@@ -212,27 +216,16 @@ class Shard:
                 result.rejected.append(Rejection(-1, reason, exc.detail, delivery.data, key))
                 continue
             batches.append(batch)
-            partitions.append(np.full(len(batch), delivery.partition, dtype=np.int64))
-            where.append(
-                np.column_stack(
-                    (
-                        np.full(len(batch), delivery.partition),
-                        np.full(len(batch), delivery.seq),
-                        np.arange(len(batch)),
-                    )
-                )
-            )
-            stored_ms.append(np.full(len(batch), delivery.stored_ns // 1_000_000, dtype=np.int64))
-            stored_ns.append(delivery.stored_ns)
+            taken.append(delivery)
         if batches:
             # One check per step, not per message: its fixed costs dominate small messages.
             checked = check_batch(EventBatch.concat(batches), self.policy)
-            of_partition = np.concatenate(partitions)
-            if checked.rejected:
-                result.rejected.extend(_keyed(checked.rejected, np.concatenate(where)))
+            sizes = [len(b) for b in batches]
+            of_partition = np.repeat([d.partition for d in taken], sizes)
+            stored = np.repeat([d.stored_ns // 1_000_000 for d in taken], sizes)  # per event
             batch = checked.batch
-            stored = np.concatenate(stored_ms)
             if checked.rejected:
+                result.rejected.extend(_keyed(checked.rejected, taken, sizes))
                 keep = np.ones(len(of_partition), dtype=bool)
                 keep[[r.index for r in checked.rejected]] = False
                 of_partition, stored = of_partition[keep], stored[keep]
@@ -246,7 +239,7 @@ class Shard:
         self.applied_events += result.applied
         self.applied_messages += len(batches)
         self.rejected.update(r.reason.value for r in result.rejected)
-        self._record_freshness(stored_ns)
+        self._record_freshness([d.stored_ns for d in taken])
         took = time.perf_counter() - started
         self.busy_s += took
         self.apply_ms.add(took * 1000)

@@ -44,7 +44,7 @@ from actors.checkpoint_store import (
 from actors.consumer import StreamReader
 from actors.conversion import FunnelSpec
 from actors.deadletter import DeadLetters
-from actors.errors import ShardRecovering
+from actors.errors import ShardRecovering, UnavailableError
 from actors.jetstream import server_list
 from actors.metrics import ShardMetrics
 from actors.partitioning import events_subject
@@ -131,6 +131,9 @@ class ShardActor:
         if self.recovery["restored"] is None:
             self.recovery["restored"] = await self._restore_newest(self._store)
         self._targets = await self._stream_ends(js)
+        if self._reader is not None:  # a start that failed after creating it: retire it
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._reader.stop(), STOP_STEP_TIMEOUT_S)
         self._reader = StreamReader(self._nc, js, self.stream, dict(self.shard.positions))
         await self._reader.start()
         self.recovery["consuming_at"] = time.time()
@@ -259,12 +262,12 @@ class ShardActor:
         """Snapshot the state with its positions now, store it, prune old ones.
 
         Raises:
-            ShardRecovering: dead letters still wait for NATS (the snapshot
+            UnavailableError: dead letters still wait for NATS (the snapshot
                 would skip past them) or the store is not open yet.
         """
         if self._store is None or self._held_dead_letters:
-            raise ShardRecovering(
-                self.shard.shard_id, "cannot snapshot while dead letters wait for NATS", 2.0
+            raise UnavailableError(
+                f"shard {self.shard.shard_id}", "snapshots wait for NATS to take dead letters", 2.0
             )
         async with self._checkpointing:
             started = time.perf_counter()

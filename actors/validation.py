@@ -128,7 +128,10 @@ def parse_events(raw: bytes, policy: ValidationPolicy, at_ms: int | None = None)
         events = _BATCH_ADAPTER.validate_json(raw)
     except ValidationError:
         return parse_items(items, policy, at_ms)
-    if any(len(orjson.dumps(item)) > policy.max_event_bytes for item in items):
+    # No event of a body smaller than the limit can be over it: skip re-serialising.
+    if len(raw) > policy.max_event_bytes and any(
+        len(orjson.dumps(item)) > policy.max_event_bytes for item in items
+    ):
         return parse_items(items, policy, at_ms)  # it says which events are oversized
     batch = EventBatch.from_events(events)
     # Maps as orjson read them: it takes integers beyond 64 bits as floats, as

@@ -29,18 +29,7 @@ from typing import Any
 from ray import serve
 
 from actors.errors import AudienceError
-from actors.pool import NAMESPACE, PoolSpec, ShardPool
-from cluster.launcher import (
-    checkpoints_of,
-    funnel_of,
-    policy_of,
-    prepare_streams,
-    scaling_policy_of,
-    serve_app_of,
-    streams_of,
-    windows_of,
-)
-from cluster.scaling_controller import CONTROLLER_NAME, ScalingController
+from cluster.launcher import pool_spec_of, prepare_streams_of, serve_app_of, start_shards
 from cluster.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -86,23 +75,12 @@ def settings_from(args: Mapping[str, Any]) -> Settings:
     return settings
 
 
-def pool_spec(settings: Settings) -> PoolSpec:
-    """The shard pool the settings describe (the same one ``audience up`` makes)."""
-    return PoolSpec(
-        settings.partitions,
-        settings.shards,
-        settings.nats_url,
-        settings.stream,
-        checkpoints=checkpoints_of(settings),
-    )
-
-
 def application(settings: Settings) -> serve.Application:
     """The Serve application for ``settings``; starts nothing (no Ray, no NATS needed).
 
     Replica counts come from the Serve config (``serveConfigV2``), not from settings.
     """
-    return serve_app_of(settings, pool_spec(settings))
+    return serve_app_of(settings, pool_spec_of(settings, settings.nats_url))
 
 
 def start_backend(settings: Settings) -> None:
@@ -112,27 +90,9 @@ def start_backend(settings: Settings) -> None:
         UnavailableError: NATS did not answer.
         AudienceError: a pool with another layout (shard count) already runs.
     """
-    asyncio.run(
-        prepare_streams(
-            settings.nats_url,
-            streams_of(settings),
-            settings.stream_max_age_s,
-            settings.stream_replicas,
-            checkpoints_of(settings),
-        )
-    )
-    spec = pool_spec(settings)
-    pool = ShardPool.create(
-        spec,
-        policy=policy_of(settings),
-        windows=windows_of(settings),
-        funnel=funnel_of(settings),
-        detached=True,
-    )
-    ScalingController.options(  # type: ignore[attr-defined]
-        name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True
-    ).remote(spec, scaling_policy_of(settings), settings.autoscale_every_s)
-    log.info("shard pool: %d shards over %d partitions", len(pool.handles), spec.partitions)
+    asyncio.run(prepare_streams_of(settings, settings.nats_url))
+    pool, _ = start_shards(settings, pool_spec_of(settings, settings.nats_url), detached=True)
+    log.info("shard pool: %d shards over %d partitions", len(pool.handles), settings.partitions)
 
 
 def app(args: dict[str, Any]) -> serve.Application:

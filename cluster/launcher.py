@@ -32,10 +32,10 @@ from actors.validation import ValidationPolicy
 from actors.windows import WindowConfig
 from cluster.autoscaling import ScalingPolicy
 from cluster.nats_server import EmbeddedNats, free_port
-from cluster.scaling_controller import CONTROLLER_NAME, ScalingController
+from cluster.scaling_controller import ScalingController
 from cluster.settings import Settings
 from serving.alerts import AlertsConfig
-from serving.app import GatewayConfig, build_app
+from serving.app import AUTOSCALER_NAME, GatewayConfig, build_app
 from serving.models import ModelsConfig
 from serving.replicas import ReplicaScaling
 
@@ -203,6 +203,47 @@ async def prepare_streams(
         await nc.close()
 
 
+async def prepare_streams_of(settings: Settings, nats_url: str) -> None:
+    """The streams and snapshot bucket the settings describe, on the server at ``nats_url``."""
+    await prepare_streams(
+        nats_url,
+        streams_of(settings),
+        settings.stream_max_age_s,
+        settings.stream_replicas,
+        checkpoints_of(settings),
+    )
+
+
+def pool_spec_of(settings: Settings, nats_url: str) -> PoolSpec:
+    """The shard pool the settings describe, on the NATS at ``nats_url``."""
+    return PoolSpec(
+        settings.partitions,
+        settings.shards,
+        nats_url,
+        settings.stream,
+        checkpoints=checkpoints_of(settings),
+    )
+
+
+def start_shards(
+    settings: Settings, spec: PoolSpec, detached: bool = False
+) -> tuple[ShardPool, ActorHandle]:
+    """The shard pool and its autoscaling controller (``detached``: outliving this process,
+    and attached to if they already run)."""
+    pool = ShardPool.create(
+        spec,
+        policy=policy_of(settings),
+        windows=windows_of(settings),
+        funnel=funnel_of(settings),
+        detached=detached,
+    )
+    lifetime = {"lifetime": "detached", "get_if_exists": True} if detached else {}
+    controller = ScalingController.options(  # type: ignore[attr-defined]
+        name=AUTOSCALER_NAME, namespace=NAMESPACE, **lifetime
+    ).remote(spec, scaling_policy_of(settings), settings.autoscale_every_s)
+    return pool, controller
+
+
 async def _quiet(exc: Exception) -> None:
     """nats-py logs every failed connect attempt; the caller reports the outcome once."""
 
@@ -252,26 +293,11 @@ class Platform:
         if s.embedded_nats:
             self.nats = EmbeddedNats(s.data_dir / "nats", port=s.nats_port).start()
             self.nats_url = self.nats.url
-        asyncio.run(
-            prepare_streams(
-                self.nats_url,
-                streams_of(s),
-                s.stream_max_age_s,
-                s.stream_replicas,
-                checkpoints_of(s),
-            )
-        )
+        asyncio.run(prepare_streams_of(s, self.nats_url))
         if not ray.is_initialized():
             self._init_ray()
-        spec = PoolSpec(
-            s.partitions, s.shards, self.nats_url, s.stream, checkpoints=checkpoints_of(s)
-        )
-        self.pool = ShardPool.create(
-            spec, policy=policy_of(s), windows=windows_of(s), funnel=funnel_of(s)
-        )
-        self.controller = ScalingController.options(  # type: ignore[attr-defined]
-            name=CONTROLLER_NAME, namespace=NAMESPACE
-        ).remote(spec, scaling_policy_of(s), s.autoscale_every_s)
+        spec = pool_spec_of(s, self.nats_url)
+        self.pool, self.controller = start_shards(s, spec)
         serve.start(http_options={"host": s.http_host, "port": s.http_port})
         app = serve_app_of(s, spec, replicas_of(s))
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)

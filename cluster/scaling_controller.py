@@ -2,16 +2,15 @@
 
 It feeds :class:`~cluster.autoscaling.ShardAutoscaler` with each shard's busy
 seconds, applied messages and backlog, and keeps the recent decisions for
-``GET /v1/status`` (the gateway finds it by name). It recommends only: moving
-partitions between shard actors at run time (live rebalancing) is not built
-yet, so the shard count changes when an operator restarts the platform with
-``AUDIENCE_SHARDS`` set to the recommendation.
+``GET /v1/status`` (the gateway finds it by ``serving.app.AUTOSCALER_NAME``).
+It recommends only: moving partitions between shard actors at run time (live
+rebalancing) is not built yet, so the shard count changes when an operator
+restarts the platform with ``AUDIENCE_SHARDS`` set to the recommendation.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -21,11 +20,9 @@ import ray
 
 from actors.pool import PoolSpec, ShardPool
 from cluster.autoscaling import LoadSample, ScalingPolicy, ShardAutoscaler
-from serving.app import AUTOSCALER_NAME
 
 log = logging.getLogger(__name__)
 
-CONTROLLER_NAME = AUTOSCALER_NAME
 KEPT_DECISIONS = 50
 
 
@@ -76,9 +73,3 @@ class ScalingController:
             "applied": False,
             "decisions": list(self._decisions),
         }
-
-    async def stop(self) -> None:
-        """End the sampling loop."""
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task

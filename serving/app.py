@@ -297,6 +297,13 @@ class ApiGateway:
         finally:
             self._lock.release()
 
+    async def _sending(self) -> Producer:
+        """The producer, if its connection is up now (else 503 at once, nothing accepted)."""
+        producer = await self._connected()
+        if not producer.connected:
+            raise UnavailableError("nats", "connection lost; reconnecting", retry_after_s=2.0)
+        return producer
+
     @app.post(
         "/v1/events",
         status_code=202,
@@ -337,9 +344,7 @@ class ApiGateway:
             if size > limit:
                 return _error(413, f"body of more than {limit} bytes")
             chunks.append(chunk)
-        producer = await self._connected()
-        if not producer.connected:
-            raise UnavailableError("nats", "connection lost; reconnecting", retry_after_s=2.0)
+        producer = await self._sending()
         producer.check_room()
         checked = parse_events(_unwrap_events(b"".join(chunks)), self.config.policy)
         total = len(checked.batch) + len(checked.rejected)
@@ -402,9 +407,7 @@ class ApiGateway:
         longer holds the user, 202 if that did not happen within ``wait_s``.
         """
         (before,) = await self.pool.profiles([user_id])
-        producer = await self._connected()
-        if not producer.connected:
-            raise UnavailableError("nats", "connection lost; reconnecting", retry_after_s=2.0)
+        producer = await self._sending()
         event = {
             "event_id": f"delete-{uuid.uuid4().hex}",
             "user_id": user_id,

@@ -38,8 +38,8 @@ from actors.partitioning import events_subject, partition_of_subject
 from actors.pool import PoolSpec, ShardPool
 from actors.producer import Producer
 from cluster.nats_server import EmbeddedNatsCluster
-from tests.integration.test_recovery import assert_counts, settled_profiles, truth_of
 from tests.support.events import random_batch
+from tests.support.truth import assert_counts, settled_profiles, truth_of
 from tests.support.waiting import async_wait_until
 
 pytestmark = pytest.mark.integration

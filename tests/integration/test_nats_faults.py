@@ -27,14 +27,15 @@ from actors.consumer import StreamReader
 from actors.delivery import Delivery
 from actors.errors import BackpressureError
 from actors.events import EVENT_TYPES
-from actors.jetstream import StreamNames, ensure_streams
+from actors.jetstream import MSG_ID_HEADER, StreamNames, ensure_streams
 from actors.partitioning import events_subject, partition_of
 from actors.pool import PoolSpec, ShardPool
-from actors.producer import MSG_ID_HEADER, Producer
+from actors.producer import Producer
 from cluster.nats_server import EmbeddedNats
 from serving.app import ApiGateway, GatewayConfig
 from serving.errors import install_error_handlers
 from tests.support.events import event, random_batch
+from tests.support.truth import truth_of
 from tests.support.waiting import async_wait_until, wait_until
 
 pytestmark = pytest.mark.integration
@@ -392,13 +393,6 @@ def test_ingest_answers_429_with_retry_after_when_the_producer_is_full_of_unacke
     assert events == Counter(sent)  # the 503's events got in, once; the 429's did not
 
 
-def truth_of(batch: EventBatch) -> dict[str, Counter[str]]:
-    truth: dict[str, Counter[str]] = {}
-    for user, code in zip(batch.user_id, batch.type.tolist(), strict=True):
-        truth.setdefault(user, Counter())[EVENT_TYPES[code].value] += 1
-    return truth
-
-
 async def publish(url: str, batch: EventBatch) -> None:
     nc = await connect(url)
     producer = await Producer(nc.jetstream(), 4, max_batch=250).start()
@@ -448,7 +442,7 @@ def test_shard_consumers_resume_after_a_server_restart_without_losing_or_repeati
         assert statuses is not None
         assert sum(s["applied_events"] for s in statuses) == len(first) + len(second)
         assert sum(s["duplicates"] for s in statuses) == 0  # no message applied twice
-        truth = truth_of(EventBatch.concat([first, second]))
+        truth = truth_of(first, second)
         profiles = asyncio.run(pool.profiles(sorted(truth)))
         for profile in profiles:
             assert profile is not None

@@ -11,41 +11,20 @@ import orjson
 import pytest
 import ray
 
-from actors.errors import ShardRecovering
 from actors.events import EVENT_TYPES
 from actors.partitioning import events_subject
 from actors.producer import Producer
 from cluster.launcher import Platform
 from tests.support.events import event, random_batch
+from tests.support.truth import Truth, settled_profiles, truth_of
 from tests.support.waiting import async_wait_until, wait_until
 
 pytestmark = pytest.mark.integration
 
 
-def truth_of(users: list[str], types: list[int]) -> dict[str, Counter[str]]:
-    """Counts per user and event type, computed straight from the events."""
-    truth: dict[str, Counter[str]] = {}
-    for user, code in zip(users, types, strict=True):
-        truth.setdefault(user, Counter())[EVENT_TYPES[code].value] += 1
-    return truth
-
-
-async def profiles_when_applied(
-    platform: Platform, truth: dict[str, Counter[str]]
-) -> list[dict[str, Any]]:
+async def profiles_when_applied(platform: Platform, truth: Truth) -> list[dict[str, Any]]:
     assert platform.pool is not None
-    users = sorted(truth)
-    expected = sum(sum(c.values()) for c in truth.values())
-
-    async def all_applied() -> list[dict[str, Any]] | None:
-        try:
-            profiles = await platform.pool.profiles(users)  # type: ignore[union-attr]
-        except ShardRecovering:  # a shard restarting or replaying: the API answers 503
-            return None
-        done = sum(p["events"] for p in profiles if p) == expected
-        return profiles if done else None  # type: ignore[return-value]
-
-    return await async_wait_until(all_applied, timeout_s=180)
+    return await settled_profiles(platform.pool, truth, timeout_s=180)
 
 
 async def dead_letters(url: str, since_seq: int = 0) -> list[tuple[str, str, bytes]]:
@@ -84,7 +63,7 @@ def test_counts_per_user_equal_the_ground_truth_of_the_events_sent(platform: Pla
         assert producer.published_events == len(batch)
         return await profiles_when_applied(platform, truth)
 
-    truth = truth_of(batch.user_id, batch.type.tolist())
+    truth = truth_of(batch)
     profiles = asyncio.run(run())
     for profile in profiles:
         expected = truth[profile["user_id"]]
@@ -113,7 +92,7 @@ def test_a_resent_batch_with_the_same_message_id_is_applied_once(platform: Platf
         await nc.close()
         return await profiles_when_applied(platform, truth)
 
-    truth = truth_of(batch.user_id, batch.type.tolist())
+    truth = truth_of(batch)
     profiles = asyncio.run(run())
     assert sum(p["events"] for p in profiles) == len(batch)
 
@@ -177,7 +156,7 @@ def test_a_killed_shard_is_restarted_and_rebuilds_exact_state_from_the_stream(
     assert platform.pool is not None
     pool = platform.pool
     batch = random_batch(5000, 100, seed=13, prefix="crash-")
-    truth = truth_of(batch.user_id, batch.type.tolist())
+    truth = truth_of(batch)
 
     async def publish() -> None:
         nc = await nats.connect(platform.nats_url)

@@ -21,7 +21,7 @@ from actors.checkpoint_store import (
     snapshot_name,
 )
 from actors.errors import ShardRecovering
-from actors.events import EVENT_TYPES, TYPE_CODE, EventType
+from actors.events import TYPE_CODE, EventType
 from actors.jetstream import StreamNames, dead_letter_counts, ensure_streams
 from actors.partitioning import events_subject, partition_of
 from actors.pool import PoolSpec, ShardPool
@@ -29,7 +29,8 @@ from actors.producer import Producer
 from cluster.launcher import Platform
 from cluster.nats_server import EmbeddedNats
 from tests.support.events import event, random_batch
-from tests.support.waiting import async_wait_until, wait_until
+from tests.support.truth import assert_counts, settled_profiles, truth_of
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -65,33 +66,6 @@ async def publish(url: str, batch: EventBatch, garbage: Sequence[tuple[int, byte
     for partition, body in garbage:
         await js.publish(events_subject(partition), body)
     await nc.close()
-
-
-def truth_of(batch: EventBatch) -> dict[str, Counter[str]]:
-    truth: dict[str, Counter[str]] = {}
-    for user, code in zip(batch.user_id, batch.type.tolist(), strict=True):
-        truth.setdefault(user, Counter())[EVENT_TYPES[code].value] += 1
-    return truth
-
-
-async def settled_profiles(pool: ShardPool, truth: dict[str, Counter[str]]) -> list[dict]:
-    users, expected = sorted(truth), sum(sum(c.values()) for c in truth.values())
-
-    async def applied() -> list[dict] | None:
-        try:
-            profiles = await pool.profiles(users)
-        except ShardRecovering:
-            return None
-        done = sum(p["events"] for p in profiles if p) == expected
-        return profiles if done else None  # type: ignore[return-value]
-
-    return await async_wait_until(applied, timeout_s=120)
-
-
-def assert_counts(profiles: list[dict], truth: dict[str, Counter[str]]) -> None:
-    for profile in profiles:
-        expected = truth[profile["user_id"]]
-        assert profile["counts"] == {t.value: expected[t.value] for t in EVENT_TYPES}
 
 
 def test_a_killed_shard_restores_its_snapshot_replays_and_answers_recovering_meanwhile(

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,12 +27,13 @@ from nats.js.errors import NotFoundError
 from actors.batch import EventBatch
 from actors.codec import encode
 from actors.errors import AudienceError, ShardRecovering
-from actors.events import EVENT_TYPES, TYPE_CODE, EventType
-from actors.jetstream import StreamNames, dead_letter_counts, ensure_streams
+from actors.events import TYPE_CODE, EventType
+from actors.jetstream import MSG_ID_HEADER, StreamNames, dead_letter_counts, ensure_streams
 from actors.partitioning import events_subject
 from actors.pool import ShardPool
-from actors.producer import MSG_ID_HEADER, Producer
+from actors.producer import Producer
 from cluster.nats_server import EmbeddedNats
+from tests.support.truth import Truth, mismatched, truth_of
 
 FAR_FUTURE_MS = 4_102_444_800_000  # 2100-01-01
 
@@ -60,7 +60,7 @@ class Workload:
     """What to publish, in order, and what the state must be afterwards."""
 
     steps: list[tuple[str, Any]]  # ("events", EventBatch) | ("json", bytes) | ("raw", (p, body))
-    truth: dict[str, Counter[str]]
+    truth: Truth
     deleted: set[str]
     malformed: int
     duplicates: int
@@ -104,10 +104,7 @@ def build_workload(plan: ChaosPlan) -> Workload:
         malformed += count
         kind = (kind + 1) % 3
 
-    truth: dict[str, Counter[str]] = {}
-    for user, code in zip(base.user_id, base.type.tolist(), strict=True):
-        if user not in deleted:
-            truth.setdefault(user, Counter())[EVENT_TYPES[code].value] += 1
+    truth = {u: c for u, c in truth_of(base).items() if u not in deleted}
     events = sum(len(s[1]) if s[0] == "events" else 0 for s in steps)
     return Workload(steps, truth, deleted, malformed, duplicates, events)
 
@@ -415,11 +412,7 @@ async def _check(
                 break
             except ShardRecovering:
                 await asyncio.sleep(0.2)
-    for user, profile in zip(users, profiles, strict=True):
-        expected = workload.truth[user]
-        counts = profile["counts"] if profile else {}
-        if any(counts.get(t.value, 0) != expected[t.value] for t in EVENT_TYPES):
-            result.mismatched_users.append(user)
+    result.mismatched_users = mismatched(profiles, workload.truth)
     result.users_checked = len(users)
     gone = sorted(workload.deleted)
     result.deleted_present = [u for u, p in zip(gone, await pool.profiles(gone), strict=True) if p]

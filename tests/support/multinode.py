@@ -27,7 +27,6 @@ import asyncio
 import json
 import logging
 import time
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -44,12 +43,12 @@ from ray.util.state import list_actors
 from actors.batch import EventBatch
 from actors.checkpoint_store import CheckpointConfig, shard_prefix
 from actors.errors import ShardRecovering
-from actors.events import EVENT_TYPES
 from actors.jetstream import StreamNames
 from actors.pool import NAMESPACE, PoolSpec, ShardPool, shard_name
 from actors.producer import Producer
 from cluster.nats_server import free_port
 from tests.support.events import random_batch
+from tests.support.truth import mismatched, truth_of
 from tests.support.waiting import async_wait_until
 
 POOL = "multinode"
@@ -82,25 +81,6 @@ class ProfileReader:
             return {"node": node, "profiles": None}
 
 
-def truth_of(batches: Sequence[EventBatch]) -> dict[str, Counter[str]]:
-    """Per user, the count of each event type in ``batches`` (ids are unique: no repeats)."""
-    truth: dict[str, Counter[str]] = {}
-    for batch in batches:
-        for user, code in zip(batch.user_id, batch.type.tolist(), strict=True):
-            truth.setdefault(user, Counter())[EVENT_TYPES[code].value] += 1
-    return truth
-
-
-def mismatched(profiles: Sequence[dict[str, Any] | None], truth: dict[str, Counter[str]]) -> list:
-    """Users (in ``sorted(truth)`` order) whose counts differ from the truth."""
-    wrong = []
-    for user, profile in zip(sorted(truth), profiles, strict=True):
-        counts = profile["counts"] if profile else {}
-        if any(counts.get(t.value, 0) != truth[user][t.value] for t in EVENT_TYPES):
-            wrong.append(user)
-    return wrong
-
-
 class Scenario:
     """The cluster, the pool and the Serve app of one run, and what was measured."""
 
@@ -118,7 +98,7 @@ class Scenario:
         self.health_check_period_ms = health_check_period_ms
         self.first = random_batch(events, users, seed=seed, prefix="mn-")
         self.second = random_batch(events // 2, users, seed=seed + 1, prefix="mn-")
-        self.truth = truth_of([self.first, self.second])
+        self.truth = truth_of(self.first, self.second)
         self.cluster: Cluster | None = None
         self.pool: ShardPool | None = None
         self.spec = PoolSpec(
@@ -246,7 +226,7 @@ class Scenario:
 
         await self.publish(self.first)
         profiles = await self.settled(len(self.first))
-        first_truth = truth_of([self.first])
+        first_truth = truth_of(self.first)
         result["mismatched_before"] = len(mismatched(profiles, first_truth))
         sample = sorted(first_truth)[:50]
         served = await self.via_serve(sample)

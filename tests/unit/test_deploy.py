@@ -27,6 +27,7 @@ from ray.serve.schema import DeploymentSchema, ServeApplicationSchema, ServeDepl
 
 from actors.errors import AudienceError
 from cluster import k8s
+from cluster.launcher import pool_spec_of
 from cluster.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -468,7 +469,7 @@ def test_the_smallest_ray_cluster_holds_the_smallest_platform_and_the_largest_th
         k8s.application(settings), name="audience", make_deployment_handle=lambda d, a: None
     )
     replica_cpus = {d.name: d.ray_actor_options["num_cpus"] for d in built.deployments}
-    shards = settings.shards * k8s.pool_spec(settings).shard_cpus
+    shards = settings.shards * pool_spec_of(settings, settings.nats_url).shard_cpus
     scaling = {d["name"]: d["autoscaling_config"] for d in _application()["deployments"]}
 
     def need(bound: str) -> float:
