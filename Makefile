@@ -43,6 +43,7 @@ bench: install $(BENCH_STAMP)
 	$(PY) -m tests.bench.pipeline --reference-python $(BENCH_VENV)/bin/python
 	$(PY) -m tests.bench.serving --out bench-results
 	$(PY) -m tests.bench.chaos --out bench-results
+	$(PY) -m tests.bench.rescale --out bench-results
 
 # The chaos run at full size (1M events, shard kills, a NATS restart): about 2 minutes.
 chaos: install

@@ -2,7 +2,7 @@
 
 Both stores write atomically: a reader finds a snapshot under its name only
 once it is complete, and a crash mid-write leaves the earlier snapshots as they
-were. Every snapshot gets a new name (``<scope>.shard-0003.<created_ms>``, the
+were. Every snapshot gets a new name (``<scope>.p0003.<created_ms>`` for partition 3, the
 scope naming the stream and pool it belongs to), so the newest is the last name
 in sort order and pruning deletes the oldest.
 
@@ -41,7 +41,7 @@ class CheckpointConfig:
         bucket: JetStream object store bucket (the default store).
         folder: a folder instead of the bucket, when set.
         interval_s: seconds between timed snapshots (0: only on demand).
-        keep: snapshots kept per shard; older ones are pruned.
+        keep: snapshots kept per partition; older ones are pruned.
         replicas: object store replicas (match the stream's on a NATS cluster).
         on_stop: take a last snapshot when a shard is stopped, for a fast next start.
         scope: what the snapshots belong to (the pool sets stream and pool name),
@@ -63,14 +63,23 @@ class CheckpointConfig:
         return ObjectStoreCheckpoints(js, self.bucket, self.replicas)
 
 
-def snapshot_name(scope: str, shard: int, created_ms: int) -> str:
-    """The name of a snapshot: sorts by scope and shard, then by time."""
-    return f"{shard_prefix(scope, shard)}{created_ms:015d}"
+def snapshot_name(scope: str, partition: int, created_ms: int) -> str:
+    """The name of a snapshot: sorts by scope and partition, then by time."""
+    return f"{partition_prefix(scope, partition)}{created_ms:015d}"
 
 
-def shard_prefix(scope: str, shard: int) -> str:
-    """The name prefix of one shard's snapshots."""
-    return f"{scope}.shard-{shard:04d}."
+def partition_prefix(scope: str, partition: int) -> str:
+    """The name prefix of one partition's snapshots (whichever shard took them)."""
+    return f"{scope}.p{partition:04d}."
+
+
+def partition_of_name(scope: str, name: str) -> int | None:
+    """The partition a snapshot name belongs to, or None for a name of another scope."""
+    head = f"{scope}.p"
+    if not name.startswith(head):
+        return None
+    digits = name[len(head) :].split(".", 1)[0]
+    return int(digits) if digits.isdigit() else None
 
 
 class CheckpointStore(Protocol):
@@ -89,9 +98,9 @@ class CheckpointStore(Protocol):
         """Remove ``name`` (no error if it is gone)."""
 
 
-async def prune(store: CheckpointStore, scope: str, shard: int, keep: int) -> list[str]:
-    """Delete all but the newest ``keep`` snapshots of ``shard``; the names deleted."""
-    names = await store.names(shard_prefix(scope, shard))
+async def prune(store: CheckpointStore, scope: str, partition: int, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` snapshots of ``partition``; the names deleted."""
+    names = await store.names(partition_prefix(scope, partition))
     old = names[: max(0, len(names) - keep)]
     for name in old:
         await store.delete(name)

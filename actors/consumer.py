@@ -113,9 +113,36 @@ class StreamReader:
             cb=self._on_message,
             pending_bytes_limit=4 * self.max_buffered_bytes,
         )
-        for part in self._parts.values():
+        for part in list(self._parts.values()):
             await self._recreate(part)
         self._watchdog = asyncio.create_task(self._watch())
+
+    async def add(self, partition: int, after: int) -> None:
+        """Start reading ``partition`` after stream sequence ``after`` (a partition handed over).
+
+        If its consumer cannot be created now, the watchdog tries again.
+        """
+        part = _Partition(partition, after)
+        self._parts[partition] = part
+        if self._sub is not None:
+            await self._try_recreate(part)
+
+    async def remove(self, partition: int) -> None:
+        """Stop reading ``partition``: drop what the buffer holds of it, delete its consumer."""
+        part = self._parts.pop(partition, None)
+        if part is None:
+            return
+        kept = [d for d in self._buffer if d.partition != partition]
+        self._buffered_bytes -= sum(len(d.data) for d in self._buffer if d.partition == partition)
+        self._buffer = kept
+        if part.consumer:
+            with contextlib.suppress(Exception):  # an ephemeral left behind ends by itself
+                await self._nc.request(
+                    f"$JS.API.CONSUMER.DELETE.{self.stream}.{part.consumer}",
+                    b"",
+                    timeout=DELETE_TIMEOUT_S,
+                )
+        part.consumer = ""
 
     def connection_restored(self) -> None:
         """Tell the reader its connection came back: what was in flight may be lost."""
@@ -254,7 +281,7 @@ class StreamReader:
         taken, self._buffer = self._buffer[:max_messages], self._buffer[max_messages:]
         self._buffered_bytes -= sum(len(d.data) for d in taken)
         if self._buffered_bytes < self.max_buffered_bytes // 2:
-            for part in self._parts.values():
+            for part in list(self._parts.values()):
                 await self._request(part)
         return taken
 
@@ -272,11 +299,11 @@ class StreamReader:
                 self.resyncs += 1
                 # The buffer holds each partition contiguously up to part.after:
                 # new consumers go on from there.
-                for part in self._parts.values():
+                for part in list(self._parts.values()):
                     await self._try_recreate(part)
                 continue
             stale = time.monotonic() - self.expires_s * 2
-            for part in self._parts.values():
+            for part in list(self._parts.values()):
                 if not part.consumer and not part.recreating:
                     await self._try_recreate(part)
                 elif part.open_request and part.requested_at < stale:
@@ -305,7 +332,7 @@ class StreamReader:
         lag = {p: 0 for p in self.partitions}
         for delivery in self._buffer:
             lag[delivery.partition] += 1
-        for part in self._parts.values():
+        for part in list(self._parts.values()):
             with contextlib.suppress(Exception):
                 info = await self._js.consumer_info(self.stream, part.consumer)
                 lag[part.partition] += int(info.num_pending or 0)
@@ -321,7 +348,7 @@ class StreamReader:
             sub, self._sub = self._sub, None
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-        for part in self._parts.values():
+        for part in list(self._parts.values()):
             with contextlib.suppress(Exception):
                 await self._js.delete_consumer(self.stream, part.consumer)
             part.consumer = ""

@@ -102,3 +102,22 @@ class ShardRecovering(UnavailableError):
     def __reduce__(self) -> tuple[type, tuple[int, str, float]]:
         # Raised inside a shard actor and re-raised in the caller: pickled by Ray.
         return (type(self), (self.shard, self._detail, self.retry_after_s))
+
+
+class NotOwner(AudienceError):
+    """A shard was asked about partitions it does not hold: the caller's layout is old.
+
+    The pool re-reads the layout and asks the owner; no caller sees this.
+
+    Attributes:
+        shard: the shard that was asked.
+        partitions: the partitions it does not hold.
+    """
+
+    def __init__(self, shard: int, partitions: list[int]) -> None:
+        super().__init__(f"shard {shard} does not hold partitions {partitions}")
+        self.shard = shard
+        self.partitions = partitions
+
+    def __reduce__(self) -> tuple[type, tuple[int, list[int]]]:
+        return (type(self), (self.shard, self.partitions))

@@ -1,7 +1,15 @@
-"""The shard pool: N named shard actors, partitions assigned, queries fanned out in batches.
+"""The shard pool: N named shard actors, partitions laid out, queries fanned out in batches.
 
-Routing is user -> partition (CRC-32) -> owning shard. A query for many users
-costs one actor call per shard involved, never one per user.
+Routing is user -> partition (CRC-32) -> owning shard, by the pool's
+:class:`~actors.layout.Layout`. A query for many users costs one actor call per
+shard involved, never one per user.
+
+:meth:`ShardPool.rescale` changes N while the stream flows: it stores the new
+layout, then hands each moving partition over (the old owner snapshots it at a
+position and keeps answering for its users; the new owner restores that
+snapshot and goes on from the position), then tells everyone. Other processes'
+pools learn the new layout from the shards: when a shard says it does not hold
+a user's partition any more, or every few seconds for fan-out queries.
 
 Shard actors restart themselves (Ray ``max_restarts``) and keep their names,
 so the handles stay valid. While a shard is dead or restarting, calls to it
@@ -14,26 +22,31 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import ray
 from ray.actor import ActorHandle
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from actors.checkpoint_store import CheckpointConfig
 from actors.conversion import FunnelSpec
-from actors.errors import AudienceError, ShardRecovering
-from actors.partitioning import assign_partitions, partition_of
+from actors.errors import AudienceError, NotOwner, ShardRecovering
+from actors.layout import Layout
+from actors.nats_auth import NatsCredentials
+from actors.partitioning import partition_of
 from actors.shard_actor import ShardActor
 from actors.state import StateRules, UserRows
 from actors.validation import ValidationPolicy
 from actors.windows import WindowConfig
 
 NAMESPACE = "audience"
+REFRESH_EVERY_S = 2.0  # fan-out queries re-read the layout at most this often
+NOT_OWNER_RETRIES = 20  # a user query re-routed after a hand-off, this many times at most
+NOT_OWNER_PAUSE_S = 0.05
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +67,41 @@ class PoolSpec:
     shard_cpus: float = 0.5
     name: str = "audience"
     checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
+    nats_credentials: NatsCredentials | None = None  # the shards' NATS login (shard role)
+
+    @property
+    def scope(self) -> str:
+        """What this pool's snapshots and layout are stored under."""
+        return f"{self.stream}.{self.name}"
+
+
+@dataclass(frozen=True)
+class ShardTemplate:
+    """What every shard of a pool is created with, also the ones a rescale adds."""
+
+    rules: StateRules | None = None
+    policy: ValidationPolicy | None = None
+    windows: WindowConfig | None = None
+    funnel: FunnelSpec | None = None
+    detached: bool = False
 
 
 class ShardPool:
-    """Handles to the shard actors and the partition map that routes to them."""
+    """Handles to the shard actors and the layout that routes to them."""
 
-    def __init__(self, spec: PoolSpec, handles: Sequence[ActorHandle]) -> None:
+    def __init__(
+        self,
+        spec: PoolSpec,
+        handles: Sequence[ActorHandle],
+        layout: Layout | None = None,
+        template: ShardTemplate | None = None,
+    ) -> None:
         self.spec = spec
         self.handles = list(handles)
-        self.assignment = assign_partitions(spec.partitions, spec.shards)
-        self._owner = {p: s for s, parts in enumerate(self.assignment) for p in parts}
+        self.layout = layout or Layout.initial(spec.partitions, len(self.handles))
+        self.template = template or ShardTemplate()
+        self._refreshed_at = time.monotonic()
+        self._rescaling: asyncio.Lock | None = None
 
     @classmethod
     def create(
@@ -78,52 +116,61 @@ class ShardPool:
     ) -> ShardPool:
         """Start the shard actors (named, in the ``audience`` namespace) and their consumers.
 
+        The pool follows the layout stored for it (a platform started again
+        comes back with the shard count it was last rescaled to, whatever
+        ``spec.shards`` says), or stores the initial one of ``spec.shards``.
+
         ``detached`` shards outlive the process that created them (on Kubernetes a
         Serve application builder creates them in a task that then exits), and
         creating a detached pool again attaches to the shards already running, so
         the call is idempotent.
-
-        Raises:
-            AudienceError: (detached) shards of this pool run with other partitions
-                than the spec gives them: a pool of another shard count.
         """
-        assignment = assign_partitions(spec.partitions, spec.shards)
-        lifetime: dict[str, Any] = {}
-        if detached:
-            _check_layout(spec, assignment, timeout_s)
-            lifetime = {"lifetime": "detached", "get_if_exists": True}
-        handles = [
-            ShardActor.options(  # type: ignore[attr-defined]
-                name=shard_name(spec.name, i),
-                namespace=NAMESPACE,
-                num_cpus=spec.shard_cpus,
-                scheduling_strategy="SPREAD",  # one node's loss takes as few shards as can be
-                **lifetime,
-            ).remote(
-                i,
-                parts,
-                spec.nats_url,
-                spec.stream,
-                rules,
-                policy,
-                windows=windows,
-                funnel=funnel,
-                checkpoints=dataclasses.replace(
-                    spec.checkpoints, scope=f"{spec.stream}.{spec.name}"
-                ),
-            )
-            for i, parts in enumerate(assignment)
+        template = ShardTemplate(rules, policy, windows, funnel, detached)
+        initial = Layout.initial(spec.partitions, spec.shards)
+        first = _spawn(spec, template, 0, initial.partitions_of(0))
+        ray.get(first.start.remote(), timeout=timeout_s)
+        stored = ray.get(first.layout_json.remote(), timeout=timeout_s)
+        layout = Layout.from_json(stored) if stored is not None else initial
+        handles = [first] + [
+            _spawn(spec, template, i, layout.partitions_of(i)) for i in range(1, layout.shards)
         ]
         ray.get([h.start.remote() for h in handles], timeout=timeout_s)
-        return cls(spec, handles)
+        if stored is None:
+            ray.get(first.store_layout.remote(layout.to_json(), 0), timeout=timeout_s)
+            ray.get([h.settle.remote(layout.to_json()) for h in handles], timeout=timeout_s)
+        if layout.shards != spec.shards:
+            log.info("pool %s comes back with its stored %d shards", spec.name, layout.shards)
+        return cls(spec, handles, layout, template)
 
     @classmethod
     def connect(cls, spec: PoolSpec) -> ShardPool:
-        """Handles to a pool another process created."""
-        handles = [
-            ray.get_actor(shard_name(spec.name, i), namespace=NAMESPACE) for i in range(spec.shards)
-        ]
-        return cls(spec, handles)
+        """Handles to a pool another process created (its layout is read on first use)."""
+        handles = _running(spec)
+        if not handles:
+            raise AudienceError(f"no shard of pool {spec.name!r} is running")
+        pool = cls(spec, handles, Layout.initial(spec.partitions, len(handles)))
+        pool._refreshed_at = 0.0  # the initial layout is a guess: read the real one first
+        return pool
+
+    async def refresh(self) -> Layout:
+        """Re-read the newest layout from the shards and find shards added since."""
+        answers: list[Any] = await asyncio.gather(
+            *(h.layout_json.remote() for h in self.handles), return_exceptions=True
+        )
+        found = [Layout.from_json(a) for a in answers if isinstance(a, dict)]
+        newest = max(found, key=lambda layout: layout.version, default=None)
+        if newest is not None and newest.version > self.layout.version:
+            while len(self.handles) < newest.shards:
+                self.handles.append(_get(self.spec, len(self.handles)))
+            del self.handles[newest.shards :]
+            self.layout = newest
+        self._refreshed_at = time.monotonic()
+        return self.layout
+
+    async def _fresh(self) -> None:
+        """Refresh the layout if it was read long enough ago (fan-out queries)."""
+        if time.monotonic() - self._refreshed_at >= REFRESH_EVERY_S:
+            await self.refresh()
 
     async def _call(self, shard: int, method: str, *args: Any) -> Any:
         """Call ``method`` on a shard; a dead or restarting actor is "recovering"."""
@@ -135,21 +182,8 @@ class ShardPool:
             ) from None
 
     def owner(self, user_id: str) -> int:
-        """The shard that holds ``user_id``."""
-        return self._owner[partition_of(user_id, self.spec.partitions)]
-
-    async def profiles(self, user_ids: Sequence[str]) -> list[dict[str, Any] | None]:
-        """Profiles of ``user_ids`` in order; one call per shard involved."""
-        by_shard = self._by_shard(user_ids)
-        shards = list(by_shard)
-        answers: list[list[dict[str, Any] | None]] = await asyncio.gather(
-            *(self._call(s, "profiles", [user_ids[i] for i in by_shard[s]]) for s in shards)
-        )
-        out: list[dict[str, Any] | None] = [None] * len(user_ids)
-        for shard, profiles in zip(shards, answers, strict=True):
-            for index, profile in zip(by_shard[shard], profiles, strict=True):
-                out[index] = profile
-        return out
+        """The shard that holds ``user_id`` (by the layout this pool knows)."""
+        return self.layout.owners[partition_of(user_id, self.spec.partitions)]
 
     def _by_shard(self, user_ids: Sequence[str]) -> dict[int, list[int]]:
         """Indices of ``user_ids`` grouped by owning shard."""
@@ -158,44 +192,85 @@ class ShardPool:
             by_shard[self.owner(user_id)].append(index)
         return by_shard
 
+    async def _route(
+        self, method: str, keys: Sequence[str], items: Sequence[Any]
+    ) -> tuple[dict[int, list[int]], list[Any]]:
+        """``method`` over ``items`` (keyed by user ``keys``): one call per owning shard.
+
+        Returns the item indices each shard got and the shards' answers, in the
+        same order. A shard that no longer holds a partition (handed over since
+        this pool read the layout), or is gone (removed by a rescale), makes
+        the pool re-read the layout and ask again.
+        """
+        if not self._refreshed_at:
+            await self.refresh()
+        for attempt in range(NOT_OWNER_RETRIES):
+            by_shard = self._by_shard(keys)
+            try:
+                answers = await asyncio.gather(
+                    *(self._call(s, method, [items[i] for i in at]) for s, at in by_shard.items())
+                )
+                return by_shard, list(answers)
+            except (NotOwner, ShardRecovering) as exc:
+                version = self.layout.version
+                if attempt:
+                    await asyncio.sleep(NOT_OWNER_PAUSE_S)
+                await self.refresh()
+                if isinstance(exc, ShardRecovering) and self.layout.version == version:
+                    raise  # a restarting shard, not a stale layout
+        raise ShardRecovering(-1, "partitions are being handed over; try again")
+
+    async def _per_user(self, method: str, keys: Sequence[str], items: Sequence[Any]) -> list[Any]:
+        """``method``'s per-item answers over ``items``, in order (see :meth:`_route`)."""
+        by_shard, answers = await self._route(method, keys, items)
+        out: list[Any] = [None] * len(items)
+        for at, answer in zip(by_shard.values(), answers, strict=True):
+            for index, value in zip(at, answer, strict=True):
+                out[index] = value
+        return out
+
+    async def profiles(self, user_ids: Sequence[str]) -> list[dict[str, Any] | None]:
+        """Profiles of ``user_ids`` in order; one call per shard involved."""
+        return await self._per_user("profiles", user_ids, user_ids)
+
     async def user_rows(self, user_ids: Sequence[str]) -> UserRows:
         """Model-feature state of ``user_ids`` in order; one call per shard involved."""
-        by_shard = self._by_shard(user_ids)
-        shards = list(by_shard)
-        answers: list[UserRows] = await asyncio.gather(
-            *(self._call(s, "user_rows", [user_ids[i] for i in by_shard[s]]) for s in shards)
+        by_shard, answers = await self._route("user_rows", user_ids, user_ids)
+        if not answers:
+            return await self._call(0, "user_rows", [])
+        order = sorted(
+            range(len(user_ids)), key=[i for at in by_shard.values() for i in at].__getitem__
         )
-        merged = UserRows.concat(answers)
-        order = np.argsort(np.concatenate([by_shard[s] for s in shards]), kind="stable")
-        return merged.take(order.tolist())
+        return UserRows.concat(answers).take(order)
 
     async def seen(self, pairs: Sequence[tuple[str, Sequence[str]]]) -> list[list[bool]]:
         """Per (user, items), which items the user touched; one call per shard involved."""
-        by_shard = self._by_shard([user for user, _ in pairs])
-        shards = list(by_shard)
-        answers: list[list[list[bool]]] = await asyncio.gather(
-            *(self._call(s, "seen", [pairs[i] for i in by_shard[s]]) for s in shards)
-        )
-        out: list[list[bool]] = [[] for _ in pairs]
-        for shard, flags in zip(shards, answers, strict=True):
-            for index, row in zip(by_shard[shard], flags, strict=True):
-                out[index] = row
+        return await self._per_user("seen", [user for user, _ in pairs], pairs)
+
+    def _pick(self, answers: Sequence[dict[int, Any]]) -> dict[int, Any]:
+        """One answer per partition: the owner's by this pool's layout, else any holder's."""
+        out: dict[int, Any] = {}
+        for shard, answer in enumerate(answers):
+            for partition, value in answer.items():
+                if partition not in out or self.layout.owners[partition] == shard:
+                    out[partition] = value
         return out
 
     async def item_partials(
-        self, top_n: int, known: Sequence[int | None] | None = None
-    ) -> list[dict[str, Any] | None]:
-        """Every shard's item partial (one call per shard), for the item index merge.
+        self, top_n: int, known: dict[int, int | None] | None = None
+    ) -> dict[int, dict[str, Any] | None]:
+        """Every partition's item partial, for the item index merge (one call per shard).
 
-        With ``known`` (the versions the caller holds, per shard), a shard whose
-        items did not change answers None instead of its partial.
+        With ``known`` (partition -> the version the caller holds), a partition
+        whose items did not change answers None instead of its partial.
         """
-        versions = list(known) if known is not None else [None] * len(self.handles)
-        calls = (self._call(s, "item_partial", top_n, v) for s, v in enumerate(versions))
-        return list(await asyncio.gather(*calls))
+        await self._fresh()
+        calls = (self._call(s, "item_partials", top_n, known) for s in range(len(self.handles)))
+        return self._pick(await asyncio.gather(*calls))
 
     async def users(self, limit: int) -> list[str]:
         """Up to ``limit`` known user ids, drawn from every shard."""
+        await self._fresh()
         per_shard = -(-limit // len(self.handles))
         found: list[list[str]] = await asyncio.gather(
             *(self._call(s, "users", per_shard) for s in range(len(self.handles)))
@@ -203,12 +278,15 @@ class ShardPool:
         return [user for users in found for user in users][:limit]
 
     async def insights_partials(self) -> list[dict[str, Any]]:
-        """Every shard's insights partials (one call per shard), for the merge timer."""
+        """Every partition's insights partials (one call per shard), for the merge timer."""
+        await self._fresh()
         shards = range(len(self.handles))
-        return list(await asyncio.gather(*(self._call(s, "insights_partials") for s in shards)))
+        answers = await asyncio.gather(*(self._call(s, "insights_partials") for s in shards))
+        return list(self._pick(answers).values())
 
     async def status(self) -> list[dict[str, Any]]:
         """Every shard's status, in shard order; a restarting shard says only that."""
+        await self._fresh()
         answers = await asyncio.gather(
             *(self._call(s, "status") for s in range(len(self.handles))), return_exceptions=True
         )
@@ -224,15 +302,105 @@ class ShardPool:
 
     async def checkpoint(self) -> list[dict[str, Any]]:
         """Snapshot every shard now (on demand); what each stored."""
+        await self._fresh()
         shards = range(len(self.handles))
         return list(await asyncio.gather(*(self._call(s, "checkpoint") for s in shards)))
+
+    async def rescale(self, shards: int, timeout_s: float = 120.0) -> dict[str, Any]:
+        """Change the shard count to ``shards`` while the stream flows; what moved and when.
+
+        Steps: start the new shards; store the new layout (compare-and-set: a
+        concurrent rescale fails); each old owner releases its moving
+        partitions (a snapshot at a position; its users still answered); each
+        new owner adopts them from those snapshots and goes on from the
+        positions; every shard settles on the layout (old owners forget what
+        they gave away); shards past the new count stop. Shards a rescale adds
+        are detached (they outlive the process that rescaled, such as a
+        restarted controller); :meth:`shutdown` ends them with the others. An old owner that
+        cannot release (it died) leaves its partitions to be restored from
+        their newest snapshots and replayed: slower, just as exact.
+
+        Raises:
+            AudienceError: ``shards`` out of range, or the layout changed meanwhile.
+        """
+        if self._rescaling is None:
+            self._rescaling = asyncio.Lock()
+        async with self._rescaling:
+            return await asyncio.wait_for(self._rescale(shards), timeout_s)
+
+    async def _rescale(self, shards: int) -> dict[str, Any]:
+        started = time.perf_counter()
+        old = await self.refresh()
+        new = old.rescaled(shards)
+        report: dict[str, Any] = {"from": old.shards, "to": shards, "version": new.version}
+        if new.owners == old.owners:  # already so: nothing to store or move
+            report.update(version=old.version, moved=0, handed_over=0, snapshot_bytes=0)
+            return {
+                **report,
+                "started_s": 0.0,
+                "released_s": 0.0,
+                "adopted_s": 0.0,
+                "took_s": _since(started),
+            }
+        for shard in range(len(self.handles), shards):
+            self.handles.append(_spawn(self.spec, self.template, shard, [], detached=True))
+        await asyncio.gather(*(h.start.remote() for h in self.handles[old.shards :]))
+        report["started_s"] = _since(started)
+        await self._call(0, "store_layout", new.to_json(), old.version)
+        moves = old.moves_to(new)
+        sources = sorted({m.source for m in moves})
+        released = await asyncio.gather(
+            *(self._call(s, "release", new.to_json()) for s in sources), return_exceptions=True
+        )
+        handoffs: dict[int, dict[str, Any]] = {}
+        for source, answer in zip(sources, released, strict=True):
+            if isinstance(answer, BaseException):
+                log.warning(
+                    "shard %s could not release (%r); its partitions replay", source, answer
+                )
+            else:
+                handoffs.update(answer)
+        report["released_s"] = _since(started)
+        targets = sorted({m.target for m in moves})
+        await asyncio.gather(
+            *(
+                self._call(
+                    t,
+                    "adopt",
+                    new.to_json(),
+                    {
+                        m.partition: handoffs[m.partition]
+                        for m in moves
+                        if m.target == t and m.partition in handoffs
+                    },
+                )
+                for t in targets
+            )
+        )
+        report["adopted_s"] = _since(started)
+        self.layout = new
+        await asyncio.gather(*(self._call(s, "settle", new.to_json()) for s in range(shards)))
+        for handle in self.handles[shards:]:
+            await _end(handle)
+        del self.handles[shards:]
+        report.update(
+            moved=len(moves),
+            handed_over=len(handoffs),
+            snapshot_bytes=sum(int(h["bytes"]) for h in handoffs.values()),
+            took_s=_since(started),
+        )
+        log.info("pool %s rescaled: %s", self.spec.name, report)
+        return report
 
     def shutdown(self, timeout_s: float = 45.0) -> None:
         """Stop consuming (each shard takes a last snapshot) and end the actors.
 
         A shard that does not stop in time is ended all the same: its restart
-        then replays from its previous snapshot, which is slower, not wrong.
+        then replays from its previous snapshots, which is slower, not wrong.
         """
+        # Shards a rescale elsewhere added. The handles held stay: they may be the
+        # owner's, and a non-detached actor ends when its owner's handles go.
+        self.handles += _running(self.spec)[len(self.handles) :]
         try:
             ray.get([h.stop.remote() for h in self.handles], timeout=timeout_s)
         except (GetTimeoutError, RayActorError) as exc:
@@ -242,24 +410,64 @@ class ShardPool:
                 ray.kill(handle, no_restart=True)
 
 
-def _check_layout(spec: PoolSpec, assignment: list[list[int]], timeout_s: float) -> None:
-    """Refuse to start shards next to running ones of this pool that own other partitions.
+def _spawn(
+    spec: PoolSpec,
+    template: ShardTemplate,
+    shard: int,
+    partitions: list[int],
+    detached: bool = False,
+) -> ActorHandle:
+    """Create (or, detached, attach to) shard ``shard`` of the pool.
 
-    Raises:
-        AudienceError: a shard of this name runs with partitions the spec gives another.
+    ``detached``: the shard must not end with the process creating it (a
+    rescale run by the autoscaling controller, which Ray may restart).
     """
-    running: list[ActorHandle] = []
-    while True:  # shards are named 0..N-1: the running ones are the first names found
+    lifetime: dict[str, Any] = {}
+    if template.detached or detached:
+        lifetime = {"lifetime": "detached", "get_if_exists": True}
+    return ShardActor.options(  # type: ignore[attr-defined]
+        name=shard_name(spec.name, shard),
+        namespace=NAMESPACE,
+        num_cpus=spec.shard_cpus,
+        scheduling_strategy="SPREAD",  # one node's loss takes as few shards as can be
+        **lifetime,
+    ).remote(
+        shard,
+        partitions,
+        spec.nats_url,
+        spec.stream,
+        template.rules,
+        template.policy,
+        windows=template.windows,
+        funnel=template.funnel,
+        checkpoints=dataclasses.replace(spec.checkpoints, scope=spec.scope),
+        partition_count=spec.partitions,
+        nats_credentials=spec.nats_credentials,
+    )
+
+
+def _get(spec: PoolSpec, shard: int) -> ActorHandle:
+    return ray.get_actor(shard_name(spec.name, shard), namespace=NAMESPACE)
+
+
+def _running(spec: PoolSpec) -> list[ActorHandle]:
+    """The pool's running shards: named 0..N-1, so the first names found."""
+    found: list[ActorHandle] = []
+    while True:
         try:
-            running.append(ray.get_actor(shard_name(spec.name, len(running)), namespace=NAMESPACE))
+            found.append(_get(spec, len(found)))
         except ValueError:
-            break
-    if not running:
-        return
-    statuses: list[dict[str, Any]] = ray.get([h.start.remote() for h in running], timeout=timeout_s)
-    found = [list(status["partitions"]) for status in statuses]
-    if found != assignment[: len(found)]:
-        raise AudienceError(
-            f"pool {spec.name!r} runs {len(found)} shards with other partitions than "
-            f"{spec.shards} shards over {spec.partitions} partitions would own; stop it first"
-        )
+            return found
+
+
+async def _end(handle: ActorHandle, timeout_s: float = 30.0) -> None:
+    """Stop a shard a rescale removed (it owns nothing by now) and end its actor."""
+    try:
+        await asyncio.wait_for(handle.stop.remote(), timeout_s)
+    except (asyncio.TimeoutError, RayActorError) as exc:
+        log.warning("a removed shard did not stop cleanly (%r); ending it", exc)
+    ray.kill(handle, no_restart=True)
+
+
+def _since(started: float) -> float:
+    return round(time.perf_counter() - started, 3)

@@ -4,12 +4,20 @@ There is no router hop: the actor pulls its own subjects from JetStream, so
 events go stream -> shard in one step, and queries are answered from the same
 event loop between two applied batches.
 
+Each partition keeps its own state (see :mod:`actors.partition_set`) and its
+own snapshots, named by partition, not by shard. Which partitions an actor
+owns comes from the pool's stored :class:`~actors.layout.Layout`: a rescale
+hands partitions over (release on the old owner: a snapshot at a position;
+adopt on the new owner: restore it and go on from that position), and an
+actor that Ray restarts reads the stored layout rather than its first
+arguments.
+
 Recovery: Ray restarts a dead shard actor by running its constructor again
-(``max_restarts=-1``). The constructor restores the newest usable snapshot,
-then replays each partition from the snapshot's position. Until every
-partition has reached the end its stream had when the actor started, state
-queries raise :class:`~actors.errors.ShardRecovering` (HTTP 503 with
-Retry-After) instead of answering from a state that is behind.
+(``max_restarts=-1``). The constructor restores each owned partition's newest
+usable snapshot, then replays the partition from the snapshot's position.
+Until every partition has reached the end its stream had when the actor
+started, state queries raise :class:`~actors.errors.ShardRecovering` (HTTP 503
+with Retry-After) instead of answering from a state that is behind.
 
 Dead letters are published with their stream position as message id and held
 until the stream acknowledges them; a snapshot is only taken when none is
@@ -23,10 +31,10 @@ import contextlib
 import logging
 import os
 import time
+from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-import nats
 import numpy as np
 import ray
 from nats.aio.client import Client
@@ -37,16 +45,20 @@ from actors.checkpoint import SnapshotError
 from actors.checkpoint_store import (
     CheckpointConfig,
     CheckpointStore,
+    partition_of_name,
     prune,
-    shard_prefix,
     snapshot_name,
 )
 from actors.consumer import StreamReader
 from actors.conversion import FunnelSpec
 from actors.deadletter import DeadLetters
-from actors.errors import ShardRecovering, UnavailableError
-from actors.jetstream import server_list
+from actors.errors import AudienceError, ShardRecovering, UnavailableError
+from actors.layout import Layout
+from actors.layout_store import LayoutStore
 from actors.metrics import ShardMetrics
+from actors.nats_auth import NatsCredentials
+from actors.nats_auth import connect as nats_connect
+from actors.partition_set import PartitionSet, partition_configs
 from actors.partitioning import events_subject
 from actors.shard import Shard
 from actors.state import StateRules, UserRows
@@ -59,6 +71,8 @@ MAX_HELD_DEAD_LETTERS = 10_000  # beyond this a shard stops consuming until NATS
 LAST_CHECKPOINT_TIMEOUT_S = 15.0  # a stop must finish within the pool's shutdown budget
 STOP_STEP_TIMEOUT_S = 5.0
 START_RETRY_S = 0.25  # between attempts to start while NATS is away
+LAYOUT_POLL_S = 2.0  # how often an actor compares its layout with the stored one
+LAYOUT_GRACE_S = 10.0  # a stored layout an ordered hand-off has not brought is followed after
 
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
@@ -73,29 +87,52 @@ class ShardActor:
         stream: str,
         rules: StateRules | None = None,
         policy: ValidationPolicy | None = None,
-        max_messages_per_apply: int = 32,
+        max_messages_per_apply: int = 256,
         windows: WindowConfig | None = None,
         funnel: FunnelSpec | None = None,
         checkpoints: CheckpointConfig | None = None,
+        partition_count: int | None = None,
+        nats_credentials: NatsCredentials | None = None,
     ) -> None:
-        self.shard = Shard(shard_id, partitions, rules, policy, windows, funnel)
+        """Args:
+        partitions: what this shard owns when no layout is stored yet.
+        partition_count: the stream's partition count P (default: ``max(partitions) + 1``).
+        nats_credentials: the shard role's NATS login (None: the server needs none).
+        """
+        count = partition_count or max(partitions) + 1
+        part_rules, part_items, part_dedup = partition_configs(count, rules)
+        self.shard_id = shard_id
+        self.parts = PartitionSet(
+            shard_id,
+            count,
+            lambda p: Shard(p, [p], part_rules, policy, windows, funnel, part_items, part_dedup),
+        )
+        self.first_partitions = list(partitions)
         self.nats_url = nats_url
+        self.nats_credentials = nats_credentials
         self.stream = stream
         self.max_messages_per_apply = max_messages_per_apply
         self.checkpoints = checkpoints or CheckpointConfig()
+        self.layout: Layout | None = None
         self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
         self._reader: StreamReader | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._timer_task: asyncio.Task[None] | None = None
+        self._layout_task: asyncio.Task[None] | None = None
         self._dead_letters: DeadLetters | None = None
         self._held_dead_letters: list[Rejection] = []
         self._store: CheckpointStore | None = None
+        self._layouts: LayoutStore | None = None
         self._checkpointing = asyncio.Lock()
+        self._moving = asyncio.Lock()  # one layout change at a time
         self._last_checkpoint: dict[str, Any] | None = None
+        self._snapshotted: dict[int, int] = {}  # partition -> position of its newest snapshot
         self._checkpoint_failures = 0
         self._targets: dict[int, int] | None = None  # stream ends to reach before answering
         self.started_at = time.time()  # tells incarnations apart after a restart
         self.recovery: dict[str, Any] = {"started_at": self.started_at, "restored": None}
+        self.handoffs: list[dict[str, Any]] = []  # the latest partitions moved in and out
         self._metrics = ShardMetrics(shard_id)
         # Ray runs an async actor's constructor inside its event loop, so
         # consumption starts here, also when Ray restarts a dead actor.
@@ -105,7 +142,7 @@ class ShardActor:
     async def start(self) -> dict[str, Any]:
         """Wait until the shard consumes (raising if it could not start); its status."""
         await asyncio.shield(self._starting)
-        return self.shard.status()
+        return self.parts.status()
 
     async def _start(self) -> None:
         """Connect, restore, find the stream ends, consume; retried until NATS answers."""
@@ -114,27 +151,35 @@ class ShardActor:
                 await self._start_once()
                 return
             except Exception as exc:  # NATS away or restarting mid-way: every step is retried
-                log.warning("shard %s cannot start yet: %r", self.shard.shard_id, exc)
+                log.warning("shard %s cannot start yet: %r", self.shard_id, exc)
                 await asyncio.sleep(START_RETRY_S)
 
     async def _start_once(self) -> None:
         if self._nc is None:
-            self._nc = await nats.connect(
-                server_list(self.nats_url),
-                name=f"audience-shard-{self.shard.shard_id}",
+            self._nc = await nats_connect(
+                self.nats_url,
+                self.nats_credentials,
+                name=f"audience-shard-{self.shard_id}",
                 max_reconnect_attempts=-1,
                 reconnected_cb=self._reconnected,
             )
-        js = self._nc.jetstream()
-        self._dead_letters = DeadLetters(js, origin=f"shard:{self.shard.shard_id}")
+        js = self._js = self._nc.jetstream()
+        self._dead_letters = DeadLetters(js, origin=f"shard:{self.shard_id}")
         self._store = self.checkpoints.open(js)
+        self._layouts = LayoutStore(js, self.checkpoints.scope, self.checkpoints.replicas)
         if self.recovery["restored"] is None:
-            self.recovery["restored"] = await self._restore_newest(self._store)
-        self._targets = await self._stream_ends(js)
+            self.layout, _ = await self._layouts.load()
+            mine = (
+                self.layout.partitions_of(self.shard_id)
+                if self.layout is not None
+                else self.first_partitions
+            )
+            self.recovery["restored"] = await self._restore_newest(mine)
+        self._targets = await self._stream_ends(js, self.parts.partitions)
         if self._reader is not None:  # a start that failed after creating it: retire it
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._reader.stop(), STOP_STEP_TIMEOUT_S)
-        self._reader = StreamReader(self._nc, js, self.stream, dict(self.shard.positions))
+        self._reader = StreamReader(self._nc, js, self.stream, self.parts.positions)
         await self._reader.start()
         self.recovery["consuming_at"] = time.time()
         self._loop_task = asyncio.create_task(self._consume())
@@ -142,36 +187,61 @@ class ShardActor:
         if self.checkpoints.interval_s > 0:
             self._timer_task = asyncio.create_task(self._checkpoint_forever())
             self._timer_task.add_done_callback(self._log_crash)
+        self._layout_task = asyncio.create_task(self._follow_layout())
+        self._layout_task.add_done_callback(self._log_crash)
         self._check_caught_up()
 
-    async def _restore_newest(self, store: CheckpointStore) -> str:
-        """Restore the newest usable snapshot; its name, or "" for none (full replay)."""
-        names = await store.names(shard_prefix(self.checkpoints.scope, self.shard.shard_id))
-        for name in reversed(names):
-            started = time.perf_counter()
-            blob = await store.load(name)
-            try:
-                header = self.shard.restore(blob)
-            except SnapshotError as exc:
-                log.warning("shard %s: snapshot %s unusable (%s)", self.shard.shard_id, name, exc)
-                continue
-            self.recovery.update(
-                restore_s=round(time.perf_counter() - started, 3),
-                snapshot_bytes=len(blob),
-                restored_positions=header.positions,
-            )
-            log.info("shard %s restored %s", self.shard.shard_id, name)
-            return name
-        if names:
-            log.warning(
-                "shard %s: no usable snapshot; replaying from the start", self.shard.shard_id
-            )
-        return ""
+    async def _snapshot_names(self) -> dict[int, list[str]]:
+        """Stored snapshot names of this pool, by partition, oldest first."""
+        assert self._store is not None
+        by_partition: dict[int, list[str]] = defaultdict(list)
+        for name in await self._store.names(f"{self.checkpoints.scope}.p"):
+            partition = partition_of_name(self.checkpoints.scope, name)
+            if partition is not None:
+                by_partition[partition].append(name)
+        return by_partition
 
-    async def _stream_ends(self, js: JetStreamContext) -> dict[int, int]:
+    async def _restore_newest(self, partitions: Sequence[int]) -> dict[int, str]:
+        """Own ``partitions``, each from its newest usable snapshot (or empty: full replay).
+
+        Returns the snapshot each partition came from ("" for none).
+        """
+        started = time.perf_counter()
+        names = await self._snapshot_names() if partitions else {}
+        restored: dict[int, str] = {}
+        total_bytes = 0
+        for partition in partitions:
+            state, name, size = await self._load_partition(partition, names.get(partition, []))
+            self.parts.own(state)
+            restored[partition] = name
+            total_bytes += size
+            if name:
+                self._snapshotted[partition] = state.positions[partition]
+        self.recovery.update(
+            restore_s=round(time.perf_counter() - started, 3), snapshot_bytes=total_bytes
+        )
+        return restored
+
+    async def _load_partition(self, partition: int, names: Sequence[str]) -> tuple[Shard, str, int]:
+        """The state of ``partition`` from the newest usable of ``names``, its name and size."""
+        assert self._store is not None
+        for name in reversed(names):
+            blob = await self._store.load(name)
+            state = self.parts.make(partition)
+            try:
+                state.restore(blob)
+            except SnapshotError as exc:
+                log.warning("shard %s: snapshot %s unusable (%s)", self.shard_id, name, exc)
+                continue
+            return state, name, len(blob)
+        if names:
+            log.warning("shard %s: partition %s has no usable snapshot", self.shard_id, partition)
+        return self.parts.make(partition), "", 0
+
+    async def _stream_ends(self, js: JetStreamContext, partitions: Sequence[int]) -> dict[int, int]:
         """The last stream sequence of each partition right now (0 for an empty one)."""
         ends = {}
-        for partition in self.shard.partitions:
+        for partition in partitions:
             try:
                 last = await js.get_last_msg(self.stream, events_subject(partition))
                 ends[partition] = int(last.seq or 0)
@@ -180,29 +250,33 @@ class ShardActor:
         return ends
 
     def _check_caught_up(self) -> None:
-        """Leave recovery once every partition reached the end it had at start."""
-        if self._targets is None or "caught_up_at" in self.recovery:
+        """Drop the targets reached; leave recovery once none is left."""
+        if self._targets is None:
             return
-        positions = self.shard.positions
-        if all(positions[p] >= end for p, end in self._targets.items()):
+        positions = self.parts.positions
+        self._targets = {
+            p: end for p, end in self._targets.items() if p in positions and positions[p] < end
+        }
+        if not self._targets and "caught_up_at" not in self.recovery:
             self.recovery["caught_up_at"] = time.time()
-            self.recovery["replayed_messages"] = self.shard.applied_messages
+            self.recovery["replayed_messages"] = self.parts.applied_messages
 
     @property
     def recovering(self) -> bool:
         """Whether state queries would see a state behind the stream's end at start."""
-        return "caught_up_at" not in self.recovery
+        return self._targets is None or bool(self._targets)
 
     def _ready(self) -> None:
         """Raise :class:`ShardRecovering` while the state is not caught up."""
         if not self.recovering:
             return
         if self._targets is None:
-            detail = "restoring the newest snapshot"
+            detail = "restoring the newest snapshots"
         else:
-            behind = sum(max(0, end - self.shard.positions[p]) for p, end in self._targets.items())
+            positions = self.parts.positions
+            behind = sum(max(0, end - positions.get(p, 0)) for p, end in self._targets.items())
             detail = f"replaying its partitions ({behind} stream sequences to go)"
-        raise ShardRecovering(self.shard.shard_id, detail)
+        raise ShardRecovering(self.shard_id, detail)
 
     async def _reconnected(self) -> None:
         if self._reader is not None:
@@ -221,7 +295,7 @@ class ShardActor:
             if not deliveries:
                 continue
             started = time.perf_counter()
-            result = self.shard.apply(deliveries)
+            result = self.parts.apply(deliveries)
             self._metrics.record_apply(
                 result.applied,
                 time.perf_counter() - started,
@@ -241,97 +315,273 @@ class ShardActor:
             await self._dead_letters.publish(held)
         except Exception as exc:  # same ids on the next try: JetStream keeps one copy
             self._held_dead_letters = held + self._held_dead_letters
-            log.warning("shard %s holds %d dead letters: %r", self.shard.shard_id, len(held), exc)
+            log.warning("shard %s holds %d dead letters: %r", self.shard_id, len(held), exc)
 
     async def _checkpoint_forever(self) -> None:
         """Take a snapshot every interval when something changed (and none is in the way)."""
         while True:
             await asyncio.sleep(self.checkpoints.interval_s)
-            last = self._last_checkpoint
-            if last is not None and last["positions"] == self.shard.positions:
-                continue
             if self.recovering or self._held_dead_letters:
                 continue
             try:
-                await self.checkpoint()
-            except Exception as exc:  # the previous snapshot stays; try again next time
+                await self.checkpoint(changed_only=True)
+            except Exception as exc:  # the previous snapshots stay; try again next time
                 self._checkpoint_failures += 1
-                log.warning("shard %s: checkpoint failed: %r", self.shard.shard_id, exc)
+                log.warning("shard %s: checkpoint failed: %r", self.shard_id, exc)
 
-    async def checkpoint(self) -> dict[str, Any]:
-        """Snapshot the state with its positions now, store it, prune old ones.
+    def _refuse_while_holding(self) -> None:
+        if self._store is None or self._held_dead_letters:
+            raise UnavailableError(
+                f"shard {self.shard_id}", "snapshots wait for NATS to take dead letters", 2.0
+            )
+
+    async def _save_partition(self, state: Shard, created_ms: int) -> tuple[str, int]:
+        """Snapshot one partition's state, store it, prune its old snapshots; name and size."""
+        assert self._store is not None
+        (partition,) = state.partitions
+        _, blob = state.snapshot(created_ms)  # synchronous: a consistent cut
+        name = snapshot_name(self.checkpoints.scope, partition, created_ms)
+        await self._store.save(name, blob)
+        self._snapshotted[partition] = state.positions[partition]
+        await prune(self._store, self.checkpoints.scope, partition, self.checkpoints.keep)
+        return name, len(blob)
+
+    async def checkpoint(self, changed_only: bool = False) -> dict[str, Any]:
+        """Snapshot every owned partition (``changed_only``: those that moved on) now.
 
         Raises:
             UnavailableError: dead letters still wait for NATS (the snapshot
                 would skip past them) or the store is not open yet.
         """
-        if self._store is None or self._held_dead_letters:
-            raise UnavailableError(
-                f"shard {self.shard.shard_id}", "snapshots wait for NATS to take dead letters", 2.0
-            )
+        self._refuse_while_holding()
         async with self._checkpointing:
             started = time.perf_counter()
             created_ms = int(time.time() * 1000)
-            header, blob = self.shard.snapshot(created_ms)  # synchronous: a consistent cut
-            encoded_s = time.perf_counter() - started
-            name = snapshot_name(self.checkpoints.scope, self.shard.shard_id, created_ms)
-            await self._store.save(name, blob)
-            pruned = await prune(
-                self._store, self.checkpoints.scope, self.shard.shard_id, self.checkpoints.keep
-            )
+            states = [
+                (p, s)
+                for p, s in sorted(self.parts.owned.items())
+                if not changed_only or self._snapshotted.get(p) != s.positions[p]
+            ]
+            if not states and self._last_checkpoint is not None:
+                return dict(self._last_checkpoint)
+            names, total = [], 0
+            for _, state in states:
+                name, size = await self._save_partition(state, created_ms)
+                names.append(name)
+                total += size
             self._last_checkpoint = {
-                "name": name,
+                "name": names[-1] if names else None,
+                "partitions": len(names),
                 "created_ms": created_ms,
-                "positions": dict(header.positions),
-                "bytes": len(blob),
-                "encode_s": round(encoded_s, 3),
+                "positions": self.parts.positions,
+                "bytes": total,
                 "took_s": round(time.perf_counter() - started, 3),
-                "pruned": len(pruned),
             }
             return dict(self._last_checkpoint)
 
+    # -- hand-offs ------------------------------------------------------------------------
+
+    async def layout_json(self) -> dict[str, Any] | None:
+        """The layout this shard follows (None before one was stored)."""
+        return None if self.layout is None else self.layout.to_json()
+
+    async def store_layout(self, layout: dict[str, Any], expected_version: int) -> int:
+        """Store ``layout`` for the pool if the stored one is still ``expected_version``.
+
+        Any shard can do it (the pool has no NATS connection of its own); the
+        first start stores version 1 with ``expected_version`` 0.
+
+        Raises:
+            AudienceError: the stored layout is another version (a concurrent rescale).
+        """
+        await self._starting
+        assert self._layouts is not None
+        stored, revision = await self._layouts.load()
+        found = stored.version if stored is not None else 0
+        if found != expected_version:
+            raise AudienceError(
+                f"the stored layout is version {found}, not {expected_version}: "
+                "another rescale ran meanwhile"
+            )
+        return await self._layouts.save(Layout.from_json(layout), revision)
+
+    async def release(self, layout: dict[str, Any]) -> dict[int, dict[str, Any]]:
+        """Hand over the partitions ``layout`` gives to others: stop, snapshot, keep answering.
+
+        Each released partition stops applying events at once (a synchronous
+        cut), is snapshotted at that position, and answers its users' queries
+        until :meth:`settle` forgets it. Returns, per partition, the snapshot
+        name, its position and the stream end the new owner must reach before
+        answering (this shard's own target while it was recovering).
+
+        Raises:
+            UnavailableError: dead letters wait for NATS; nothing was released.
+        """
+        await self._starting
+        new = Layout.from_json(layout)
+        self._refuse_while_holding()
+        out: dict[int, dict[str, Any]] = {}
+        async with self._moving, self._checkpointing:
+            created_ms = int(time.time() * 1000)
+            going = [p for p in self.parts.partitions if new.owners[p] != self.shard_id]
+            states = {p: self.parts.release(p) for p in going}  # one cut for all of them
+            try:
+                for p, state in states.items():
+                    name, size = await self._save_partition(state, created_ms)
+                    position = state.positions[p]
+                    target = max(position, (self._targets or {}).get(p, 0))
+                    out[p] = {"name": name, "position": position, "target": target, "bytes": size}
+            except Exception:
+                for state in states.values():  # not handed over: own them again
+                    self.parts.own(state)
+                raise
+            self.layout = new
+            assert self._reader is not None
+            for p in going:
+                await self._reader.remove(p)
+                if self._targets:
+                    self._targets.pop(p, None)
+            self._note_handoff("out", out)
+        return out
+
+    async def adopt(
+        self, layout: dict[str, Any], handoffs: dict[int, dict[str, Any]] | None = None
+    ) -> dict[int, int]:
+        """Own the partitions ``layout`` gives this shard and it does not hold yet.
+
+        A partition with a hand-off (see :meth:`release`) is restored from that
+        snapshot and answers at once; one without (its old owner died) is
+        restored from its newest snapshot and replayed to the stream's end
+        before this shard answers again. Returns each adopted partition's position.
+        """
+        await self._starting
+        new = Layout.from_json(layout)
+        handoffs = handoffs or {}
+        adopted: dict[int, int] = {}
+        async with self._moving:
+            coming = [p for p in new.partitions_of(self.shard_id) if p not in self.parts.owned]
+            names = await self._snapshot_names() if coming else {}
+            assert self._reader is not None and self._js is not None
+            for p in coming:
+                if p in self.parts.released:  # handed back before it was forgotten
+                    state = self.parts.released[p]
+                    target = state.positions[p]
+                elif p in handoffs:
+                    state, _, _ = await self._load_partition(p, [handoffs[p]["name"]])
+                    target = int(handoffs[p]["target"])
+                else:
+                    state, _, _ = await self._load_partition(p, names.get(p, []))
+                    target = (await self._stream_ends(self._js, [p]))[p]
+                self.parts.own(state)
+                position = state.positions[p]
+                if target > position:
+                    self._targets = {**(self._targets or {}), p: target}
+                await self._reader.add(p, position)
+                adopted[p] = position
+            self.layout = new
+            self._check_caught_up()
+            self._note_handoff("in", {p: {"position": s} for p, s in adopted.items()})
+        return adopted
+
+    async def settle(self, layout: dict[str, Any]) -> list[int]:
+        """Follow ``layout`` (now stored) and forget released partitions it gives others."""
+        new = Layout.from_json(layout)
+        async with self._moving:
+            self.layout = new
+            gone = [p for p in self.parts.released if new.owners[p] != self.shard_id]
+            for p in gone:
+                self.parts.forget(p)
+        return gone
+
+    def _note_handoff(self, direction: str, parts: dict[int, dict[str, Any]]) -> None:
+        if parts:
+            self.handoffs = [
+                *self.handoffs[-9:],
+                {"at": time.time(), "direction": direction, "partitions": sorted(parts)},
+            ]
+
+    async def _follow_layout(self) -> None:
+        """Converge on the stored layout when no ordered hand-off brought it in time.
+
+        A rescale stores the new layout, then hands partitions over in order;
+        if the process driving it dies half-way, every shard still ends up
+        owning what the stored layout says, from the partitions' snapshots.
+        """
+        assert self._layouts is not None
+        seen_since: tuple[int, float] | None = None
+        while True:
+            await asyncio.sleep(LAYOUT_POLL_S)
+            try:
+                stored, _ = await self._layouts.load()
+            except Exception as exc:  # NATS away: the next poll tries again
+                log.info("shard %s cannot read the layout: %r", self.shard_id, exc)
+                continue
+            mine = self.layout.version if self.layout is not None else 0
+            if stored is None or stored.version <= mine:
+                seen_since = None
+                continue
+            if seen_since is None or seen_since[0] != stored.version:
+                seen_since = (stored.version, time.monotonic())
+                continue
+            if time.monotonic() - seen_since[1] < LAYOUT_GRACE_S:
+                continue
+            log.warning("shard %s follows stored layout v%s", self.shard_id, stored.version)
+            try:
+                await self.release(stored.to_json())
+                await self.adopt(stored.to_json())
+                await self.settle(stored.to_json())
+            except Exception as exc:  # dead letters held, NATS away: the next poll again
+                log.warning("shard %s: following the layout failed: %r", self.shard_id, exc)
+
     def _log_crash(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
-            log.error("shard %s is not consuming", self.shard.shard_id, exc_info=task.exception())
+            log.error("shard %s is not consuming", self.shard_id, exc_info=task.exception())
+
+    # -- queries ------------------------------------------------------------------------
 
     async def users(self, limit: int) -> list[str]:
         """Up to ``limit`` ids of users this shard holds."""
         self._ready()
-        return self.shard.table.users(limit)
+        return self.parts.user_ids(limit)
 
     async def profiles(self, user_ids: Sequence[str]) -> list[dict[str, Any] | None]:
         """Live profiles for ``user_ids``, None for unknown users."""
         self._ready()
-        return self.shard.profiles(user_ids)
+        return self.parts.profiles(user_ids)
 
     async def user_rows(self, user_ids: Sequence[str]) -> UserRows:
         """Model-feature state of ``user_ids``: one call per shard per request batch."""
         self._ready()
-        return self.shard.user_rows(user_ids)
+        return self.parts.user_rows(user_ids)
 
     async def seen(self, pairs: Sequence[tuple[str, Sequence[str]]]) -> list[list[bool]]:
         """Which candidate items each user has touched (see ``Shard.seen``)."""
         self._ready()
-        return self.shard.seen(pairs)
+        return self.parts.seen(pairs)
 
-    async def item_partial(self, top_n: int, known: int | None = None) -> dict[str, Any] | None:
-        """Item stats and co-visitation partial of this shard (see ``Shard.item_partial``)."""
+    async def item_partials(
+        self, top_n: int, known: dict[int, int | None] | None = None
+    ) -> dict[int, dict[str, Any] | None]:
+        """Item partial of each owned partition (see ``Shard.item_partial``)."""
         self._ready()
-        return self.shard.item_partial(top_n, known)
+        return self.parts.item_partials(top_n, known)
 
-    async def insights_partials(self) -> dict[str, Any]:
-        """This shard's insights partials (see ``Shard.insights_partials``), for the merge."""
+    async def insights_partials(self) -> dict[int, dict[str, Any]]:
+        """Insights partials of each owned partition, for the merge."""
         self._ready()
-        return self.shard.insights_partials()
+        return self.parts.insights_partials()
 
     async def counters(self) -> dict[str, Any]:
         """Cheap progress counters (no NATS round trips), for polling."""
         stats = self._nc.stats if self._nc is not None else {}
         return {
             "pid": os.getpid(),
-            "applied_events": self.shard.applied_events,
-            "applied_messages": self.shard.applied_messages,
-            "users": len(self.shard.table),
+            "applied_events": self.parts.applied_events,
+            "applied_messages": self.parts.applied_messages,
+            "work_messages": self.parts.work_messages,
+            "users": self.parts.users,
+            "partitions": self.parts.partitions,
+            "layout_version": self.layout.version if self.layout is not None else 0,
             "reconnects": int(stats.get("reconnects", 0)),
             "in_msgs": int(stats.get("in_msgs", 0)),
             "consumer_gaps": self._reader.gaps if self._reader else 0,
@@ -339,23 +589,23 @@ class ShardActor:
             "recovering": self.recovering,
             "recovery": dict(self.recovery),
             "checkpoint": (self._last_checkpoint or {}).get("name"),
-            "busy_s": self.shard.busy_s,
+            "busy_s": self.parts.busy_s,
             "backlog": (
                 sum(self._reader.pending_by_partition().values()) + self._reader.buffered
                 if self._reader
                 else 0
             ),
             "started_at": self.started_at,
-            "positions": dict(self.shard.positions),
+            "positions": self.parts.positions,
         }
 
     async def freshness_ring(self) -> tuple[int, np.ndarray]:
         """The raw store-to-applied delays (ms) of the latest messages; see Shard."""
-        return self.shard.freshness_ring()
+        return self.parts.freshness_ring()
 
     async def status(self) -> dict[str, Any]:
         """Counters, positions and per-partition lag of this shard."""
-        status = self.shard.status()
+        status = self.parts.status()
         if self._reader is not None:
             status["lag"] = await self._reader.lag()
             status["buffered_messages"] = self._reader.buffered
@@ -366,6 +616,8 @@ class ShardActor:
         status["checkpoint"] = self._last_checkpoint
         status["checkpoint_failures"] = self._checkpoint_failures
         status["dead_letters_held"] = len(self._held_dead_letters)
+        status["layout_version"] = self.layout.version if self.layout is not None else 0
+        status["handoffs"] = list(self.handoffs)
         if self._reader is not None:
             status["consumer_resyncs"] = self._reader.resyncs
             status["consumer_gaps"] = self._reader.gaps
@@ -375,20 +627,22 @@ class ShardActor:
         """Stop consuming, take a last snapshot (if configured) and close the connection."""
         if not self._starting.done():
             self._starting.cancel()
-        for task in (self._timer_task, self._loop_task):
+        for task in (self._layout_task, self._timer_task, self._loop_task):
             if task is not None:
                 task.cancel()
                 # Bounded: a cancel that lands inside nats-py's publish can be lost
                 # (Python 3.11), and a stop must not hang on it.
                 await asyncio.wait({task}, timeout=STOP_STEP_TIMEOUT_S)
-        self._timer_task = self._loop_task = None
+        self._layout_task = self._timer_task = self._loop_task = None
         if self.checkpoints.on_stop and self._store is not None and not self.recovering:
             if self._held_dead_letters:
                 await self._publish_dead_letters()
             try:
-                await asyncio.wait_for(self.checkpoint(), timeout=LAST_CHECKPOINT_TIMEOUT_S)
-            except Exception as exc:  # stopping goes on; the previous snapshot stays
-                log.warning("shard %s: last checkpoint failed: %r", self.shard.shard_id, exc)
+                await asyncio.wait_for(
+                    self.checkpoint(changed_only=True), timeout=LAST_CHECKPOINT_TIMEOUT_S
+                )
+            except Exception as exc:  # stopping goes on; the previous snapshots stay
+                log.warning("shard %s: last checkpoint failed: %r", self.shard_id, exc)
         if self._reader is not None:
             with contextlib.suppress(Exception):  # its consumers expire on their own anyway
                 await asyncio.wait_for(self._reader.stop(), STOP_STEP_TIMEOUT_S)

@@ -1,4 +1,5 @@
-"""The ``audience`` command: ``up``, ``simulate``, ``replay``, ``status``, ``checkpoint``.
+"""The ``audience`` command: ``up``, ``simulate``, ``replay``, ``status``, ``checkpoint``,
+``rescale``, ``keys``.
 
 Every failure a user can cause (bad settings, a taken port, nothing running)
 ends in one ``error:`` line and exit code 2, not a traceback.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -135,6 +137,41 @@ def _parser() -> argparse.ArgumentParser:
     checkpoint = commands.add_parser("checkpoint", help="snapshot every shard now")
     checkpoint.add_argument("--url", help="API base URL; default: the running `audience up`")
     checkpoint.set_defaults(run=_checkpoint)
+
+    rescale = commands.add_parser(
+        "rescale", help="change the shard count live (partitions are handed over)"
+    )
+    rescale.add_argument("shards", type=int, help="the new shard count (1..partitions)")
+    rescale.add_argument("--url", help="API base URL; default: the running `audience up`")
+    rescale.set_defaults(run=_rescale)
+
+    nats_users = commands.add_parser(
+        "nats-users", help="where the NATS logins of each role are (never the secrets)"
+    )
+    nats_users.add_argument(
+        "--permissions", action="store_true", help="also list what each role may do"
+    )
+    nats_users.set_defaults(run=_nats_users)
+
+    keys = commands.add_parser("keys", help="create, list or revoke API keys")
+    keys.add_argument("action", choices=["create", "list", "revoke"])
+    keys.add_argument("key_id", nargs="?", help="the key's id (for revoke)")
+    keys.add_argument(
+        "--scope",
+        action="append",
+        choices=["ingest", "read", "admin"],
+        help="what the key may do; repeat for several (admin implies the others)",
+    )
+    keys.add_argument("--name", default="", help="a note: who or what uses the key")
+    keys.add_argument("--rate", type=float, help="requests/s for this key (default: the setting)")
+    keys.add_argument("--burst", type=float, help="burst for this key (default: the setting)")
+    keys.add_argument("--out", type=Path, help="write the key to this file (0600), not stdout")
+    keys.add_argument(
+        "--api-keys-file",
+        type=Path,
+        help="key store (AUDIENCE_API_KEYS_FILE); default: data folder",
+    )
+    keys.set_defaults(run=_keys)
     return parser
 
 
@@ -161,13 +198,21 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
         info = platform.start()
         signal.signal(signal.SIGTERM, lambda signum, _: signalled.append(signum))
         signal.signal(signal.SIGINT, lambda signum, _: signalled.append(signum))
-        print(f"NATS      {info.nats_url}")
+        print(f"NATS      {_nats_line(platform, info.nats_url)}")
         print(f"API       {info.http_url}   (docs: {info.http_url}/docs)")
-        print(f"dashboard {info.http_url}/dashboard")
+        hint = "" if settings.dashboard_public or not settings.api_auth else "   (asks for a key)"
+        print(f"dashboard {info.http_url}/dashboard{hint}")
+        if platform.admin_key_file is not None:
+            print(f"api key   {platform.admin_key_file}   (admin; send as 'Authorization: Bearer')")
+        elif not settings.api_auth:
+            print(
+                "api key   none: AUDIENCE_API_AUTH=false, the API is open to anyone who reaches it"
+            )
         print(f"status    audience status   (or {info.http_url}/v1/status)")
         if info.metrics_url:
             print(f"metrics   {info.metrics_url}   (Prometheus)")
-        demo = _start_demo(settings, info.nats_url, stop) if args.demo else None
+        producer = platform.credentials("producer")
+        demo = _start_demo(settings, info.nats_url, stop, producer) if args.demo else None
         if demo is not None:
             print(f"demo      {settings.demo_rate:.0f} events/s over {settings.demo_users} users")
             if settings.serve_models:
@@ -222,7 +267,57 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _start_demo(settings: Settings, nats_url: str, stop: threading.Event) -> threading.Thread:
+def _nats_line(platform: Any, nats_url: str) -> str:
+    """The NATS URL (no secrets) and whether, and where, its users are kept."""
+    from actors.nats_auth import redact_url
+
+    users = platform.nats.users if platform.nats is not None else None
+    if users is not None:
+        return (
+            f"{redact_url(nats_url)}   (auth on: a login per role in {users.folder}; "
+            "see `audience nats-users`)"
+        )
+    if platform.nats is not None:
+        return f"{nats_url}   (auth OFF: AUDIENCE_NATS_EMBEDDED_AUTH=false)"
+    return redact_url(nats_url)
+
+
+def _nats_users(args: argparse.Namespace, settings: Settings) -> int:
+    """``audience nats-users``: each role's login file, inbox prefix and (optionally) rights."""
+    from actors.nats_auth import redact_url
+    from cluster.launcher import RuntimeInfo, embedded_users_of, nats_credentials_of
+    from cluster.nats_users import ROLES, inbox_prefix, permissions
+
+    if not settings.embedded_nats:
+        creds = nats_credentials_of(settings, "producer")
+        who = creds.identity if creds is not None else "no credentials"
+        print(f"external NATS {redact_url(settings.nats_url)}: every component signs in with")
+        print(f"the settings' login ({who}); its users and permissions are the server's.")
+        return 0
+    if not settings.nats_embedded_auth:
+        print("embedded NATS without auth (AUDIENCE_NATS_EMBEDDED_AUTH=false): anyone who")
+        print("reaches its port can read and write every stream.")
+        return 0
+    users = embedded_users_of(settings)
+    if not users.path("admin").exists():
+        return _fail(f"no NATS users in {users.folder} yet: `audience up` creates them")
+    info = RuntimeInfo.load(settings.data_dir)
+    print(f"NATS      {info.nats_url if info else '(not running)'}")
+    print("role      login file (JSON: user, password, inbox_prefix; mode 0600)")
+    for role in ROLES:
+        print(f"{role:<9} {users.path(role)}   user {role!r}, inbox prefix {inbox_prefix(role)}")
+        if args.permissions:
+            rights = permissions(role, users.names)
+            print(f"          publish:   {' '.join(rights.publish)}")
+            print(f"          subscribe: {' '.join(rights.subscribe)}")
+    print("producers: sign in with producer.json's user and password, and use its inbox")
+    print("prefix (nats-py: inbox_prefix=...) so the stream's acks reach you.")
+    return 0
+
+
+def _start_demo(
+    settings: Settings, nats_url: str, stop: threading.Event, credentials: Any = None
+) -> threading.Thread:
     from cluster.simulate import publish_simulation
 
     async def run() -> None:
@@ -236,6 +331,7 @@ def _start_demo(settings: Settings, nats_url: str, stop: threading.Event) -> thr
                 duration_s=365 * 86_400,
                 seed=1,
                 stop=halt,
+                credentials=credentials,
             )
         )
         while not stop.is_set() and not task.done():
@@ -252,7 +348,7 @@ def _start_demo(settings: Settings, nats_url: str, stop: threading.Event) -> thr
 
 
 def _simulate(args: argparse.Namespace, settings: Settings) -> int:
-    from cluster.launcher import find_nats, policy_of
+    from cluster.launcher import find_nats, nats_credentials_of, policy_of
     from cluster.simulate import publish_simulation
 
     nats_url, partitions = find_nats(settings, args.nats_url)
@@ -269,6 +365,7 @@ def _simulate(args: argparse.Namespace, settings: Settings) -> int:
             max_batch=settings.batch_max_events,
             linger_ms=settings.linger_ms,
             policy=policy_of(settings),
+            credentials=nats_credentials_of(settings, "producer"),
         )
     )
     print(
@@ -295,10 +392,11 @@ def _history(args: argparse.Namespace, settings: Settings) -> Any:
         return read_history(args.events)
     if args.simulated_users is not None:
         return simulated_history(args.simulated_users, days=60, seed=args.seed, end_ms=_now_ms())
-    from cluster.launcher import find_nats
+    from cluster.launcher import find_nats, nats_credentials_of
 
     nats_url, _ = find_nats(settings, args.nats_url)
-    return asyncio.run(stream_history(nats_url, settings.stream))
+    admin = nats_credentials_of(settings, "admin")  # reading the stream is the shards' or admin's
+    return asyncio.run(stream_history(nats_url, settings.stream, credentials=admin))
 
 
 def _now_ms() -> int:
@@ -357,7 +455,7 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
         run_replay,
         write_results,
     )
-    from cluster.launcher import RuntimeInfo
+    from cluster.launcher import RuntimeInfo, nats_credentials_of
     from cluster.train import ensure_ray
     from models.history import read_ratings
     from models.registry import ModelRegistry
@@ -375,10 +473,17 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
     try:
         results, ranker = evaluate_offline(frame, args.telco, args.seed)
         if info is not None and frame is not None and ranker is not None:
-            replay = run_replay(info.nats_url, info.partitions, settings.batch_max_events)
+            producer = nats_credentials_of(settings, "producer")
+            replay = run_replay(info.nats_url, info.partitions, settings.batch_max_events, producer)
             registry = ModelRegistry(settings.registry_path)
             results["live"] = evaluate_live(
-                frame, ranker, registry, info.http_url, replay, seed=args.seed
+                frame,
+                ranker,
+                registry,
+                info.http_url,
+                replay,
+                seed=args.seed,
+                api_key=_api_key(settings),
             )
     finally:
         if started:
@@ -419,11 +524,55 @@ def _api_url(args: argparse.Namespace, settings: Settings) -> str:
     return info.http_url if info else f"http://127.0.0.1:{settings.http_port}"
 
 
+def _api_key(settings: Settings) -> str | None:
+    """The key API calls send: ``AUDIENCE_API_KEY``, else the admin key ``audience up`` wrote."""
+    given = settings.api_key.get_secret_value()
+    if given:
+        return given
+    try:
+        return settings.admin_key_path.read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
+
+
+def _api_request(
+    settings: Settings, url: str, method: str = "GET", body: Any = None
+) -> urllib.request.Request:
+    """A request to the API carrying the key, if there is one (and ``body`` as JSON)."""
+    key = _api_key(settings)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    return urllib.request.Request(url, data=data, method=method, headers=headers)
+
+
+def _refused(exc: urllib.error.HTTPError) -> str:
+    """An API refusal in one line (its JSON ``detail``; never the key sent)."""
+    body = exc.read().decode(errors="replace")
+    with contextlib.suppress(ValueError, AttributeError):
+        body = json.loads(body)["detail"]
+    hint = (
+        "; set AUDIENCE_API_KEY or make one with `audience keys create`"
+        if exc.code
+        in (
+            401,
+            403,
+        )
+        else ""
+    )
+    return f"the API answered {exc.code}: {body}{hint}"
+
+
 def _status(args: argparse.Namespace, settings: Settings) -> int:
     url = _api_url(args, settings)
     try:
-        with urllib.request.urlopen(f"{url}/v1/status", timeout=30) as answer:
+        request = _api_request(settings, f"{url}/v1/status")
+        with urllib.request.urlopen(request, timeout=30) as answer:
             status = json.load(answer)
+    except urllib.error.HTTPError as exc:
+        return _fail(_refused(exc))
     except (urllib.error.URLError, OSError) as exc:
         return _fail(f"cannot reach the API at {url}: {exc}")
     if args.json:
@@ -435,16 +584,73 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
 
 def _checkpoint(args: argparse.Namespace, settings: Settings) -> int:
     url = _api_url(args, settings)
-    request = urllib.request.Request(f"{url}/v1/checkpoints", method="POST")
+    request = _api_request(settings, f"{url}/v1/checkpoints", method="POST")
     try:
         with urllib.request.urlopen(request, timeout=120) as answer:
             stored = json.load(answer)["checkpoints"]
     except urllib.error.HTTPError as exc:
-        return _fail(f"checkpoint refused ({exc.code}): {exc.read().decode(errors='replace')}")
+        return _fail(f"checkpoint refused: {_refused(exc)}")
     except (urllib.error.URLError, OSError) as exc:
         return _fail(f"cannot reach the API at {url}: {exc}")
     for shard, snap in enumerate(stored):
-        print(f"shard {shard}: {snap['name']}  {snap['bytes'] / 1e6:.1f} MB in {snap['took_s']} s")
+        print(
+            f"shard {shard}: {snap['partitions']} partitions, {snap['bytes'] / 1e6:.1f} MB "
+            f"in {snap['took_s']} s (newest {snap['name']})"
+        )
+    return 0
+
+
+def _rescale(args: argparse.Namespace, settings: Settings) -> int:
+    url = _api_url(args, settings)
+    request = _api_request(settings, f"{url}/v1/shards", "POST", {"shards": args.shards})
+    try:
+        with urllib.request.urlopen(request, timeout=300) as answer:
+            report = json.load(answer)
+    except urllib.error.HTTPError as exc:
+        return _fail(f"rescale refused: {_refused(exc)}")
+    except (urllib.error.URLError, OSError) as exc:
+        return _fail(f"cannot reach the API at {url}: {exc}")
+    print(
+        f"{report['from']} -> {report['to']} shards in {report['took_s']} s: "
+        f"{report['moved']} partitions handed over "
+        f"({report['snapshot_bytes'] / 1e6:.1f} MB of snapshots)"
+    )
+    return 0
+
+
+def _keys(args: argparse.Namespace, settings: Settings) -> int:
+    """``audience keys``: the store file is the truth; running replicas follow it within ~1 s."""
+    from serving.auth import KeyStore, write_private
+
+    store = KeyStore(args.api_keys_file or settings.api_keys_path)
+    try:
+        if args.action == "list":
+            for record in store.load():
+                shown = record.public()
+                rate = f"  rate {record.rate_per_s:g}/s" if record.rate_per_s else ""
+                print(
+                    f"{record.id}  {','.join(record.scopes):<18} {shown['created']}  "
+                    f"{record.name}{rate}"
+                )
+            return 0
+        if args.action == "revoke":
+            if not args.key_id:
+                return _fail("usage: audience keys revoke KEY_ID")
+            if not store.revoke(args.key_id):
+                return _fail(f"no key with id {args.key_id} in {store.path}")
+            print(f"revoked   {args.key_id} (running API replicas drop it within seconds)")
+            return 0
+        if not args.scope:
+            return _fail("give at least one --scope (ingest, read, admin)")
+        key, record = store.create(args.scope, args.name, args.rate, args.burst)
+    except (OSError, ValueError) as exc:
+        return _fail(f"key store {store.path}: {exc}")
+    if args.out is not None:
+        write_private(args.out, key + "\n")
+        print(f"key       {record.id} ({', '.join(record.scopes)}) written to {args.out}")
+    else:
+        print(key)  # shown once: only its hash is stored
+        print(f"id {record.id}, scopes {', '.join(record.scopes)}; shown once", file=sys.stderr)
     return 0
 
 
@@ -459,6 +665,17 @@ def _snapshot_text(shard: dict[str, Any]) -> str:
     return f"{age_s:.0f} s ago, {last['bytes'] / 1e6:.1f} MB"
 
 
+def _ranges(partitions: list[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` as ``0-2,5,7-8`` (a rescale leaves gaps); "-" for none."""
+    spans: list[list[int]] = []
+    for p in sorted(partitions):
+        if spans and p == spans[-1][1] + 1:
+            spans[-1][1] = p
+        else:
+            spans.append([p, p])
+    return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans) or "-"
+
+
 def format_status(status: dict[str, Any]) -> str:
     """A readable summary of ``GET /v1/status``."""
     lines = ["shard  users      applied    rejected  partitions  lag  fresh p50/p99 ms  snapshot"]
@@ -470,8 +687,7 @@ def format_status(status: dict[str, Any]) -> str:
         fresh = s.get("freshness_ms", {})
         p50, p99 = fresh.get("p50"), fresh.get("p99")
         fresh_text = f"{p50:.1f}/{p99:.1f}" if p50 is not None and p99 is not None else "-"
-        parts = s["partitions"]
-        span = f"{parts[0]}-{parts[-1]}" if parts else "-"
+        span = _ranges(s["partitions"])
         lines.append(
             f"{s['shard']:>5}  {s['users']:>9}  {s['applied_events']:>9}  "
             f"{sum(s['rejected'].values()):>8}  {span:>10}  {lag:>3}  {fresh_text:>16}  "
@@ -486,10 +702,19 @@ def format_status(status: dict[str, Any]) -> str:
     scaling = status.get("autoscaling") or {}
     if scaling.get("decisions"):
         last = scaling["decisions"][-1]
+        verb = "applied" if scaling.get("applied") else "recommended"
         lines.append(
-            f"autoscaling: {last['current']} shards -> {last['desired']} recommended "
-            f"({last['reason']})"
+            f"autoscaling: {last['current']} shards -> {last['desired']} {verb} ({last['reason']})"
         )
+        rescales = [d["rescale"] for d in scaling["decisions"] if "rescale" in d]
+        if rescales:
+            r = rescales[-1]
+            lines.append(
+                f"last rescale: {r['error']}"
+                if "error" in r
+                else f"last rescale: {r['from']} -> {r['to']} shards live in {r['took_s']} s, "
+                f"{r['moved']} partitions handed over"
+            )
     dead = status["dead_letters"]
     lines.append("dead letters: " + (", ".join(f"{k}={v}" for k, v in dead.items()) or "none"))
     served = [

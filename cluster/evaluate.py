@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from actors.errors import AudienceError
+from actors.nats_auth import NatsCredentials
 from models.evaluation import (
     evaluate_churn_history,
     evaluate_ranking_offline,
@@ -64,11 +65,16 @@ def evaluate_live(
     *,
     seed: int,
     timeout_s: float = 600.0,
+    api_key: str | None = None,
 ) -> dict[str, Any]:
-    """Promote ``ranker``, replay the training split, then score candidates through the API."""
+    """Promote ``ranker``, replay the training split, then score candidates through the API.
+
+    ``api_key`` needs the ``read`` scope.
+    """
     split = ranking_split(frame, 100, seed)
     version = registry.save(ranker.model, promote=True)
-    with httpx.Client(base_url=api_url, timeout=60) as api:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with httpx.Client(base_url=api_url, timeout=60, headers=headers) as api:
         _wait(lambda: _served(api) == version, timeout_s, f"the API to serve model {version}")
         before = _applied(api)
         report = replay(split["train"])
@@ -143,11 +149,17 @@ def write_results(results: dict[str, Any], out: Path) -> None:
     out.write_text(json.dumps(results, indent=2, sort_keys=True))
 
 
-def run_replay(nats_url: str, partitions: int, max_batch: int) -> Callable[[pd.DataFrame], Any]:
+def run_replay(
+    nats_url: str, partitions: int, max_batch: int, credentials: NatsCredentials | None = None
+) -> Callable[[pd.DataFrame], Any]:
     """A replay function for :func:`evaluate_live` over NATS (as fast as possible)."""
     from cluster.replay import replay_history
 
     def replay(frame: pd.DataFrame) -> Any:
-        return asyncio.run(replay_history(nats_url, partitions, frame, max_batch=max_batch))
+        return asyncio.run(
+            replay_history(
+                nats_url, partitions, frame, max_batch=max_batch, credentials=credentials
+            )
+        )
 
     return replay

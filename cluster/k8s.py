@@ -88,7 +88,6 @@ def start_backend(settings: Settings) -> None:
 
     Raises:
         UnavailableError: NATS did not answer.
-        AudienceError: a pool with another layout (shard count) already runs.
     """
     asyncio.run(prepare_streams_of(settings, settings.nats_url))
     pool, _ = start_shards(settings, pool_spec_of(settings, settings.nats_url), detached=True)

@@ -23,6 +23,8 @@ from types import TracebackType
 from typing import Any
 
 from actors.errors import AudienceError
+from actors.nats_auth import NatsCredentials
+from cluster.nats_users import AccessNames, NatsUsers
 
 
 class NatsServerError(AudienceError):
@@ -70,6 +72,13 @@ class EmbeddedNats:
 
     Use as a context manager, or call :meth:`start` and :meth:`stop`. For fault
     tests, :meth:`restart` (also as a crash), :meth:`pause` and :meth:`resume`.
+
+    With ``auth``, clients must log in as one of the roles of
+    :mod:`cluster.nats_users` (each with least-privilege permissions on the
+    streams ``names`` names); the users are generated on the first start and
+    kept in ``auth_dir`` (default ``<store_dir>/auth``, owner-only), and the
+    store folder is made owner-only too (it holds the events).
+    :meth:`credentials` gives a role's credentials.
     """
 
     def __init__(
@@ -79,13 +88,22 @@ class EmbeddedNats:
         host: str = "127.0.0.1",
         binary: Path | None = None,
         extra_args: tuple[str, ...] = (),
+        *,
+        auth: bool = False,
+        names: AccessNames | None = None,
+        auth_dir: Path | None = None,
     ) -> None:
         self.store_dir = Path(store_dir)
         self.host = host
         self.port = port
         self.binary = binary
         self.extra_args = extra_args
+        self.users = NatsUsers(auth_dir or self.store_dir / "auth", names) if auth else None
         self.process: subprocess.Popen[bytes] | None = None
+
+    def credentials(self, role: str) -> NatsCredentials | None:
+        """The credentials of ``role`` (admin, api, shard, producer); None without auth."""
+        return self.users.credentials(role) if self.users is not None else None
 
     @property
     def url(self) -> str:
@@ -114,6 +132,9 @@ class EmbeddedNats:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         args = [str(binary), "-js", "-a", self.host, "-p", str(self.port)]
         args += ["-sd", str(self.store_dir), *self.extra_args]
+        if self.users is not None:
+            self.store_dir.chmod(0o700)
+            args += ["-c", str(self.users.ensure().config_path)]
         with open(self.log_path, "ab") as log:
             # Its own session: a terminal's Ctrl-C reaches the whole foreground
             # process group, and the owner wants to stop the server itself, last.
@@ -252,6 +273,8 @@ class EmbeddedNatsCluster:
 
     Use as a context manager, or call :meth:`start` and :meth:`stop`. For fault
     tests, :meth:`kill` (SIGKILL one node, as a crash would) and :meth:`restart`.
+    With ``auth``, every node takes the same role users (as :class:`EmbeddedNats`
+    does), kept in ``<store_dir>/auth``.
     """
 
     def __init__(
@@ -261,6 +284,9 @@ class EmbeddedNatsCluster:
         host: str = "127.0.0.1",
         name: str = "audience",
         binary: Path | None = None,
+        *,
+        auth: bool = False,
+        names: AccessNames | None = None,
     ) -> None:
         if size < 1:
             raise ValueError(f"a cluster needs at least one node, got {size}")
@@ -269,8 +295,16 @@ class EmbeddedNatsCluster:
         self.host = host
         self.name = name
         self.binary = binary
+        self.auth = auth
+        self.names = names
         self.nodes: list[EmbeddedNats] = []
         self.monitor_ports: list[int] = []
+
+    def credentials(self, role: str) -> NatsCredentials | None:
+        """The credentials of ``role`` on every node; None without auth."""
+        if not self.auth:
+            return None
+        return NatsUsers(self.store_dir / "auth", self.names).credentials(role)
 
     def server_name(self, index: int) -> str:
         """The ``server_name`` of node ``index`` (what JetStream calls a stream leader)."""
@@ -326,7 +360,16 @@ class EmbeddedNatsCluster:
                 args += ["--routes", ",".join(others)]
             node_dir = self.store_dir / self.server_name(index)
             self.nodes.append(
-                EmbeddedNats(node_dir, clients[index], self.host, self.binary, tuple(args))
+                EmbeddedNats(
+                    node_dir,
+                    clients[index],
+                    self.host,
+                    self.binary,
+                    tuple(args),
+                    auth=self.auth,
+                    names=self.names,
+                    auth_dir=self.store_dir / "auth",
+                )
             )
 
     def start(self, timeout_s: float = 30.0) -> EmbeddedNatsCluster:

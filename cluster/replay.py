@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-import nats
 import numpy as np
 import pandas as pd
 from nats.errors import Error as NatsError
 
 from actors.errors import AudienceError, UnavailableError
-from actors.jetstream import server_list
+from actors.nats_auth import NatsAuthError, NatsCredentials, redact_url
+from actors.nats_auth import connect as nats_connect
 from actors.producer import Producer
 from actors.validation import ValidationPolicy
 from cluster.settings import Settings
@@ -88,6 +88,7 @@ async def replay_history(
     progress: Progress | None = None,
     chunk_events: int = CHUNK_EVENTS,
     stop: asyncio.Event | None = None,
+    credentials: NatsCredentials | None = None,
 ) -> ReplayReport:
     """Publish a history frame in frame order and wait until the stream has all of it.
 
@@ -105,6 +106,7 @@ async def replay_history(
         progress: called as ``progress(handed_over, total)`` after each chunk.
         chunk_events: events converted and handed to the producer at a time.
         stop: when set, the replay ends early (after flushing what was sent).
+        credentials: the NATS login (the producer role is enough).
 
     Raises:
         ValueError: ``speed`` is negative or ``chunk_events`` not positive.
@@ -117,7 +119,7 @@ async def replay_history(
     total = len(frame)
     ts = frame["ts"].to_numpy(np.int64)
     bounds = _chunk_bounds(ts, speed, chunk_events)
-    nc = await _connect(nats_url)
+    nc = await _connect(nats_url, credentials)
     producer = await Producer(
         nc.jetstream(), partitions, policy=policy, max_batch=max_batch, linger_ms=linger_ms
     ).start()
@@ -166,7 +168,7 @@ def _chunk_bounds(ts: np.ndarray, speed: float, chunk_events: int) -> list[int]:
     return sorted(cuts)
 
 
-async def _connect(nats_url: str) -> Any:
+async def _connect(nats_url: str, credentials: NatsCredentials | None = None) -> Any:
     """A NATS connection that reconnects while replaying, but fails fast if never up."""
     errors: list[BaseException] = []
 
@@ -175,8 +177,9 @@ async def _connect(nats_url: str) -> Any:
 
     try:
         return await asyncio.wait_for(
-            nats.connect(
-                server_list(nats_url),
+            nats_connect(
+                nats_url,
+                credentials,
                 name="audience-replay",
                 max_reconnect_attempts=-1,
                 connect_timeout=2,
@@ -184,9 +187,12 @@ async def _connect(nats_url: str) -> Any:
             ),
             timeout=CONNECT_TIMEOUT_S,
         )
+    except NatsAuthError:
+        raise
     except (asyncio.TimeoutError, OSError, NatsError) as exc:
         cause = errors[-1] if errors else exc
-        raise UnavailableError("nats", f"cannot connect to {nats_url}: {cause}") from None
+        detail = f"cannot connect to {redact_url(nats_url)}: {cause}"
+        raise UnavailableError("nats", detail) from None
 
 
 class ProgressBar:
@@ -263,7 +269,7 @@ def load_frame(
 
 def command(args: argparse.Namespace, settings: Settings) -> int:
     """``audience replay``: read the history, find the platform, publish, summarise."""
-    from cluster.launcher import find_nats, policy_of
+    from cluster.launcher import find_nats, nats_credentials_of, policy_of
 
     if args.speed < 0:
         raise ReplayError(f"--speed must be >= 0, got {args.speed}")
@@ -281,6 +287,7 @@ def command(args: argparse.Namespace, settings: Settings) -> int:
                 linger_ms=settings.linger_ms,
                 policy=policy_of(settings),
                 progress=bar,
+                credentials=nats_credentials_of(settings, "producer"),
             )
         )
     finally:

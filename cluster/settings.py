@@ -41,6 +41,42 @@ class Settings(BaseSettings):
         le=65535,
         description="Client port of the embedded nats-server; 0 picks a free port.",
     )
+    nats_embedded_auth: bool = Field(
+        default=True,
+        description="Start the embedded nats-server with one user per role (admin, api, "
+        "shard, producer) and least-privilege permissions; passwords are generated once into "
+        "<data_dir>/nats/auth (owner-only). Turn off only for local experiments.",
+    )
+    nats_user: str | None = Field(
+        default=None, description="User name on an external NATS (with nats_password)."
+    )
+    nats_password: SecretStr | None = Field(
+        default=None, description="Password of nats_user on an external NATS."
+    )
+    nats_token: SecretStr | None = Field(
+        default=None, description="Authentication token of an external NATS."
+    )
+    nats_nkey_seed_file: Path | None = Field(
+        default=None,
+        description="File holding an nkey seed to sign in with (needs the `nkeys` package).",
+    )
+    nats_creds_file: Path | None = Field(
+        default=None,
+        description="NATS creds file (user JWT and nkey seed, decentralised auth; needs `nkeys`).",
+    )
+    nats_tls_ca: Path | None = Field(
+        default=None, description="CA bundle to verify the NATS server's TLS certificate."
+    )
+    nats_tls_cert: Path | None = Field(
+        default=None, description="Client certificate for NATS TLS (with nats_tls_key)."
+    )
+    nats_tls_key: Path | None = Field(default=None, description="Private key of nats_tls_cert.")
+    nats_inbox_prefix: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Inbox prefix of every NATS connection, for servers that allow each user "
+        "only its own inboxes (e.g. _INBOX.producer with the embedded server's producer user).",
+    )
     stream: str = Field(
         default="AUDIENCE_EVENTS",
         pattern=r"^[A-Za-z0-9_-]+$",
@@ -109,6 +145,12 @@ class Settings(BaseSettings):
         le=1,
         description="Share of its time a shard should spend applying events; the policy "
         "recommends more shards above it and fewer below (with stabilisation windows).",
+    )
+    autoscale_apply: bool = Field(
+        default=True,
+        description="Rescale the shard pool live to what the autoscaling policy decides "
+        "(partitions are handed over between shards while the stream flows); false: only "
+        "show the decisions in `audience status` and the dashboard.",
     )
     autoscale_every_s: float = Field(
         default=10.0, gt=0, description="How often the autoscaling policy samples the shards."
@@ -193,6 +235,52 @@ class Settings(BaseSettings):
         default=SecretStr(""),
         description="Shared secret of the webhooks' X-Audience-Signature (HMAC-SHA256).",
     )
+    webhook_sources: Path | None = Field(
+        default=None,
+        description="JSON file of the inbound webhook sources POST /v1/webhooks/{source} "
+        "takes: per source its secret (or the environment variable holding it), signature, "
+        "timestamp window and field mapping (deploy/webhook-sources.example.json); unset: none. "
+        "Read, with the secrets' environment variables, when the API is deployed.",
+    )
+    api_auth: bool = Field(
+        default=True,
+        description="Require an API key on every HTTP route but /healthz, /docs and the "
+        "dashboard's page. Turn off only for local experiments.",
+    )
+    api_keys_file: Path | None = Field(
+        default=None,
+        description="Key store (JSON, hashes only, mode 0600) the API accepts keys from and "
+        "follows for changes; default: <data_dir>/api-keys.json. On Kubernetes, a mounted Secret.",
+    )
+    api_key: SecretStr = Field(
+        default=SecretStr(""),
+        description="The key commands such as `audience status` send; default: the admin key "
+        "`audience up` wrote to <data_dir>/admin.key.",
+    )
+    dashboard_public: bool = Field(
+        default=False,
+        description="Serve the dashboard's data without a key (it shows aggregates and "
+        "operations, no per-user data); other reads still need one.",
+    )
+    rate_limit_per_s: float = Field(
+        default=500.0, gt=0, description="Requests per second per API key, per API replica."
+    )
+    rate_limit_burst: float = Field(
+        default=1000.0, ge=1, description="Requests an API key may make at once (token bucket)."
+    )
+    max_body_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        ge=1024,
+        description="Largest body of POST /v1/events (413 beyond).",
+    )
+    max_json_body_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        description="Largest body of every other request (413 beyond).",
+    )
+    max_events_per_request: int = Field(
+        default=10_000, ge=1, description="Most events in one POST /v1/events (413 beyond)."
+    )
     serve_models: bool = Field(
         default=True, description="Serve the churn and personalization models (Ray Serve)."
     )
@@ -249,6 +337,31 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _one_nats_login(self) -> Settings:
+        ways = [
+            name
+            for name, given in (
+                ("nats_user", self.nats_user or self.nats_password),
+                ("nats_token", self.nats_token),
+                ("nats_nkey_seed_file", self.nats_nkey_seed_file),
+                ("nats_creds_file", self.nats_creds_file),
+            )
+            if given
+        ]
+        if len(ways) > 1:
+            raise ValueError(f"give one way to sign in to NATS, not {' and '.join(ways)}")
+        if "@" in self.nats_url:  # a login in the URL would be printed and stored with it
+            raise ValueError(
+                "nats_url must not hold a login (user:password@); set nats_user and "
+                "nats_password (or nats_token) instead"
+            )
+        if bool(self.nats_user) != bool(self.nats_password):
+            raise ValueError("nats_user and nats_password go together")
+        if bool(self.nats_tls_cert) != bool(self.nats_tls_key):
+            raise ValueError("nats_tls_cert and nats_tls_key go together")
+        return self
+
+    @model_validator(mode="after")
     def _autoscale_bounds(self) -> Settings:
         if self.autoscale_min_shards > self.autoscale_max_shards:
             raise ValueError("autoscale_min_shards must not exceed autoscale_max_shards")
@@ -272,6 +385,16 @@ class Settings(BaseSettings):
     def registry_path(self) -> Path:
         """Where models are stored: ``registry_dir``, or ``models`` under ``data_dir``."""
         return self.registry_dir or self.data_dir / "models"
+
+    @property
+    def api_keys_path(self) -> Path:
+        """The key store: ``api_keys_file``, or ``api-keys.json`` under ``data_dir``."""
+        return self.api_keys_file or self.data_dir / "api-keys.json"
+
+    @property
+    def admin_key_path(self) -> Path:
+        """Where ``audience up`` writes the admin key it makes on first start (mode 0600)."""
+        return self.data_dir / "admin.key"
 
     @property
     def embedded_nats(self) -> bool:

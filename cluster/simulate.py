@@ -6,9 +6,8 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-import nats
-
-from actors.jetstream import server_list
+from actors.nats_auth import NatsCredentials
+from actors.nats_auth import connect as nats_connect
 from actors.producer import Producer
 from actors.simulator import Simulator
 from actors.validation import ValidationPolicy, now_ms
@@ -43,6 +42,7 @@ async def publish_simulation(
     linger_ms: float = 5.0,
     policy: ValidationPolicy | None = None,
     stop: asyncio.Event | None = None,
+    credentials: NatsCredentials | None = None,
 ) -> SimulationReport:
     """Generate a seeded audience and publish it at ``rate`` events/s for ``duration_s``.
 
@@ -51,8 +51,8 @@ async def publish_simulation(
     """
     start = now_ms() if start_ms is None else start_ms
     simulator = Simulator(users, seed, start, time_scale=time_scale)
-    nc = await nats.connect(
-        server_list(nats_url), name="audience-simulator", max_reconnect_attempts=-1
+    nc = await nats_connect(
+        nats_url, credentials, name="audience-simulator", max_reconnect_attempts=-1
     )
     producer = await Producer(
         nc.jetstream(), partitions, policy=policy, max_batch=max_batch, linger_ms=linger_ms

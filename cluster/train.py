@@ -14,14 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nats
 import pandas as pd
 import ray
 
 from actors.batch import EventBatch
 from actors.codec import decode
 from actors.errors import AudienceError, UnavailableError, WireError
-from actors.jetstream import server_list
+from actors.nats_auth import NatsAuthError, NatsCredentials, redact_url
+from actors.nats_auth import connect as nats_connect
 from actors.simulator import Simulator
 from actors.validation import ValidationPolicy, check_batch
 from models.churn import KIND as CHURN
@@ -90,18 +90,27 @@ def simulated_history(users: int, days: float, seed: int, end_ms: int) -> pd.Dat
     return batch_to_frame(EventBatch.concat(chunks))
 
 
-async def stream_history(nats_url: str, stream: str, timeout_s: float = 30.0) -> pd.DataFrame:
+async def stream_history(
+    nats_url: str,
+    stream: str,
+    timeout_s: float = 30.0,
+    credentials: NatsCredentials | None = None,
+) -> pd.DataFrame:
     """Every valid event now in the JetStream stream, once per event id.
 
     Bad messages and rows are skipped and counted, as the shards dead-letter them.
+    Reading the stream takes a login allowed to (the admin role).
     """
     try:
         nc = await asyncio.wait_for(
-            nats.connect(server_list(nats_url), max_reconnect_attempts=1, connect_timeout=5),
+            nats_connect(nats_url, credentials, max_reconnect_attempts=1, connect_timeout=5),
             timeout=15,
         )
+    except NatsAuthError:
+        raise
     except Exception as exc:
-        raise UnavailableError("nats", f"cannot connect to {nats_url}: {exc!r}") from None
+        detail = f"cannot connect to {redact_url(nats_url)}: {exc!r}"
+        raise UnavailableError("nats", detail) from None
     try:
         js = nc.jetstream()
         info = await js.stream_info(stream)

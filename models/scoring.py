@@ -131,7 +131,13 @@ def rank_items(
 def _scores(
     ranker: Ranker | None, index: ItemIndex, rows: UserRows, user: int, positions: np.ndarray
 ) -> np.ndarray:
-    """The ranker's scores, or log popularity for a cold user or when no model is loaded."""
+    """The ranker's scores, or log popularity for a cold user or when no model is loaded.
+
+    An empty index (no item merged yet: a fresh platform, a replica just started)
+    knows no item: every score is then 0, whatever the model.
+    """
+    if not len(index.count):
+        return np.zeros(len(positions))
     if ranker is None or not rows.held[user]:
         return np.log1p(np.where(positions >= 0, index.count[np.maximum(positions, 0)], 0.0))
     return ranker.score(pair_columns(index, rows, user, positions))

@@ -16,8 +16,6 @@ The secret is never logged.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
 import time
 from collections import deque
@@ -38,6 +36,7 @@ from actors.alerts import (
 )
 from actors.insights import Insights
 from actors.partitioning import alerts_subject
+from serving.signing import sign
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +62,6 @@ class AlertsConfig:
     timeout_s: float = 2.0
     backoff_s: float = 0.5
     keep: int = 200
-
-
-def sign(secret: str, timestamp: str, body: bytes) -> str:
-    """The ``X-Audience-Signature`` value of ``body`` sent at ``timestamp``."""
-    mac = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
-    return f"sha256={mac.hexdigest()}"
 
 
 class AlertCenter:

@@ -7,6 +7,10 @@ live profile from the owning shard, ``GET /v1/insights/engagement``,
 shard's partials (never per request), ``GET /v1/status`` gathers what an operator
 needs, ``GET /healthz`` answers probes. Errors map to status codes in
 :mod:`serving.errors`, in one place.
+
+Every route but the probe, the docs and the dashboard's static files needs an
+API key with a scope (:func:`require`, checked by the replica's
+:class:`~serving.guard.Guard`); every request body has a size limit (:class:`BodyLimit`).
 """
 
 import asyncio
@@ -22,8 +26,9 @@ from typing import Annotated, Any
 import nats
 import orjson
 import ray
-from fastapi import FastAPI, Path, Query, Request
+from fastapi import Depends, FastAPI, Path, Query, Request, Security
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from nats.aio.client import Client
 from ray import serve
 from ray.exceptions import RayActorError
@@ -42,8 +47,10 @@ from actors.insights import (
     segments_report,
     trends_answer,
 )
-from actors.jetstream import StreamNames, dead_letter_counts, server_list
+from actors.jetstream import StreamNames, dead_letter_counts
 from actors.latency import LatencyRing
+from actors.nats_auth import NatsCredentials, redact_url
+from actors.nats_auth import connect as nats_connect
 from actors.pool import NAMESPACE, PoolSpec, ShardPool
 from actors.producer import Producer
 from actors.state import iso_ms
@@ -56,7 +63,12 @@ from models.ranker import KIND as PERSONALIZATION
 from models.registry import ModelRegistry
 from serving import dashboard
 from serving.alerts import AlertCenter, AlertsConfig
+from serving.auth import KeyRecord, Scope
 from serving.errors import install_error_handlers
+from serving.guard import AuthConfig, Guard, Unauthenticated
+from serving.inbound_config import InboundSources
+from serving.inbound_webhooks import InboundWebhooks
+from serving.limits import BodyLimit
 from serving.models import ChurnScorer, ModelsConfig, Personalizer
 from serving.replicas import ReplicaScaling
 from serving.schemas import (
@@ -72,9 +84,11 @@ from serving.schemas import (
     RankAnswer,
     RankRequest,
     RejectedEvent,
+    RescaleRequest,
     RetentionAnswer,
     SegmentsAnswer,
     TrendsAnswer,
+    WebhookResult,
 )
 
 log = logging.getLogger(__name__)
@@ -115,6 +129,63 @@ async def _time_requests(request: Request, call_next: Any) -> Response:
 # with the module globals defined at that point.
 
 
+def _gateway() -> Any:
+    """This replica's ``ApiGateway`` instance (dependencies and middleware cannot take ``self``)."""
+    return serve.get_replica_context().servable_object
+
+
+_bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer aud_...`")
+_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key.")
+
+
+class RequireScope:
+    """The dependency :func:`require` makes; keeps its scope, so tests can list who needs what."""
+
+    def __init__(self, scope: Scope, dashboard: bool = False) -> None:
+        self.scope = scope
+        self.dashboard = dashboard
+
+    async def __call__(
+        self,
+        bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+        header: Annotated[str | None, Security(_key_header)],
+    ) -> KeyRecord | None:
+        sent = {k for k in (header, bearer.credentials if bearer is not None else None) if k}
+        if len(sent) > 1:
+            raise Unauthenticated("ambiguous_key", "two different API keys sent; send one")
+        guard: Guard = _gateway().guard
+        return guard.admit(sent.pop() if sent else None, self.scope, public=self.dashboard)
+
+
+def require(scope: Scope, *, dashboard: bool = False) -> Any:
+    """A route dependency: the caller's key must grant ``scope`` (admin grants all).
+
+    Use as ``@app.post(..., dependencies=[require(Scope.INGEST)])`` (or the
+    lists below); the key comes from ``Authorization: Bearer`` or ``X-API-Key``.
+    ``dashboard`` marks the data calls of the dashboard, open when the
+    dashboard is public. Refusals are 401 (no or bad key), 403 (scope) and 429
+    (rate), in :mod:`serving.errors`.
+    """
+    return Depends(RequireScope(scope, dashboard))
+
+
+INGEST = [require(Scope.INGEST)]
+READ = [require(Scope.READ)]
+DASHBOARD_READ = [require(Scope.READ, dashboard=True)]
+ADMIN = [require(Scope.ADMIN)]
+
+
+def _body_limit(scope: dict[str, Any]) -> int:
+    """Bytes a request's body may have: ingest's limit for events, a smaller one elsewhere."""
+    config: GatewayConfig = _gateway().config
+    if scope.get("path") == "/v1/events":
+        return config.max_body_bytes
+    return config.max_json_body_bytes
+
+
+app.add_middleware(BodyLimit, limit_for=_body_limit)
+
+
 @dataclass(frozen=True)
 class GatewayConfig:
     """Everything the API replicas need, handed down by the launcher."""
@@ -129,6 +200,10 @@ class GatewayConfig:
     insights_merge_every_s: float = 1.0
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     registry: str | None = None
+    webhooks: InboundSources = field(default_factory=InboundSources)  # inbound sources
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    max_json_body_bytes: int = 1024 * 1024  # every body but POST /v1/events
+    nats_credentials: NatsCredentials | None = None  # the API's NATS login (api role)
 
 
 def _model_answer(answer: dict[str, Any]) -> Response:
@@ -235,6 +310,7 @@ class ApiGateway:
         personalizer: DeploymentHandle | None = None,
     ) -> None:
         self.config = config
+        self.guard = Guard(config.auth)
         self.churn = churn
         self.personalizer = personalizer
         self.pool = ShardPool.connect(config.pool)
@@ -246,6 +322,7 @@ class ApiGateway:
         self._merge_task: asyncio.Task[None] | None = None
         self._retention_cache: tuple[float, list[dict[str, Any]]] = (-RETENTION_CHECK_S, [])
         self.alerts = AlertCenter(config.alerts)
+        self.inbound = InboundWebhooks(config.webhooks)
         if config.alerts.webhook_urls:  # deliveries must not wait for a first reader
             with contextlib.suppress(RuntimeError):  # no loop: the first request starts it
                 self._merge_task = asyncio.get_running_loop().create_task(self._merge_forever())
@@ -271,8 +348,10 @@ class ApiGateway:
                 nc = Client()
                 try:
                     await asyncio.wait_for(
-                        nc.connect(
-                            server_list(self.config.pool.nats_url),
+                        nats_connect(
+                            self.config.pool.nats_url,
+                            self.config.nats_credentials,
+                            client=nc,
                             name="audience-api",
                             max_reconnect_attempts=-1,
                             connect_timeout=2,
@@ -282,7 +361,7 @@ class ApiGateway:
                 except (asyncio.TimeoutError, OSError, nats.errors.Error) as exc:
                     with contextlib.suppress(Exception):
                         await nc.close()
-                    detail = f"cannot connect to {self.config.pool.nats_url}: {exc!r}"
+                    detail = f"cannot connect to {redact_url(self.config.pool.nats_url)}: {exc!r}"
                     raise UnavailableError("nats", detail, retry_after_s=2.0) from None
                 self._nc = nc
                 self._producer = await Producer(
@@ -306,6 +385,7 @@ class ApiGateway:
 
     @app.post(
         "/v1/events",
+        dependencies=INGEST,
         status_code=202,
         response_model=IngestResult,
         responses={
@@ -362,13 +442,16 @@ class ApiGateway:
         )
         return JSONResponse(result.model_dump(), status_code=422 if checked.rejected else 202)
 
-    @app.get("/v1/users", summary="Some user ids with live state, to explore with")
+    @app.get(
+        "/v1/users", dependencies=READ, summary="Some user ids with live state, to explore with"
+    )
     async def users(self, limit: int = Query(default=20, ge=1, le=1000)) -> dict[str, list[str]]:
         """A sample of user ids held by the shards (not a listing of all users)."""
         return {"users": await self.pool.users(limit)}
 
     @app.get(
         "/v1/users/{user_id}",
+        dependencies=READ,
         response_model=Profile,
         responses={404: {"description": "No event of this user has been applied."}},
         summary="The live profile of one user",
@@ -382,6 +465,7 @@ class ApiGateway:
 
     @app.delete(
         "/v1/users/{user_id}",
+        dependencies=ADMIN,
         responses={
             202: {"description": "Deletion published; the shard had not applied it in time."},
             429: {
@@ -459,6 +543,7 @@ class ApiGateway:
 
     @app.get(
         "/v1/insights/engagement",
+        dependencies=DASHBOARD_READ,
         response_model=EngagementAnswer,
         responses={422: {"description": "Bad granularity, time or range, with the reason."}},
         summary="Engagement per event-time bucket: active users, rates, dwell, top items",
@@ -501,6 +586,7 @@ class ApiGateway:
 
     @app.get(
         "/v1/insights/conversion",
+        dependencies=DASHBOARD_READ,
         response_model=ConversionAnswer,
         responses={422: {"description": "Bad granularity, time or range, with the reason."}},
         summary="Conversion funnel per event-time bucket: step counts, rates, revenue",
@@ -529,6 +615,7 @@ class ApiGateway:
 
     @app.get(
         "/v1/insights/retention",
+        dependencies=DASHBOARD_READ,
         response_model=RetentionAnswer,
         responses={422: {"description": "Bad day, day range or rolling offset, with the reason."}},
         summary="Cohort retention curves and DAU/WAU/MAU (HyperLogLog estimates)",
@@ -553,6 +640,7 @@ class ApiGateway:
 
     @app.get(
         "/v1/insights/trends",
+        dependencies=DASHBOARD_READ,
         response_model=TrendsAnswer,
         responses={422: {"description": "Bad n, with the reason."}},
         summary="Trending and emerging items and categories, and an events-per-minute forecast",
@@ -566,6 +654,7 @@ class ApiGateway:
 
     @app.get(
         "/v1/insights/segments",
+        dependencies=READ,
         response_model=SegmentsAnswer,
         summary="Rule-based segments: live sizes, entries and exits",
     )
@@ -582,6 +671,7 @@ class ApiGateway:
 
     @app.get(
         "/v1/insights/alerts",
+        dependencies=DASHBOARD_READ,
         summary="Recent alerts (metric outside its expected band), the rules, webhook counts",
     )
     async def alerts_list(
@@ -593,6 +683,7 @@ class ApiGateway:
 
     @app.get(
         "/v1/churn/{user_id}",
+        dependencies=READ,
         response_model=ChurnAnswer,
         responses={
             404: {"description": "No event of this user has been applied."},
@@ -606,7 +697,9 @@ class ApiGateway:
             return _no_models()
         return _model_answer(await self.churn.score.remote(user_id))
 
-    @app.post("/v1/churn", summary="Churn scores for many users (unknown ones say so)")
+    @app.post(
+        "/v1/churn", dependencies=READ, summary="Churn scores for many users (unknown ones say so)"
+    )
     async def churn_many(self, body: ChurnBatchRequest) -> Any:
         """One result per user id, in order; an unknown user gets ``{"error": "unknown_user"}``."""
         if self.churn is None:
@@ -618,6 +711,7 @@ class ApiGateway:
 
     @app.get(
         "/v1/personalize/{user_id}",
+        dependencies=READ,
         response_model=PersonalizeAnswer,
         summary="What this user should see next, with reasons",
     )
@@ -631,7 +725,7 @@ class ApiGateway:
             return _no_models()
         return _model_answer(await self.personalizer.recommend.remote(user_id, k))
 
-    @app.post("/v1/personalize", summary="Top-k items for many users")
+    @app.post("/v1/personalize", dependencies=READ, summary="Top-k items for many users")
     async def personalize_many(self, body: PersonalizeBatchRequest) -> Any:
         """One answer per user id, in order (see the single-user endpoint)."""
         if self.personalizer is None:
@@ -641,6 +735,7 @@ class ApiGateway:
 
     @app.post(
         "/v1/personalize/{user_id}/rank",
+        dependencies=READ,
         response_model=RankAnswer,
         summary="Re-rank the given items for this user, with scores",
     )
@@ -652,7 +747,7 @@ class ApiGateway:
             return _no_models()
         return _model_answer(await self.personalizer.rank.remote(user_id, list(body.items)))
 
-    @app.get("/v1/models", summary="Model versions served and in the registry")
+    @app.get("/v1/models", dependencies=READ, summary="Model versions served and in the registry")
     async def models(self) -> dict[str, Any]:
         """What each model deployment serves (one replica's view) and the registry's versions."""
         out: dict[str, Any] = {}
@@ -668,6 +763,7 @@ class ApiGateway:
 
     @app.post(
         "/v1/models/{kind}/promote",
+        dependencies=ADMIN,
         responses={404: {"description": "No such kind or version."}},
         summary="Make a registered version current; replicas switch within seconds",
     )
@@ -684,7 +780,11 @@ class ApiGateway:
             return _error(404, str(exc))
         return {"kind": kind, "current": body.version}
 
-    @app.get("/v1/status", summary="Shard counters, lag per partition, dead letters")
+    @app.get(
+        "/v1/status",
+        dependencies=DASHBOARD_READ,
+        summary="Shard counters, lag per partition, dead letters",
+    )
     async def status(self, request: Request) -> dict[str, Any]:
         """What ``audience status`` prints."""
         shards = await self.pool.status()
@@ -711,6 +811,7 @@ class ApiGateway:
             "autoscaling": await self._autoscaling(),
             "retention_warnings": retention,
             "api_latency_ms": _api_latency(request).percentiles(),
+            "inbound_webhooks": self.inbound.answer(),
         }
 
     async def _autoscaling(self) -> dict[str, Any] | None:
@@ -744,12 +845,79 @@ class ApiGateway:
 
     @app.post(
         "/v1/checkpoints",
+        dependencies=ADMIN,
         responses={503: {"description": "A shard is recovering or cannot snapshot now."}},
         summary="Snapshot every shard now (besides the timer); what each one stored",
     )
     async def checkpoint(self) -> dict[str, Any]:
         """Each shard's snapshot: name, positions, bytes and how long it took."""
         return {"checkpoints": await self.pool.checkpoint()}
+
+    @app.post(
+        "/v1/shards",
+        dependencies=ADMIN,
+        responses={
+            400: {"description": "More shards than partitions, or another rescale ran."},
+            503: {"description": "A shard is recovering or NATS is away; nothing moved."},
+        },
+        summary="Change the shard count live: partitions are handed over, the stream flows on",
+    )
+    async def rescale(self, body: RescaleRequest) -> dict[str, Any]:
+        """What moved and each step's time (see ``ShardPool.rescale``)."""
+        return await self.pool.rescale(body.shards)
+
+    @app.post(
+        "/v1/webhooks/{source}",
+        status_code=202,
+        response_model=WebhookResult,
+        responses={
+            401: {"description": "The signature or its timestamp is missing or wrong."},
+            404: {"description": "No webhook source of that name is configured."},
+            409: {
+                "description": "Signed correctly, but sent outside the source's time window "
+                "(reason stale_timestamp) or already received (reason replayed)."
+            },
+            413: {"description": "Body or item count too large."},
+            422: {
+                "model": WebhookResult,
+                "description": "No items where the source's mapping says (the body is "
+                "dead-lettered).",
+            },
+            429: {"description": "This replica's producer is full; retry after Retry-After."},
+            503: {"description": "NATS is unreachable or did not acknowledge; retry later."},
+        },
+        summary="Receive a vendor's signed webhook delivery; its items become events",
+    )
+    async def webhook(
+        self, source: Annotated[str, Path(max_length=64)], request: Request
+    ) -> Response:
+        """No API key: the source's HMAC signature authenticates the delivery
+        (:mod:`serving.inbound_webhooks`). 202 once the mapped events are durably
+        in the stream, with items that could not be mapped or validated
+        dead-lettered and listed; the shards do the rest.
+        """
+        self.inbound.source(source)  # 404 before the body is read
+        body = await request.body()  # bounded by BodyLimit
+        delivery = self.inbound.verify(source, request.headers, body)
+        producer = await self._sending()
+        producer.check_room()
+        with self.inbound.claimed(delivery):  # a failed publish leaves it unclaimed
+            received = self.inbound.check(
+                delivery, self.config.policy, self.config.max_events_per_request
+            )
+            await producer.publish_checked(received.checked)
+            await producer.flush()
+        result = WebhookResult(
+            source=source,
+            items=received.items,
+            accepted=len(received.checked.batch),
+            skipped=received.skipped,
+            rejected=[
+                RejectedEvent(index=r.index, reason=r.reason.value, detail=r.detail)
+                for r in received.checked.rejected
+            ],
+        )
+        return JSONResponse(result.model_dump(), status_code=202 if received.usable else 422)
 
     @app.get("/healthz", summary="Liveness probe")
     async def healthz(self) -> dict[str, str]:

@@ -9,6 +9,15 @@ from fastapi.responses import JSONResponse
 from ray.exceptions import RayActorError
 
 from actors.errors import AudienceError, BackpressureError, ShardRecovering, UnavailableError
+from serving.guard import AccessError, Forbidden, RateLimited, Unauthenticated
+from serving.inbound_webhooks import (
+    DeliveryTooLarge,
+    ReplayRefused,
+    SignatureRefused,
+    UnknownSource,
+    WebhookRefused,
+)
+from serving.limits import retry_after
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +55,34 @@ def install_error_handlers(app: FastAPI) -> None:
             headers={"Retry-After": "1"},
         )
 
+    @app.exception_handler(AccessError)
+    async def _refused(request: Request, exc: AccessError) -> JSONResponse:
+        body = {"detail": exc.detail, "reason": exc.reason}
+        if isinstance(exc, Unauthenticated):
+            return JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        if isinstance(exc, RateLimited):
+            headers = {"Retry-After": retry_after(exc.retry_after_s)}
+            return JSONResponse(body, status_code=429, headers=headers)
+        status = 403 if isinstance(exc, Forbidden) else 400
+        return JSONResponse(body, status_code=status)
+
+    @app.exception_handler(WebhookRefused)
+    async def _webhook_refused(request: Request, exc: WebhookRefused) -> JSONResponse:
+        status = 400
+        for kind, code in _WEBHOOK_STATUS.items():
+            if isinstance(exc, kind):
+                status = code
+                break
+        return JSONResponse({"detail": exc.detail, "reason": exc.reason}, status_code=status)
+
     @app.exception_handler(AudienceError)
     async def _bad_request(request: Request, exc: AudienceError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=400)
+
+
+_WEBHOOK_STATUS: dict[type[WebhookRefused], int] = {
+    UnknownSource: 404,
+    SignatureRefused: 401,
+    ReplayRefused: 409,
+    DeliveryTooLarge: 413,
+}

@@ -161,21 +161,21 @@ class Personalizer:
     async def _refresh_index(self) -> None:
         """Merge the shards' item partials into a fresh index, on a timer.
 
-        Only when a shard's items changed, and never more often than five times
+        Only when a partition's items changed, and never more often than five times
         the last merge took, so the merge stays a small share of a replica's CPU.
         """
-        partials: list[dict[str, Any] | None] = [None] * len(self.pool.handles)
+        partials: dict[int, dict[str, Any]] = {}  # partition -> its latest partial
         while True:
             pause = self.config.item_refresh_s
             try:
-                known = [p["version"] if p else None for p in partials]
+                known = {p: partial["version"] for p, partial in partials.items()}
                 fresh = await self.pool.item_partials(self.config.item_top_n, known)
-                if any(f is not None for f in fresh):
-                    partials = [
-                        f if f is not None else p for f, p in zip(fresh, partials, strict=True)
-                    ]
+                changed = {p: f for p, f in fresh.items() if f is not None}
+                if changed or set(fresh) != set(partials):
+                    # Partitions no shard reports any more are dropped (none, normally).
+                    partials = {p: changed.get(p) or partials[p] for p in fresh}
                     started = time.perf_counter()
-                    merged = [p for p in partials if p is not None]
+                    merged = list(partials.values())
                     self.index = await asyncio.to_thread(ItemIndex.merge, merged)
                     pause = max(pause, 5 * (time.perf_counter() - started))
                 self.index_at = time.time()

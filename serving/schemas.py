@@ -24,6 +24,19 @@ class IngestResult(BaseModel):
     rejected: list[RejectedEvent] = Field(default_factory=list)
 
 
+class WebhookResult(BaseModel):
+    """Answer to ``POST /v1/webhooks/{source}``: what became of the delivery's items."""
+
+    source: str = Field(description="The webhook source the delivery was for.")
+    items: int = Field(description="Items found in the delivery.")
+    accepted: int = Field(description="Events mapped, validated and durably published.")
+    skipped: int = Field(description="Items left out on purpose (unmapped vendor event names).")
+    rejected: list[RejectedEvent] = Field(
+        default_factory=list,
+        description="Items refused, each dead-lettered with its reason; index -1: the body.",
+    )
+
+
 class Profile(BaseModel):
     """Live per-user state, as the owning shard holds it."""
 
@@ -339,6 +352,13 @@ class RankAnswer(BaseModel):
     items: list[RankedItem]
     model_version: str
     items_indexed: int
+
+
+class RescaleRequest(BaseModel):
+    """Body of ``POST /v1/shards``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)  # "1" or 1.5 is no shard count
+    shards: int = Field(ge=1, le=4096, description="The new shard count (at most the partitions).")
 
 
 class PromoteRequest(BaseModel):

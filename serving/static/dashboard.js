@@ -33,9 +33,42 @@ function ready(id) {
   if (el.dataset.waiting) { el.innerHTML = ""; delete el.dataset.waiting; }
 }
 
+// The API key (read scope) lives in this tab's sessionStorage: given once as
+// /dashboard#key=<key> (then removed from the address bar and history) or typed
+// into the form that shows when the API answers 401/403. A public dashboard needs none.
+const KEY_ITEM = "audience-api-key";
+function takeKeyFromUrl() {
+  const match = window.location.hash.match(/[#&]key=([^&]+)/);
+  if (!match) return;
+  sessionStorage.setItem(KEY_ITEM, decodeURIComponent(match[1]));
+  history.replaceState(null, "", window.location.pathname + window.location.search);
+}
+takeKeyFromUrl();
+
+function askForKey(status) {
+  state.auth = status;
+  document.body.dataset.auth = String(status);
+  const form = document.getElementById("key-form");
+  document.getElementById("key-note").textContent = status === 401 ? "a key is needed" : "this key lacks the read scope";
+  form.hidden = false;
+}
+
+document.getElementById("key-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const input = document.getElementById("key-input");
+  if (input.value.trim()) sessionStorage.setItem(KEY_ITEM, input.value.trim());
+  input.value = "";
+  document.getElementById("key-form").hidden = true;
+  poll();
+});
+
 async function getJson(path) {
+  const headers = { accept: "application/json" };
+  const key = sessionStorage.getItem(KEY_ITEM);
+  if (key) headers.authorization = `Bearer ${key}`;
   try {
-    const answer = await fetch(path, { headers: { accept: "application/json" } });
+    const answer = await fetch(path, { headers });
+    if (answer.status === 401 || answer.status === 403) askForKey(answer.status);
     return answer.ok ? await answer.json() : null;
   } catch (error) {
     return null;
@@ -83,7 +116,10 @@ function showOps(status, shards) {
   const recovering = (status.recovering || []).map((s) => `shard ${s}`).join(", ");
   const decisions = (status.autoscaling || {}).decisions || [];
   const last = decisions[decisions.length - 1];
-  const scaling = last ? `autoscaling: ${last.current} shards → ${last.desired} recommended (${last.reason})` : "autoscaling: no recommendation yet";
+  const verb = (status.autoscaling || {}).applied ? "applied" : "recommended";
+  const rescaled = decisions.filter((d) => d.rescale && !d.rescale.error).slice(-1)[0];
+  const moved = rescaled ? `; last rescale ${rescaled.rescale.from} → ${rescaled.rescale.to} live in ${rescaled.rescale.took_s} s` : "";
+  const scaling = last ? `autoscaling: ${last.current} shards → ${last.desired} ${verb} (${last.reason})${moved}` : "autoscaling: no recommendation yet";
   document.getElementById("ops").innerHTML = "<table><tr><th></th><th>p50</th><th>p99</th></tr>" + rows.join("") + "</table>"
     + note(`dead letters: ${dead}`) + (recovering ? note(`recovering: ${recovering}`) : "") + `<p id="ops-scaling" style="color:var(--muted);margin:8px 6px">${scaling}</p>`;
 }

@@ -201,11 +201,15 @@ def stop_process(proc: subprocess.Popen[bytes] | None) -> None:
 
 
 def compare_answers(
-    platform_url: str, bare_url: str, users: Sequence[str]
+    platform_url: str,
+    bare_url: str,
+    users: Sequence[str],
+    headers: dict[str, str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Both servers' whole answers for ``users`` (scores, reasons, features): equal or not."""
     out: dict[str, dict[str, Any]] = {}
-    with httpx.Client(base_url=platform_url) as p, httpx.Client(base_url=bare_url) as b:
+    platform_client = httpx.Client(base_url=platform_url, headers=headers)
+    with platform_client as p, httpx.Client(base_url=bare_url) as b:
         for name, (ours_path, ref_path) in ENDPOINTS.items():
             same, differ = 0, []
             for u in users:
@@ -262,8 +266,12 @@ class Connection:
         self.writer.close()
 
 
-def requests_for(path: str, users: Sequence[str]) -> list[bytes]:
-    return [f"GET {path.format(u=u)} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode() for u in users]
+def requests_for(path: str, users: Sequence[str], api_key: str = "") -> list[bytes]:
+    """Prepared GETs; with the platform's API key (sent to both servers, so they cost the same)."""
+    key = f"X-API-Key: {api_key}\r\n" if api_key else ""
+    return [
+        f"GET {path.format(u=u)} HTTP/1.1\r\nHost: 127.0.0.1\r\n{key}\r\n".encode() for u in users
+    ]
 
 
 def summary(latencies_s: list[float], errors: Counter[str], seconds: float) -> dict[str, Any]:
@@ -568,6 +576,7 @@ class Prepared:
     users: list[str]
     setup: dict[str, Any]
     answers_match: dict[str, Any]
+    api_key: str = ""
 
 
 def prepare(
@@ -579,6 +588,9 @@ def prepare(
     info = platform.start()
     timings = {"platform_start_s": time.perf_counter() - t0}
     print(f"  platform up at {info.http_url} in {timings['platform_start_s']:.1f} s", flush=True)
+    key_file = platform.admin_key_file
+    api_key = key_file.read_text().strip() if key_file else ""
+    headers = {"X-API-Key": api_key} if api_key else {}
 
     t = time.perf_counter()
     end_ms = time.time_ns() // 1_000_000
@@ -597,7 +609,7 @@ def prepare(
     replay = asyncio.run(
         replay_history(info.nats_url, settings.partitions, frame, policy=policy_of(settings))
     )
-    client = httpx.Client(base_url=info.http_url)
+    client = httpx.Client(base_url=info.http_url, headers=headers)
     with client:
         poll(
             lambda: applied_events(client) >= replay.events,
@@ -636,7 +648,7 @@ def prepare(
     print(f"  bare app (pid {bare[0].pid}) up in {timings['bare_start_s']:.1f} s", flush=True)
 
     check_users = random.Random(args.seed).sample(live, min(args.check_users, len(live)))
-    answers = compare_answers(info.http_url, f"http://127.0.0.1:{port}", check_users)
+    answers = compare_answers(info.http_url, f"http://127.0.0.1:{port}", check_users, headers)
     print(f"  answers compared: {answers}", flush=True)
     setup = {
         "users": args.users,
@@ -653,7 +665,7 @@ def prepare(
         "num_cpus": settings.num_cpus,
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
     }
-    return Prepared(settings.http_port, port, bare[0].pid, live, setup, answers)
+    return Prepared(settings.http_port, port, bare[0].pid, live, setup, answers, api_key)
 
 
 def measure_all(args: argparse.Namespace, ready: Prepared) -> dict[str, dict[str, Any]]:
@@ -665,7 +677,7 @@ def measure_all(args: argparse.Namespace, ready: Prepared) -> dict[str, dict[str
         for server, path in zip(SERVERS, paths, strict=True):
             port = ready.platform_port if server == "platform" else ready.bare_port
             quiet = wait_for_quiet(max_wait_s=args.quiet_wait)
-            measured = measure(port, requests_for(path, ready.users), args, pids)
+            measured = measure(port, requests_for(path, ready.users, ready.api_key), args, pids)
             measured["background_busy_before"] = quiet
             cpu_of = "bare_app" if server == "bare" else "own_other"  # own_other: Ray, NATS
             for phase in ("open_loop", "closed_loop"):
@@ -704,6 +716,8 @@ def main(argv: list[str] | None = None) -> int:
             partitions=8,
             shards=2,
             model_poll_s=1.0,
+            rate_limit_per_s=1e6,  # keys stay on; the rate limit must not cap what is measured
+            rate_limit_burst=1e6,
         )
         platform = Platform(settings)
         try:

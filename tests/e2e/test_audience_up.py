@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,6 +56,7 @@ class Running:
             text=True,
             start_new_session=True,
         )
+        self.env = env
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -65,9 +70,22 @@ class Running:
         return next((line for line in self.lines if line.startswith(prefix)), None)
 
 
+WEBHOOK_SECRET = f"whsec-e2e-{secrets.token_hex(8)}"
+
+
 @pytest.fixture
-def audience_up(tmp_path: Path) -> Iterator[Running]:
-    env = audience_env(tmp_path)
+def ray_tmp() -> Iterator[Path]:
+    """Ray's temp folder for this run (short: Ray puts unix sockets in it), so its logs are ours."""
+    folder = Path(tempfile.mkdtemp(prefix="aray", dir="/tmp"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def audience_up(tmp_path: Path, ray_tmp: Path) -> Iterator[Running]:
+    env = audience_env(tmp_path, AUDIENCE_WEBHOOK_SECRET=WEBHOOK_SECRET, RAY_TMPDIR=str(ray_tmp))
     running = Running([AUDIENCE, "up", "--demo"], env)
     try:
         yield running
@@ -77,7 +95,11 @@ def audience_up(tmp_path: Path) -> Iterator[Running]:
             running.process.wait(30)
 
 
-def test_up_serves_the_api_and_ctrl_c_stops_every_process(audience_up: Running) -> None:
+def test_up_serves_the_api_and_ctrl_c_stops_every_process(
+    audience_up: Running, ray_tmp: Path
+) -> None:
+    """Also: secure by default (an owner-only admin key, 401 without it) and no secret in
+    the output, the Ray logs, `audience status` or the OpenAPI page."""
     wait_until(
         lambda: audience_up.line_starting("ready") or audience_up.process.poll() is not None,
         timeout_s=180,
@@ -90,7 +112,13 @@ def test_up_serves_the_api_and_ctrl_c_stops_every_process(audience_up: Running) 
     assert any("nats-server" in p.name() for p in family)
     assert any("raylet" in p.name() for p in family)
 
-    with httpx.Client(base_url=url, timeout=30) as api:
+    key_file = Path(audience_up.line_starting("api key").split()[2])  # type: ignore[union-attr]
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    key = key_file.read_text().strip()
+    env = audience_up.env
+    shown = [httpx.get(f"{url}/openapi.json").text]
+    assert httpx.get(f"{url}/v1/status").status_code == 401  # no key, no data
+    with httpx.Client(base_url=url, timeout=30, headers={"X-API-Key": key}) as api:
         assert api.get("/healthz").status_code == 200
         assert api.post("/v1/events", json=[event("e2e-user", "purchase", value=9.5)]).is_success
         profile = wait_until(lambda: _json_if_ok(api, "/v1/users/e2e-user"), timeout_s=60)
@@ -102,6 +130,17 @@ def test_up_serves_the_api_and_ctrl_c_stops_every_process(audience_up: Running) 
         first = wait_until(applied, timeout_s=60)
         wait_until(lambda: applied() > first, timeout_s=60)  # the demo keeps publishing
 
+        status = subprocess.run([AUDIENCE, "status"], env=env, capture_output=True, text=True)
+        assert status.returncode == 0 and "shard" in status.stdout, status.stderr
+        made = subprocess.run(
+            [AUDIENCE, "keys", "create", "--scope", "read"], env=env, capture_output=True, text=True
+        )
+        reader = {"Authorization": f"Bearer {made.stdout.strip()}"}
+        assert api.get("/v1/status", headers=reader).status_code == 401  # two keys: refused
+        wait_until(lambda: httpx.get(f"{url}/v1/status", headers=reader).status_code == 200)
+        assert httpx.post(f"{url}/v1/events", json=[], headers=reader).status_code == 403
+        shown += [status.stdout, status.stderr, made.stderr]
+
     family = psutil.Process(audience_up.process.pid).children(recursive=True)
     os.killpg(audience_up.process.pid, signal.SIGINT)  # Ctrl-C, as a terminal sends it
     os.killpg(audience_up.process.pid, signal.SIGINT)  # and again, as impatient people do
@@ -110,6 +149,14 @@ def test_up_serves_the_api_and_ctrl_c_stops_every_process(audience_up: Running) 
     assert not tracebacks, "\n".join(audience_up.lines[tracebacks[0] : tracebacks[0] + 40])
     wait_until(lambda: "stopped" in audience_up.lines, timeout_s=10)
     wait_until(lambda: not [p for p in family if _alive(p)], timeout_s=30)
+
+    shown += audience_up.lines
+    logs = [p for p in ray_tmp.rglob("*") if p.is_file() and "logs" in p.parts]
+    assert logs, "no Ray logs found"
+    shown += [p.read_bytes().decode(errors="replace") for p in logs]
+    for secret in (key, key.split("_", 2)[2], WEBHOOK_SECRET):
+        leaks = [text[:200] for text in shown if secret in text]
+        assert not leaks, leaks
 
 
 def _json_if_ok(api: httpx.Client, path: str) -> dict | None:

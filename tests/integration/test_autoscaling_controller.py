@@ -23,6 +23,6 @@ def test_status_shows_the_autoscaling_recommendation_for_the_running_shards(
     assert last["current"] == 2  # the platform fixture's shard count
     assert scaling["policy"]["min_shards"] <= last["desired"] <= scaling["policy"]["max_shards"]
     assert last["utilisation"] >= 0 and last["reason"]
-    assert scaling["applied"] is False  # recommendations only, until live rebalancing
+    assert scaling["applied"] is False  # the fixture only records (test_rescale applies)
     text = format_status(api.get("/v1/status").json())
     assert "autoscaling: 2 shards -> " in text

@@ -67,12 +67,14 @@ def applied_shown(dom: str) -> int:
 
 
 def test_the_dashboard_renders_charts_without_errors_and_its_numbers_update(
-    platform: Platform, chromium: str, tmp_path: Path
+    platform: Platform, chromium: str, tmp_path: Path, api_key: str, api_headers: dict[str, str]
 ) -> None:
     assert platform.info is not None
     url = platform.info.http_url
-    with httpx.Client(base_url=url, timeout=30) as api:
-        page = api.get("/dashboard")
+    with httpx.Client(base_url=url, timeout=30) as anonymous:  # the page itself is open
+        page = anonymous.get("/dashboard")
+        assert anonymous.get("/v1/status").status_code == 401  # its data are not
+    with httpx.Client(base_url=url, timeout=30, headers=api_headers) as api:
         assert page.status_code == 200 and "text/html" in page.headers["content-type"]
         assert "cdn" not in page.text.lower()
         plotly = api.get("/dashboard/plotly.min.js")
@@ -80,7 +82,7 @@ def test_the_dashboard_renders_charts_without_errors_and_its_numbers_update(
         api.post("/v1/events", json=[event("dash-user", "page_view")])
         wait_until(lambda: api.get("/v1/users/dash-user").status_code == 200)
 
-        first = browse(chromium, f"{url}/dashboard", tmp_path / "one", "--dump-dom")
+        first = browse(chromium, f"{url}/dashboard#key={api_key}", tmp_path / "one", "--dump-dom")
         assert first.returncode == 0, first.stderr[-2000:]
         console = [line for line in first.stderr.splitlines() if "CONSOLE" in line]
         assert not [line for line in console if "Uncaught" in line or "Error" in line], console
@@ -93,14 +95,19 @@ def test_the_dashboard_renders_charts_without_errors_and_its_numbers_update(
 
         api.post("/v1/events", json=[event("dash-user", "click") for _ in range(5)])
         wait_until(lambda: api.get("/v1/users/dash-user").json()["events"] == 6)
-        second = browse(chromium, f"{url}/dashboard", tmp_path / "two", "--dump-dom")
+        second = browse(chromium, f"{url}/dashboard#key={api_key}", tmp_path / "two", "--dump-dom")
         assert applied_shown(second.stdout) >= before + 5
+        assert api_key not in second.stdout, "the key stayed in the page (or its address)"
+
+        keyless = browse(chromium, f"{url}/dashboard", tmp_path / "keyless", "--dump-dom")
+        assert 'data-auth="401"' in keyless.stdout, "no key asked for on a 401"
+        assert re.search(r'<form id="key-form"(?![^>]*hidden)', keyless.stdout)
 
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "dashboard.png"
     taken = browse(
         chromium,
-        f"{url}/dashboard",
+        f"{url}/dashboard#key={api_key}",
         tmp_path / "three",
         f"--screenshot={shot}",
         "--window-size=1440,900",

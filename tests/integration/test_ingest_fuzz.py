@@ -19,13 +19,13 @@ from collections import Counter
 from typing import Any
 
 import httpx
-import nats
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from actors.jetstream import StreamNames, dead_letter_counts
+from actors.nats_auth import connect
 from actors.partitioning import events_subject, partition_of
 from actors.validation import Rejection, RejectReason, parse_events
 from cluster.launcher import Platform, policy_of
@@ -48,7 +48,7 @@ def dead_letters(platform: Platform) -> Counter[str]:
     """Dead letters held by the platform's stream, by reason."""
 
     async def counts() -> dict[str, int]:
-        nc = await nats.connect(platform.nats_url)
+        nc = await connect(platform.nats_url, platform.credentials("admin"))
         try:
             return await dead_letter_counts(nc.jetstream(), StreamNames())
         finally:
@@ -221,7 +221,7 @@ def test_each_kind_of_bad_input_lands_in_the_dead_letter_stream_with_its_reason(
     partition = partition_of(user, platform.settings.partitions)
 
     async def publish() -> None:
-        nc = await nats.connect(platform.nats_url)
+        nc = await connect(platform.nats_url, platform.credentials("producer"))
         try:
             await nc.jetstream().publish(events_subject(partition), b"\x00 not a batch " + tag)
         finally:

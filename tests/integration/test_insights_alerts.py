@@ -17,10 +17,10 @@ from datetime import datetime, timezone
 from typing import Any
 
 import httpx
-import nats
 import orjson
 import pytest
 
+from actors.nats_auth import NatsCredentials, connect
 from cluster.launcher import Platform
 from tests.support.events import event
 from tests.support.waiting import async_wait_until
@@ -51,14 +51,24 @@ def _signed_correctly(secret: str, headers: dict[str, str], body: bytes) -> bool
 
 
 def test_a_rate_spike_is_listed_published_and_delivered_signed(
-    platform: Platform, webhook_receiver: WebhookReceiver
+    platform: Platform, webhook_receiver: WebhookReceiver, api_headers: dict[str, str]
 ) -> None:
     assert platform.info is not None
-    asyncio.run(_scenario(platform.info.http_url, platform.nats_url, webhook_receiver))
+    admin = platform.credentials("admin")  # alerts subjects: published by the API, read by admin
+    scenario = _scenario(
+        platform.info.http_url, platform.nats_url, admin, webhook_receiver, api_headers
+    )
+    asyncio.run(scenario)
 
 
-async def _scenario(http_url: str, nats_url: str, receiver: WebhookReceiver) -> None:
-    nc = await nats.connect(nats_url)
+async def _scenario(
+    http_url: str,
+    nats_url: str,
+    admin: NatsCredentials | None,
+    receiver: WebhookReceiver,
+    headers: dict[str, str],
+) -> None:
+    nc = await connect(nats_url, admin)
     published: list[dict[str, Any]] = []
 
     async def on_alert(msg: Any) -> None:
@@ -66,7 +76,7 @@ async def _scenario(http_url: str, nats_url: str, receiver: WebhookReceiver) -> 
 
     await nc.subscribe("audience.alerts.>", cb=on_alert)
     try:
-        async with httpx.AsyncClient(base_url=http_url, timeout=30) as api:
+        async with httpx.AsyncClient(base_url=http_url, timeout=30, headers=headers) as api:
             answer = await api.post("/v1/events", json=_script())
             assert answer.status_code == 202, answer.text
 

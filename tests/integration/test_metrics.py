@@ -27,10 +27,10 @@ def total(text: str, name: str) -> float:
 
 
 def test_applied_events_latency_freshness_and_lag_are_exported(
-    platform: Platform, ray_local: int
+    platform: Platform, ray_local: int, api_headers: dict[str, str]
 ) -> None:
     assert platform.info is not None
-    with httpx.Client(base_url=platform.info.http_url, timeout=30) as api:
+    with httpx.Client(base_url=platform.info.http_url, timeout=30, headers=api_headers) as api:
         answer = api.post("/v1/events", json=[event(f"metrics-{i}") for i in range(20)])
         assert answer.status_code == 202
 

@@ -41,7 +41,12 @@ def trained(platform: Platform, api: httpx.Client, history: pd.DataFrame) -> Ite
     registry = ModelRegistry(platform.settings.registry_path)
     report = train_and_register(history, registry, plan=ChurnPlan(horizon_days=3), ranker_labels=2)
     before = _applied(api)
-    replayed = asyncio.run(replay_history(platform.nats_url, platform.settings.partitions, history))
+    producer = platform.credentials("producer")
+    replayed = asyncio.run(
+        replay_history(
+            platform.nats_url, platform.settings.partitions, history, credentials=producer
+        )
+    )
     wait_until(lambda: _applied(api) >= before + replayed.events)
     wait_until(lambda: _served(api) == report.versions)
     wait_until(lambda: _indexed(api) >= history["item_id"].nunique())
@@ -177,7 +182,7 @@ def test_a_promoted_version_is_rolled_out_without_dropping_a_request(
     stop = threading.Event()
 
     def traffic() -> None:
-        with httpx.Client(base_url=str(api.base_url), timeout=30) as client:
+        with httpx.Client(base_url=str(api.base_url), timeout=30, headers=api.headers) as client:
             while not stop.is_set():
                 answer = client.get(f"/v1/churn/{user}")
                 seen.append((answer.status_code, answer.json().get("model_version", "")))

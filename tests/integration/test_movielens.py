@@ -62,16 +62,26 @@ def test_the_ranker_beats_both_baselines_on_movielens(
 
 @needs_movielens
 def test_the_live_pipeline_answers_what_the_offline_evaluation_measured(
-    platform: Platform, offline: tuple[dict[str, Any], Ranker], ratings: pd.DataFrame
+    platform: Platform,
+    offline: tuple[dict[str, Any], Ranker],
+    ratings: pd.DataFrame,
+    api_key: str,
 ) -> None:
     results, ranker = offline
     assert platform.info is not None
 
     def replay(frame: pd.DataFrame) -> Any:
-        return asyncio.run(replay_history(platform.nats_url, platform.settings.partitions, frame))
+        producer = platform.credentials("producer")
+        return asyncio.run(
+            replay_history(
+                platform.nats_url, platform.settings.partitions, frame, credentials=producer
+            )
+        )
 
     registry = ModelRegistry(platform.settings.registry_path)
-    live = evaluate_live(ratings, ranker, registry, platform.info.http_url, replay, seed=0)
+    live = evaluate_live(
+        ratings, ranker, registry, platform.info.http_url, replay, seed=0, api_key=api_key
+    )
     assert live["personalization"]["users"] == 610
     offline_hr = results["personalization"]["hr_at_10"]
     assert abs(live["personalization"]["hr_at_10"] - offline_hr) < 0.03

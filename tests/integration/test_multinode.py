@@ -26,6 +26,7 @@ import nats
 import psutil
 import pytest
 
+from actors.checkpoint_store import partition_of_name
 from actors.jetstream import StreamNames, ensure_streams
 from cluster.nats_server import EmbeddedNats
 
@@ -161,7 +162,9 @@ def assert_spread_and_recovered(result: dict[str, Any], recovery_bound_s: float)
     assert after[1 - victim] == before[1 - victim] and not result["other_shard_restarted"]
     assert removed not in result["alive_nodes_after"] and new in result["alive_nodes_after"]
     restored, last = result["restored"], result["last_snapshot_before_removal"]
-    assert restored and restored.startswith(result["snapshot_prefix"]) and restored >= last
+    scope = result["snapshot_scope"]
+    assert restored and all(partition_of_name(scope, n) == int(p) for p, n in restored.items())
+    assert restored[str(partition_of_name(scope, last))] >= last  # the newest, not an older one
     assert result["exact"], result["mismatched_users"]
     assert result["users_checked"] == result["users"]
     assert 0 < result["removal_to_consuming_s"] <= result["removal_to_caught_up_s"]
@@ -176,9 +179,19 @@ def assert_spread_and_recovered(result: dict[str, Any], recovery_bound_s: float)
 def test_shards_and_replicas_spread_over_nodes_and_a_stopped_node_s_shard_recovers_elsewhere(
     nats_for_multinode: EmbeddedNats, tmp_path: Path
 ) -> None:
-    result = run_scenario(nats_for_multinode.url, tmp_path)
+    result = run_scenario(nats_for_multinode.url, tmp_path, "--rescale")
     assert result["abrupt"] is False
     assert_spread_and_recovered(result, recovery_bound_s=10.0)
+
+    # Scale-up by rescale: a fourth node joined, the pool went from 2 to 3
+    # shards live, the new shard runs on the new node, and the partitions it
+    # took were handed over (snapshots at positions), not replayed.
+    rescale, nodes = result["rescale"], result["shard_nodes_rescaled"]
+    assert rescale["from"] == 2 and rescale["to"] == 3
+    assert rescale["moved"] == rescale["handed_over"] > 0
+    assert nodes[2] == result["rescale_node"] and len(set(nodes)) == 3
+    assert result["rescale_exact"], result["rescale_mismatched_users"]
+    assert result["rescale_serve_exact"]
 
 
 def test_a_crashed_node_s_shard_recovers_exactly_once_ray_declares_the_node_dead(

@@ -6,12 +6,12 @@ import asyncio
 from collections import Counter
 from typing import Any
 
-import nats
 import orjson
 import pytest
 import ray
 
 from actors.events import EVENT_TYPES
+from actors.nats_auth import NatsCredentials, connect
 from actors.partitioning import events_subject
 from actors.producer import Producer
 from cluster.launcher import Platform
@@ -27,9 +27,11 @@ async def profiles_when_applied(platform: Platform, truth: Truth) -> list[dict[s
     return await settled_profiles(platform.pool, truth, timeout_s=180)
 
 
-async def dead_letters(url: str, since_seq: int = 0) -> list[tuple[str, str, bytes]]:
+async def dead_letters(
+    url: str, admin: NatsCredentials | None, since_seq: int = 0
+) -> list[tuple[str, str, bytes]]:
     """(subject, reason header, body) of every dead letter after ``since_seq``."""
-    nc = await nats.connect(url)
+    nc = await connect(url, admin)
     try:
         js = nc.jetstream()
         info = await js.stream_info("AUDIENCE_DLQ")
@@ -42,8 +44,8 @@ async def dead_letters(url: str, since_seq: int = 0) -> list[tuple[str, str, byt
         await nc.close()
 
 
-async def dlq_last_seq(url: str) -> int:
-    nc = await nats.connect(url)
+async def dlq_last_seq(url: str, admin: NatsCredentials | None) -> int:
+    nc = await connect(url, admin)
     try:
         return int((await nc.jetstream().stream_info("AUDIENCE_DLQ")).state.last_seq)
     finally:
@@ -54,7 +56,7 @@ def test_counts_per_user_equal_the_ground_truth_of_the_events_sent(platform: Pla
     batch = random_batch(30_000, 800, seed=11, prefix="pipe-")
 
     async def run() -> list[dict[str, Any]]:
-        nc = await nats.connect(platform.nats_url)
+        nc = await connect(platform.nats_url, platform.credentials("producer"))
         producer = await Producer(nc.jetstream(), 8, max_batch=500).start()
         for start in range(0, len(batch), 3000):
             await producer.send(batch.take(range(start, min(start + 3000, len(batch)))))
@@ -80,7 +82,7 @@ def test_a_resent_batch_with_the_same_message_id_is_applied_once(platform: Platf
     batch = random_batch(400, 20, seed=12, prefix="dup-")
 
     async def run() -> list[dict[str, Any]]:
-        nc = await nats.connect(platform.nats_url)
+        nc = await connect(platform.nats_url, platform.credentials("producer"))
         js = nc.jetstream()
         producer = await Producer(js, 8, max_batch=10_000, producer_id="resender").start()
         await producer.send(batch)
@@ -110,8 +112,8 @@ def test_malformed_events_land_in_the_dead_letter_subject_with_their_reasons(
     ]
 
     async def run() -> tuple[list[tuple[str, str, bytes]], int]:
-        before = await dlq_last_seq(platform.nats_url)
-        nc = await nats.connect(platform.nats_url)
+        before = await dlq_last_seq(platform.nats_url, platform.credentials("admin"))
+        nc = await connect(platform.nats_url, platform.credentials("producer"))
         producer = await Producer(nc.jetstream(), 8).start()
         checked = await producer.send_json(orjson.dumps(items))
         await producer.close()
@@ -119,7 +121,9 @@ def test_malformed_events_land_in_the_dead_letter_subject_with_their_reasons(
         await profiles_when_applied(
             platform, {"dlq-ok-1": Counter(page_view=1), "dlq-ok-2": Counter(like=1)}
         )
-        return await dead_letters(platform.nats_url, before), len(checked.batch)
+        return await dead_letters(platform.nats_url, platform.credentials("admin"), before), len(
+            checked.batch
+        )
 
     letters, accepted = asyncio.run(run())
     assert accepted == 2
@@ -136,13 +140,13 @@ def test_a_message_that_is_not_the_wire_format_is_dead_lettered_by_the_shard(
     platform: Platform,
 ) -> None:
     async def run() -> list[tuple[str, str, bytes]]:
-        before = await dlq_last_seq(platform.nats_url)
-        nc = await nats.connect(platform.nats_url)
+        before = await dlq_last_seq(platform.nats_url, platform.credentials("admin"))
+        nc = await connect(platform.nats_url, platform.credentials("producer"))
         await nc.jetstream().publish(events_subject(3), b"\x00 not a batch")
         await nc.close()
 
         async def letters() -> list[tuple[str, str, bytes]]:
-            return await dead_letters(platform.nats_url, before)
+            return await dead_letters(platform.nats_url, platform.credentials("admin"), before)
 
         return await async_wait_until(letters, timeout_s=120)
 
@@ -159,7 +163,7 @@ def test_a_killed_shard_is_restarted_and_rebuilds_exact_state_from_the_stream(
     truth = truth_of(batch)
 
     async def publish() -> None:
-        nc = await nats.connect(platform.nats_url)
+        nc = await connect(platform.nats_url, platform.credentials("producer"))
         producer = await Producer(nc.jetstream(), 8).start()
         await producer.send(batch)
         await producer.close()

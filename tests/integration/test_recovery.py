@@ -17,7 +17,7 @@ from actors.checkpoint_store import (
     CheckpointConfig,
     FolderCheckpoints,
     ObjectStoreCheckpoints,
-    shard_prefix,
+    partition_prefix,
     snapshot_name,
 )
 from actors.errors import ShardRecovering
@@ -98,9 +98,11 @@ def test_a_killed_shard_restores_its_snapshot_replays_and_answers_recovering_mea
         wait_until(lambda: asyncio.run(_dead_letters(url)) == dlq_before + 1, timeout_s=30)
 
         # A corrupt newer snapshot: the shard must fall back to the good one.
-        scope = f"{STREAMS.events}.recovery"
-        good = stored[victim]["name"]
-        asyncio.run(_save(url, snapshot_name(scope, victim, stored[victim]["created_ms"] + 1)))
+        scope = pool.spec.scope
+        victim_partition = partition_of(victim_user, PARTITIONS)
+        taken_ms = stored[victim]["created_ms"]
+        good = snapshot_name(scope, victim_partition, taken_ms)
+        asyncio.run(_save(url, snapshot_name(scope, victim_partition, taken_ms + 1)))
 
         before = ray.get(pool.handles[victim].status.remote())["started_at"]
         ray.kill(pool.handles[victim], no_restart=False)
@@ -118,7 +120,7 @@ def test_a_killed_shard_restores_its_snapshot_replays_and_answers_recovering_mea
         assert_counts(profiles, truth)
         status = ray.get(pool.handles[victim].status.remote())
         assert status["started_at"] != before
-        assert status["recovery"]["restored"] == good
+        assert status["recovery"]["restored"][victim_partition] == good
         assert status["recovering"] is False
         assert status["duplicates"] >= 1  # the resent events were recognised after restore
         # Replayed garbage is dead-lettered again under the same id: still one copy.
@@ -149,15 +151,16 @@ def test_a_stopped_pool_snapshots_and_a_new_one_starts_from_there(
         pool.shutdown()  # takes a last snapshot per shard
     store = FolderCheckpoints(tmp_path)
     scope = f"{STREAMS.events}.restart"
-    names = [asyncio.run(store.names(shard_prefix(scope, s))) for s in range(2)]
-    assert all(len(n) == 1 for n in names)  # one kept per shard
-    blob = (tmp_path / names[pool.owner(deleted)][0]).read_bytes()
+    names = {p: asyncio.run(store.names(partition_prefix(scope, p))) for p in range(PARTITIONS)}
+    assert all(len(n) == 1 for n in names.values())  # one kept per partition
+    blob = (tmp_path / names[partition_of(deleted, PARTITIONS)][0]).read_bytes()
     assert deleted.encode() not in blob
 
     again = make_pool(url, "restart", config)
     try:
         statuses = asyncio.run(again.status())
-        assert [s["recovery"]["restored"] for s in statuses] == [n[0] for n in names]
+        restored = {p: n for s in statuses for p, n in s["recovery"]["restored"].items()}
+        assert restored == {p: n[0] for p, n in names.items()}
         profiles = asyncio.run(settled_profiles(again, truth))
         assert_counts(profiles, truth)
         assert asyncio.run(again.profiles([deleted])) == [None]
@@ -229,5 +232,7 @@ def test_the_api_answers_503_recovering_while_a_shard_restarts_then_200(
     status = api.get("/v1/status").json()
     assert status["recovering"] == []
     restored = status["shards"][victim]["recovery"]["restored"]
-    assert restored == stored.json()["checkpoints"][victim]["name"]
+    partition = partition_of(user, platform.pool.spec.partitions)
+    taken_ms = stored.json()["checkpoints"][victim]["created_ms"]
+    assert restored[str(partition)] == snapshot_name(platform.pool.spec.scope, partition, taken_ms)
     assert status["retention_warnings"] == []

@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 
 import httpx
-import nats
 import pytest
 
 from actors.codec import encode
+from actors.nats_auth import connect
 from actors.partitioning import events_subject, partition_of
 from cluster.launcher import Platform
 from cluster.replay import replay_history
@@ -50,9 +50,12 @@ def write_ratings(path: Path, first_user: int, users: int, seed: int) -> list[Ro
     return rows
 
 
-def run_cli(*args: str, partitions: int = 8) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, partitions: int = 8, login: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUDIENCE_")}
     env["AUDIENCE_PARTITIONS"] = str(partitions)
+    env.update(login or {})  # AUDIENCE_NATS_USER etc.: the NATS login
     return subprocess.run(
         [AUDIENCE, *args], env=env, capture_output=True, text=True, timeout=120, check=False
     )
@@ -64,7 +67,14 @@ def test_replayed_ratings_show_in_every_users_profile(
     rows = write_ratings(tmp_path / "ratings.csv", first_user=900_001, users=30, seed=11)
     frame = read_ratings(tmp_path / "ratings.csv")
 
-    report = asyncio.run(replay_history(platform.nats_url, platform.settings.partitions, frame))
+    report = asyncio.run(
+        replay_history(
+            platform.nats_url,
+            platform.settings.partitions,
+            frame,
+            credentials=platform.credentials("producer"),
+        )
+    )
     assert (report.events, report.rejected) == (len(rows), 0)
     assert report.users == 30
     assert report.items == len({r[1] for r in rows})
@@ -93,13 +103,14 @@ def test_replayed_ratings_show_in_every_users_profile(
 
 
 def test_the_cli_replays_a_ratings_file_and_ends_with_a_summary(
-    platform: Platform, api: httpx.Client, tmp_path: Path
+    platform: Platform, api: httpx.Client, tmp_path: Path, nats_producer_env: dict[str, str]
 ) -> None:
     rows = write_ratings(tmp_path / "ratings.csv", first_user=910_001, users=5, seed=12)
     done = run_cli(
         "replay",
         *("--ratings", str(tmp_path / "ratings.csv"), "--holdout-last"),
         *("--nats-url", platform.nats_url),
+        login=nats_producer_env,
     )
     assert done.returncode == 0, done.stderr
     match = SUMMARY.match(done.stdout.strip().splitlines()[-1])
@@ -143,6 +154,7 @@ def test_speed_paces_event_time_against_wall_time(platform: Platform, tmp_path: 
             frame,
             speed=40.0,  # 20 s of history in 0.5 s
             progress=lambda done, total: seen.append(done),
+            credentials=platform.credentials("producer"),
         )
     )
     assert report.events == 11
@@ -157,7 +169,10 @@ def test_training_history_can_be_read_back_from_the_stream(
     path = tmp_path / "ratings.csv"
     rows = write_ratings(path, first_user=930_001, users=5, seed=9)
     frame = read_ratings(path)
-    asyncio.run(replay_history(platform.nats_url, platform.settings.partitions, frame))
+    producer = platform.credentials("producer")
+    asyncio.run(
+        replay_history(platform.nats_url, platform.settings.partitions, frame, credentials=producer)
+    )
     found = wait_until(lambda: _with_users(platform, frame["user_id"].nunique()))
     history = found[0]
     mine = history[history["event_id"].str.startswith("ml-93000")]
@@ -168,7 +183,10 @@ def test_training_history_can_be_read_back_from_the_stream(
 def _with_users(platform: Platform, users: int):
     from cluster.train import stream_history
 
-    history = asyncio.run(stream_history(platform.nats_url, platform.settings.stream))
+    admin = platform.credentials("admin")  # reading the stream takes the admin login
+    history = asyncio.run(
+        stream_history(platform.nats_url, platform.settings.stream, credentials=admin)
+    )
     ids = history["user_id"]
     found = ids[ids.str.startswith("93000")].nunique()
     return (history,) if found == users else None
@@ -185,13 +203,16 @@ def test_training_history_from_the_stream_skips_bad_rows_and_repeated_event_ids(
     again = batch.take([1, 2])  # the same event ids in another message
 
     async def publish() -> None:
-        nc = await nats.connect(platform.nats_url)
+        nc = await connect(platform.nats_url, platform.credentials("producer"))
         js = nc.jetstream()
         for body in (encode(batch), encode(again)):
             await js.publish(events_subject(partition_of("hist-bad-0", 8)), body)
         await nc.close()
 
     asyncio.run(publish())
-    history = asyncio.run(stream_history(platform.nats_url, platform.settings.stream))
+    admin = platform.credentials("admin")  # reading the stream takes the admin login
+    history = asyncio.run(
+        stream_history(platform.nats_url, platform.settings.stream, credentials=admin)
+    )
     mine = history[history["event_id"].str.startswith("hist-bad-")]
     assert sorted(mine["event_id"]) == sorted(batch.event_id[1:])

@@ -8,16 +8,15 @@ deployment with one replica per worker node that reads profiles from the
 shards. It publishes events, adds a third node (the scale-up: a 1-CPU actor can
 only run there), then removes the node of shard 0 while more events arrive: the
 raylet goes and takes shard 0 and one Serve replica with it; Ray restarts the
-shard on the new node, which restores its newest snapshot and replays. The
+shard on the new node, which restores its newest snapshot and replays. Then
+a fourth node joins and the pool rescales live from 2 to 3 shards while
+events arrive: the new shard lands on the new node. The
 result (nodes per shard before and after, timings, whether every user's counts
 equal the ground truth) goes to ``--out`` as JSON, for
 ``tests/integration/test_multinode.py`` to assert on.
 
 A process of its own because the integration suite already runs one local Ray
 in the pytest process, and a process can attach to one Ray cluster only.
-Live rebalancing of partitions onto a new node's shard is not built: the
-scale-up is shown at the Ray level, and the new node is where a lost shard
-recovers.
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ from ray.serve.exceptions import RayServeException
 from ray.util.state import list_actors
 
 from actors.batch import EventBatch
-from actors.checkpoint_store import CheckpointConfig, shard_prefix
+from actors.checkpoint_store import CheckpointConfig
 from actors.errors import ShardRecovering
 from actors.jetstream import StreamNames
 from actors.pool import NAMESPACE, PoolSpec, ShardPool, shard_name
@@ -92,12 +91,15 @@ class Scenario:
         seed: int,
         abrupt: bool = False,
         health_check_period_ms: int | None = None,
+        rescale: bool = False,
     ) -> None:
         self.nats_url = nats_url
+        self.rescale = rescale
         self.abrupt = abrupt
         self.health_check_period_ms = health_check_period_ms
         self.first = random_batch(events, users, seed=seed, prefix="mn-")
         self.second = random_batch(events // 2, users, seed=seed + 1, prefix="mn-")
+        self.third = random_batch(events // 2, users, seed=seed + 2, prefix="mn-")
         self.truth = truth_of(self.first, self.second)
         self.cluster: Cluster | None = None
         self.pool: ShardPool | None = None
@@ -242,6 +244,8 @@ class Scenario:
 
         await self._scale_up()
         await self._remove_node_of_shard(0)
+        if self.rescale:
+            await self._rescale_onto_a_new_node()
         return result
 
     async def _all_snapshotted(self) -> list[dict[str, Any]] | None:
@@ -360,7 +364,7 @@ class Scenario:
         result["abrupt"] = self.abrupt
         result["health_check_period_ms"] = self.health_check_period_ms
         result["removed_node"] = node_id
-        result["snapshot_prefix"] = shard_prefix(f"{STREAMS.events}.{POOL}", victim)
+        result["snapshot_scope"] = pool.spec.scope
         self.say(f"shard {victim} back: {recovery}")
 
         await publishing
@@ -383,6 +387,40 @@ class Scenario:
         )
         result["replica_nodes_after"] = self.replica_nodes()
         result["alive_nodes_after"] = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+
+    async def _rescale_onto_a_new_node(self) -> None:
+        """Add a node, then rescale 2 -> 3 shards live while events arrive.
+
+        The new shard needs a whole CPU, which only the new node has; the
+        partitions it takes are handed over from the two running shards, and
+        every user's counts must stay exact, also as read through Serve (whose
+        replicas learn the new layout from the shards).
+        """
+        assert self.cluster is not None and self.pool is not None
+        cluster, pool, result = self.cluster, self.pool, self.result
+        began = time.monotonic()
+        node = cluster.add_node(num_cpus=1, resources={SLOT: 1})  # main thread: signals
+        cluster.wait_for_nodes()
+        result["rescale_node"] = node.node_id
+        result["rescale_node_add_s"] = round(time.monotonic() - began, 3)
+
+        self.truth = truth_of(self.first, self.second, self.third)
+        publishing = asyncio.create_task(self.publish(self.third, chunks=10, pause_s=0.2))
+        await asyncio.sleep(0.3)
+        report = await pool.rescale(3)
+        result["rescale"] = report
+        self.say(f"rescaled 2 -> 3 live: {report}")
+        await publishing
+        profiles = await self.settled(len(self.first) + len(self.second) + len(self.third))
+        wrong = mismatched(profiles, self.truth)
+        result["rescale_mismatched_users"] = wrong[:20]
+        result["rescale_exact"] = not wrong
+        result["shard_nodes_rescaled"] = await self.shard_nodes()
+        sample = sorted(self.truth)[:50]
+        served = await self.via_serve(sample)
+        result["rescale_serve_exact"] = all(
+            not mismatched(a["profiles"], {u: self.truth[u] for u in sample}) for a in served
+        )
 
     def shutdown(self) -> None:
         """Serve, the shards, the driver's connection, then every node; each step best effort."""
@@ -420,6 +458,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the GCS's node health-check period (3 failures declare a node dead); Ray's default: "
         "3000 ms with 5 failures",
     )
+    parser.add_argument(
+        "--rescale",
+        action="store_true",
+        help="then add a node and rescale 2 -> 3 shards live while events arrive",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     scenario = Scenario(
@@ -429,6 +472,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.seed,
         args.abrupt,
         args.health_check_period_ms,
+        args.rescale,
     )
     result = scenario.result
     result["error"] = None

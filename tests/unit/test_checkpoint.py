@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from actors.checkpoint import MAGIC, SnapshotError, decode_snapshot, encode_snapshot, read_header
-from actors.checkpoint_store import FolderCheckpoints, prune, snapshot_name
+from actors.checkpoint_store import FolderCheckpoints, partition_prefix, prune, snapshot_name
 from actors.delivery import Delivery
 from actors.events import TYPE_CODE, EventType
 from actors.shard import Shard
@@ -185,7 +185,7 @@ def test_folder_store_keeps_newest_snapshots_and_hides_unfinished_writes(tmp_pat
         await store.save(snapshot_name("s", 8, 4), b"other shard")
         (tmp_path / f".{snapshot_name('s', 7, 9)}.partial").write_bytes(b"half a snap")  # a crash
         deleted = await prune(store, "s", 7, keep=2)
-        names = await store.names("s.shard-0007.")
+        names = await store.names(partition_prefix("s", 7))
         return deleted, names, await store.load(names[-1])
 
     deleted, names, newest = asyncio.run(scenario())

@@ -106,3 +106,19 @@ def test_the_ranker_sees_at_most_the_scored_limit_of_candidates(
     rows = table.user_rows([table.users(1)[0]])
     found = propose(index, rows, 0, CandidateLimits(per_recent_item=20, popular=50, scored=7))
     assert len(found) == 7
+
+
+def test_reranking_before_the_first_index_merge_keeps_the_order_instead_of_failing(
+    live: tuple[UserStateTable, ItemIndex],
+) -> None:
+    # Found by the schema fuzzer: POST /v1/personalize/{user}/rank answered 500 on a
+    # fresh platform, where the item index is still empty.
+    table, _ = live
+    empty = ItemIndex.empty()
+    for user, ranker in (("ghost", None), (table.users(1)[0], tiny_ranker())):
+        rows = table.user_rows([user])
+        ranked = rank_items(ranker, empty, rows, 0, ["a", "b"])
+        assert [(r["item_id"], r["score"], r["known_item"]) for r in ranked] == [
+            ("a", 0.0, False),
+            ("b", 0.0, False),
+        ]

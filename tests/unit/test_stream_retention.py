@@ -68,3 +68,33 @@ def test_status_text_shows_recovering_shards_snapshots_and_retention_warnings() 
     assert "    0  recovering: shard 0 unavailable" in text
     assert "2.5 MB" in text
     assert "WARNING: partition 4: a restore needs..." in text
+
+
+def test_status_text_shows_partition_ranges_and_the_last_live_rescale() -> None:
+    shard = {
+        "shard": 0,
+        "users": 1,
+        "applied_events": 1,
+        "rejected": {},
+        "partitions": [0, 1, 2, 5, 7, 8],
+        "lag": {},
+        "freshness_ms": {},
+        "checkpoint": None,
+    }
+    rescale = {"from": 2, "to": 4, "took_s": 3.1, "moved": 4}
+    status = {
+        "shards": [shard],
+        "lag": {},
+        "dead_letters": {},
+        "autoscaling": {
+            "applied": True,
+            "decisions": [
+                {"current": 2, "desired": 4, "reason": "busy", "rescale": rescale},
+                {"current": 4, "desired": 4, "reason": "steady"},
+            ],
+        },
+    }
+    text = format_status(status)
+    assert "0-2,5,7-8" in text
+    assert "autoscaling: 4 shards -> 4 applied (steady)" in text
+    assert "last rescale: 2 -> 4 shards live in 3.1 s, 4 partitions handed over" in text

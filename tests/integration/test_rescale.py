@@ -1,0 +1,229 @@
+"""Live rebalancing: 2 -> 4 -> 1 shards while events flow and queries are answered.
+
+The stream never stops: a publisher sends events the whole time, a reader asks
+for users' profiles the whole time, and the pool rescales twice in between.
+The reader must get an answer every time (from the old owner until a
+hand-off completes, from the new one after), never see a user's count go
+backwards, and the end state must equal the events exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import nats
+import pytest
+import ray
+
+from actors.checkpoint_store import CheckpointConfig
+from actors.jetstream import StreamNames
+from actors.pool import NAMESPACE, PoolSpec, ShardPool, shard_name
+from actors.producer import Producer
+from cluster.autoscaling import ScalingPolicy
+from cluster.launcher import Platform
+from cluster.nats_server import EmbeddedNats
+from cluster.scaling_controller import ScalingController
+from tests.support.chaos import prepare
+from tests.support.events import event, random_batch
+from tests.support.truth import assert_counts, settled_profiles, truth_of
+from tests.support.waiting import wait_until
+
+pytestmark = pytest.mark.integration
+
+PARTITIONS = 8
+STREAMS = StreamNames(events="RESCALE_EVENTS", dlq="RESCALE_DLQ")
+BATCHES = 40
+BATCH_EVENTS = 1500
+
+
+@pytest.fixture(scope="module")
+def nats_for_rescale(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNats]:
+    with EmbeddedNats(tmp_path_factory.mktemp("nats-rescale")) as server:
+        asyncio.run(prepare(server.url, STREAMS))
+        yield server
+
+
+def _spec(url: str, name: str) -> PoolSpec:
+    """A pool of two shards over the module's stream, snapshots only at hand-offs."""
+    return PoolSpec(
+        PARTITIONS,
+        2,
+        url,
+        STREAMS.events,
+        shard_cpus=0.25,
+        name=name,
+        checkpoints=CheckpointConfig(interval_s=0),
+    )
+
+
+class Reader:
+    """Asks for the same users' profiles in a loop; keeps what went wrong."""
+
+    def __init__(self, pool: ShardPool, users: list[str]) -> None:
+        self.pool = pool
+        self.users = users
+        self.answers = 0
+        self.errors: list[str] = []
+        self.backwards: list[str] = []
+        self._last: dict[str, int] = {}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                profiles = await self.pool.profiles(self.users)
+            except Exception as exc:  # every failure is a finding
+                self.errors.append(repr(exc))
+                await asyncio.sleep(0.05)
+                continue
+            self.answers += 1
+            for user, profile in zip(self.users, profiles, strict=True):
+                events = profile["events"] if profile else 0
+                if events < self._last.get(user, 0):
+                    self.backwards.append(f"{user}: {self._last[user]} -> {events}")
+                self._last[user] = events
+            await asyncio.sleep(0.01)
+
+
+async def _publish(url: str, batches: list[Any], every_s: float) -> None:
+    nc = await nats.connect(url)
+    # A producer id of its own: message ids repeat per id, and JetStream drops repeats.
+    producer = await Producer(nc.jetstream(), PARTITIONS, producer_id=uuid.uuid4().hex).start()
+    for batch in batches:
+        await producer.send(batch)
+        await asyncio.sleep(every_s)
+    await producer.close()
+    await nc.close()
+
+
+async def _scenario(url: str, pool: ShardPool, batches: list[Any]) -> dict[str, Any]:
+    truth = truth_of(*batches)
+    reader = Reader(pool, sorted(truth)[:: max(1, len(truth) // 40)])
+    stop = asyncio.Event()
+    publishing = asyncio.create_task(_publish(url, batches, every_s=0.1))
+    reading = asyncio.create_task(reader.run(stop))
+    await asyncio.sleep(1.0)
+    up = await pool.rescale(4)
+    assert len(pool.handles) == 4
+    await asyncio.sleep(1.0)
+    down = await pool.rescale(1)
+    await publishing
+    profiles = await settled_profiles(pool, truth, timeout_s=120)
+    stop.set()
+    await reading
+    assert_counts(profiles, truth)
+    return {"up": up, "down": down, "reader": reader, "pool": pool}
+
+
+def test_rescale_two_to_four_to_one_while_streaming_keeps_counts_exact(
+    ray_local: int, nats_for_rescale: EmbeddedNats
+) -> None:
+    url = nats_for_rescale.url
+    spec = _spec(url, "rescale")
+    pool = ShardPool.create(spec)
+    batches = [
+        random_batch(
+            BATCH_EVENTS, 600, seed=600 + i, t0=1_700_000_000_000 + i * 60_000, prefix="rs-"
+        )
+        for i in range(BATCHES)
+    ]
+    try:
+        started = time.perf_counter()
+        result = asyncio.run(_scenario(url, pool, batches))
+        took_s = time.perf_counter() - started
+        up, down, reader = result["up"], result["down"], result["reader"]
+        assert not reader.errors, reader.errors[:5]
+        assert not reader.backwards, reader.backwards[:5]
+        assert reader.answers > 20  # it really asked throughout
+        # Every moved partition went through a hand-off snapshot, none replayed.
+        assert up["moved"] == up["handed_over"] == 4
+        assert down["moved"] == down["handed_over"] == 6
+        assert pool.layout.version == 3 and pool.layout.owners == (0,) * PARTITIONS
+        for gone in (1, 2, 3):
+            with pytest.raises(ValueError):
+                ray.get_actor(shard_name("rescale", gone), namespace=NAMESPACE)
+        # Another process's view: the layout is read from the shards, not assumed.
+        other = ShardPool.connect(spec)
+        assert asyncio.run(other.refresh()).version == 3
+        statuses = asyncio.run(pool.status())
+        assert statuses[0]["applied_events"] == BATCHES * BATCH_EVENTS
+        _record({"up": up, "down": down, "answers": reader.answers, "took_s": took_s})
+    finally:
+        pool.shutdown()
+
+
+def _record(result: dict[str, Any]) -> None:
+    """Keep the timings for the bench report when asked to (RESCALE_REPORT=path)."""
+    path = os.environ.get("RESCALE_REPORT")
+    if path:
+        with open(path, "w") as out:
+            json.dump(result, out, indent=2, default=str)
+
+
+def test_the_autoscaling_controller_applies_its_decision_live(
+    ray_local: int, nats_for_rescale: EmbeddedNats
+) -> None:
+    url = nats_for_rescale.url
+    spec = _spec(url, "autoscaled")
+    pool = ShardPool.create(spec)
+    # Bounds of exactly three shards: whatever the load, the decision is "3".
+    policy = ScalingPolicy(min_shards=3, max_shards=3, up_window_s=0, down_window_s=0)
+    controller = ScalingController.options(  # type: ignore[attr-defined]
+        name="autoscaled-controller", namespace=NAMESPACE
+    ).remote(spec, policy, every_s=0.5, apply=True, template=pool.template)
+    batch = random_batch(6000, 400, seed=700, prefix="as-")
+    try:
+        asyncio.run(_publish(url, [batch], every_s=0))
+
+        def rescaled() -> dict[str, Any] | None:
+            decisions = ray.get(controller.decisions.remote())["decisions"]
+            done = [d for d in decisions if "rescale" in d]
+            return done[-1] if done else None
+
+        decision = wait_until(rescaled, timeout_s=60)
+        assert decision["current"] == 2 and decision["desired"] == 3
+        assert decision["rescale"]["to"] == 3 and decision["rescale"]["moved"] > 0
+        assert "error" not in decision["rescale"]
+        asyncio.run(pool.refresh())
+        assert len(pool.handles) == 3 and pool.layout.shards == 3
+        profiles = asyncio.run(settled_profiles(pool, truth_of(batch)))
+        assert_counts(profiles, truth_of(batch))
+    finally:
+        ray.kill(controller, no_restart=True)
+        pool.shutdown()
+
+
+def test_the_api_rescales_the_platform_live_and_back(platform: Platform, api: httpx.Client) -> None:
+    assert platform.pool is not None
+    users = [f"api-rescale-{i}" for i in range(40)]
+    sent = [event(u, "click", ts="2026-01-05T10:00:00Z") for u in users for _ in range(3)]
+    assert api.post("/v1/events", json=sent).status_code == 202
+
+    def all_applied() -> bool:
+        answers = [api.get(f"/v1/users/{u}") for u in users]
+        return all(a.status_code == 200 and a.json()["counts"]["click"] == 3 for a in answers)
+
+    wait_until(all_applied, timeout_s=60)
+    try:
+        grown = api.post("/v1/shards", json={"shards": 3})
+        assert grown.status_code == 200, grown.text
+        assert grown.json()["from"] == 2 and grown.json()["to"] == 3
+        assert grown.json()["moved"] == grown.json()["handed_over"] > 0
+        assert all_applied()  # answered at once by the new owners, counts unchanged
+        assert len(api.get("/v1/status").json()["shards"]) == 3
+
+        too_many = api.post("/v1/shards", json={"shards": platform.settings.partitions + 1})
+        assert too_many.status_code == 400 and "shards" in too_many.json()["detail"]
+        assert api.post("/v1/shards", json={"shards": 0}).status_code == 422
+    finally:
+        back = api.post("/v1/shards", json={"shards": 2})
+        asyncio.run(platform.pool.refresh())  # the launcher's own handles, for later tests
+    assert back.status_code == 200, back.text
+    assert len(platform.pool.handles) == 2
+    assert all_applied()

@@ -1,0 +1,210 @@
+"""NATS roles, credentials and their settings, without a server: the table and the redaction."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import stat
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr, ValidationError
+
+from actors.nats_auth import NatsAuthError, NatsCredentials, is_refusal, redact_url
+from cluster.launcher import nats_credentials_of
+from cluster.nats_users import ROLES, AccessNames, NatsUsers, permissions, server_config
+from cluster.settings import Settings
+
+
+def _settings(**values: object) -> Settings:
+    return Settings(**values, _env_file=None)  # type: ignore[arg-type]
+
+
+def _allows(patterns: tuple[str, ...], subject: str) -> bool:
+    """NATS subject matching: ``*`` one token, ``>`` the rest."""
+    for pattern in patterns:
+        want, got = pattern.split("."), subject.split(".")
+        for i, token in enumerate(want):
+            if token == ">":
+                if len(got) > i:
+                    return True
+                break
+            if i >= len(got) or (token != "*" and token != got[i]):
+                break
+        else:
+            if len(want) == len(got):
+                return True
+    return False
+
+
+def test_a_producer_may_publish_events_and_dead_letters_only() -> None:
+    rights = permissions("producer")
+    assert _allows(rights.publish, "audience.events.3")
+    assert _allows(rights.publish, "audience.dlq.schema")
+    for subject in (
+        "audience.events.3.x",
+        "audience.alerts.volume",
+        "$JS.API.CONSUMER.CREATE.AUDIENCE_EVENTS",
+        "$JS.API.STREAM.MSG.GET.AUDIENCE_EVENTS",
+        "$JS.API.STREAM.DELETE.AUDIENCE_EVENTS",
+        "$O.AUDIENCE_CHECKPOINTS.M.x",
+    ):
+        assert not _allows(rights.publish, subject), subject
+    assert rights.subscribe == ("_INBOX.producer.>",)
+
+
+def test_nobody_but_admin_and_shards_can_create_consumers_on_the_event_stream() -> None:
+    create = "$JS.API.CONSUMER.CREATE.AUDIENCE_EVENTS.c1.audience.events.3"
+    allowed = {role for role in ROLES if _allows(permissions(role).publish, create)}
+    assert allowed == {"admin", "shard"}
+
+
+def test_only_admin_may_create_or_delete_the_streams() -> None:
+    for role in ("api", "shard", "producer"):
+        rights = permissions(role).publish
+        streams = (
+            "AUDIENCE_EVENTS",
+            "AUDIENCE_DLQ",
+            "OBJ_AUDIENCE_CHECKPOINTS",
+            "KV_AUDIENCE_LAYOUT",
+        )
+        for stream in streams:
+            for verb in ("CREATE", "DELETE", "UPDATE"):
+                assert not _allows(rights, f"$JS.API.STREAM.{verb}.{stream}"), (role, verb)
+
+
+def test_each_role_subscribes_only_to_its_own_inboxes() -> None:
+    for role in ("api", "shard", "producer"):
+        subscribe = permissions(role).subscribe
+        assert subscribe == (f"_INBOX.{role}.>",)
+        assert not _allows(subscribe, "_INBOX.abc")
+        assert not _allows(subscribe, "audience.events.1")
+
+
+def test_shards_reach_their_snapshots_and_layout_under_the_configured_names() -> None:
+    names = AccessNames(events="EV", dlq="DL", bucket="SNAPS", layout="LAY")
+    rights = permissions("shard", names).publish
+    assert _allows(rights, "$O.SNAPS.C.abc")
+    assert _allows(rights, "$JS.API.CONSUMER.MSG.NEXT.EV.c1")
+    assert _allows(rights, "$JS.API.STREAM.PURGE.OBJ_SNAPS")
+    assert _allows(rights, "$KV.LAY.audience.pool")
+    assert not _allows(rights, "$JS.API.CONSUMER.MSG.NEXT.AUDIENCE_EVENTS.c1")
+    assert not _allows(rights, "audience.events.1")
+
+
+def test_an_unknown_role_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown NATS role"):
+        permissions("root")
+
+
+def test_the_server_config_is_json_with_one_user_per_role() -> None:
+    users = {role: NatsCredentials(user=role, password=f"pw-{role}") for role in ROLES}
+    config = json.loads(server_config(users))
+    entries = config["authorization"]["users"]
+    assert [e["user"] for e in entries] == list(ROLES)
+    assert entries[0]["permissions"]["publish"]["allow"] == [">"]
+
+
+def test_users_are_made_once_owner_only_and_kept(tmp_path: Path) -> None:
+    users = NatsUsers(tmp_path / "auth").ensure()
+    first = users.all()
+    assert len({c.password for c in first.values()}) == len(ROLES)
+    assert NatsUsers(tmp_path / "auth").ensure().all() == first
+    assert stat.S_IMODE((tmp_path / "auth").stat().st_mode) == 0o700
+    for path in (tmp_path / "auth").iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_credentials_never_show_secrets() -> None:
+    creds = NatsCredentials(user="api", password="hunter2", token=None)
+    assert "hunter2" not in repr(creds) and "hunter2" not in str(creds)
+    assert creds.identity == "user 'api'"
+    assert NatsCredentials(token="t0k").identity == "token"
+    assert "t0k" not in repr(NatsCredentials(token="t0k"))
+
+
+def test_connect_options_carry_only_what_is_set() -> None:
+    creds = NatsCredentials(user="u", password="p", inbox_prefix="_INBOX.u")
+    assert creds.options() == {"user": "u", "password": "p", "inbox_prefix": "_INBOX.u"}
+    assert NatsCredentials().options() == {}
+
+
+def test_urls_lose_their_user_information() -> None:
+    assert redact_url("nats://bob:secret@host:4222") == "nats://***@host:4222"
+    assert redact_url("nats://a:b@h1:1,nats://c@h2:2") == "nats://***@h1:1,nats://***@h2:2"
+    assert redact_url("nats://host:4222") == "nats://host:4222"
+
+
+def test_a_refusal_is_recognised_and_explained_without_secrets() -> None:
+    assert is_refusal(Exception("nats: 'Authorization Violation'"))
+    assert not is_refusal(Exception("nats: permissions violation for publish to x"))
+    error = NatsAuthError("nats://u:pw@h:1", "user 'u'", "authorization violation")
+    assert "pw" not in str(error) and "user 'u'" in str(error)
+    assert error.retry_after_s > 0
+    again = pickle.loads(pickle.dumps(error))  # raised in a Ray actor, re-raised by the caller
+    assert str(again) == str(error) and again.identity == "user 'u'"
+
+
+def test_settings_hold_nats_secrets_as_secret_strings() -> None:
+    settings = _settings(
+        nats_url="nats://nats:4222", nats_user="platform", nats_password="s3cret-pw"
+    )
+    assert isinstance(settings.nats_password, SecretStr)
+    assert "s3cret-pw" not in repr(settings) and "s3cret-pw" not in str(settings)
+    creds = nats_credentials_of(settings, "shard")
+    assert creds is not None and creds.user == "platform" and creds.password == "s3cret-pw"
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"nats_user": "u"},
+        {"nats_password": "p"},
+        {"nats_user": "u", "nats_password": "p", "nats_token": "t"},
+        {"nats_token": "t", "nats_creds_file": "/x.creds"},
+        {"nats_tls_cert": "/c.pem"},
+    ],
+)
+def test_settings_refuse_a_half_or_double_nats_login(values: dict[str, str]) -> None:
+    with pytest.raises(ValidationError):
+        _settings(nats_url="nats://nats:4222", **values)
+
+
+def test_embedded_nats_roles_read_the_generated_files(tmp_path: Path) -> None:
+    settings = _settings(data_dir=tmp_path)
+    assert nats_credentials_of(settings, "producer") is None  # not generated yet
+    NatsUsers(tmp_path / "nats" / "auth").ensure()
+    producer = nats_credentials_of(settings, "producer")
+    assert producer is not None and producer.user == "producer"
+    assert producer.inbox_prefix == "_INBOX.producer"
+    assert (
+        nats_credentials_of(_settings(data_dir=tmp_path, nats_embedded_auth=False), "api") is None
+    )
+
+
+def test_nats_users_lists_where_each_login_is_but_never_a_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cluster.cli import main
+
+    for name in [n for n in os.environ if n.startswith("AUDIENCE_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AUDIENCE_DATA_DIR", str(tmp_path))
+    monkeypatch.chdir(tmp_path)  # no .env of the checkout
+    assert main(["nats-users"]) == 2  # nothing generated yet: one error line
+    assert capsys.readouterr().err.startswith("error: no NATS users")
+
+    users = NatsUsers(tmp_path / "nats" / "auth").ensure()
+    assert main(["nats-users", "--permissions"]) == 0
+    shown = capsys.readouterr().out
+    assert str(users.path("producer")) in shown and "_INBOX.producer" in shown
+    assert "audience.events.*" in shown
+    for creds in users.all().values():
+        assert creds.password and creds.password not in shown
+
+
+def test_settings_refuse_a_login_inside_the_nats_url() -> None:
+    with pytest.raises(ValidationError, match="must not hold a login") as caught:
+        _settings(nats_url="nats://bob:hunter2@nats:4222")
+    assert "hunter2" not in str(caught.value).split("input_value")[0]
