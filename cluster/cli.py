@@ -646,7 +646,11 @@ def _keys(args: argparse.Namespace, settings: Settings) -> int:
     except (OSError, ValueError) as exc:
         return _fail(f"key store {store.path}: {exc}")
     if args.out is not None:
-        write_private(args.out, key + "\n")
+        try:
+            write_private(args.out, key + "\n")
+        except OSError as exc:  # nobody could hold the key: take its record back
+            store.revoke(record.id)
+            return _fail(f"cannot write the key to {args.out}: {exc.strerror}")
         print(f"key       {record.id} ({', '.join(record.scopes)}) written to {args.out}")
     else:
         print(key)  # shown once: only its hash is stored

@@ -434,7 +434,7 @@ class Platform:
 
     def _start(self) -> RuntimeInfo:
         s = self.settings
-        s.data_dir.mkdir(parents=True, exist_ok=True)
+        s.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # new: owner-only
         self.admin_key_file = ensure_admin_key(s)
         if s.embedded_nats:
             users = embedded_users_of(s)

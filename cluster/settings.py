@@ -15,6 +15,13 @@ from actors.conversion import FunnelSpec
 from actors.windows import LatenessPolicy
 
 
+def _has_nkeys() -> bool:
+    """Whether the ``nkeys`` package (nkey seeds and creds files in nats-py) is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("nkeys") is not None
+
+
 def _default_data_dir() -> Path:
     return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "audience"
 
@@ -359,6 +366,12 @@ class Settings(BaseSettings):
             raise ValueError("nats_user and nats_password go together")
         if bool(self.nats_tls_cert) != bool(self.nats_tls_key):
             raise ValueError("nats_tls_cert and nats_tls_key go together")
+        if (self.nats_nkey_seed_file or self.nats_creds_file) and not _has_nkeys():
+            # nats-py imports it only when connecting: fail here, once, in plain words.
+            raise ValueError(
+                "nats_nkey_seed_file and nats_creds_file need the `nkeys` package "
+                "(pip install nkeys)"
+            )
         return self
 
     @model_validator(mode="after")

@@ -37,7 +37,7 @@ from ray.serve.handle import DeploymentHandle
 from actors.conversion import PURCHASERS_RELATIVE_ERROR
 from actors.engagement import ACTIVE_USERS_RELATIVE_ERROR, report
 from actors.errors import UnavailableError
-from actors.events import MAX_ID_LENGTH, to_epoch_ms
+from actors.events import MAX_ID_LENGTH, TYPE_CODE, EventType, to_epoch_ms
 from actors.funnel_report import conversion_answer
 from actors.insights import (
     Insights,
@@ -65,7 +65,7 @@ from serving import dashboard
 from serving.alerts import AlertCenter, AlertsConfig
 from serving.auth import KeyRecord, Scope
 from serving.errors import install_error_handlers
-from serving.guard import AuthConfig, Guard, Unauthenticated
+from serving.guard import AuthConfig, Forbidden, Guard, Unauthenticated
 from serving.inbound_config import InboundSources
 from serving.inbound_webhooks import InboundWebhooks
 from serving.limits import BodyLimit
@@ -385,7 +385,6 @@ class ApiGateway:
 
     @app.post(
         "/v1/events",
-        dependencies=INGEST,
         status_code=202,
         response_model=IngestResult,
         responses={
@@ -404,7 +403,11 @@ class ApiGateway:
         },
         summary="Ingest a batch of events (a JSON array, or an object with an 'events' array)",
     )
-    async def ingest(self, request: Request) -> Response:
+    async def ingest(
+        self,
+        request: Request,
+        caller: Annotated[KeyRecord | None, Depends(RequireScope(Scope.INGEST))],
+    ) -> Response:
         """Validate each event; publish the good ones; report the bad ones with reasons.
 
         The answer is 202 when every event was accepted and 422 when some were
@@ -427,6 +430,11 @@ class ApiGateway:
         producer = await self._sending()
         producer.check_room()
         checked = parse_events(_unwrap_events(b"".join(chunks)), self.config.policy)
+        # Forgetting a user is DELETE /v1/users/{id}'s, with the admin scope: an ingest
+        # key must not do it by sending the event that route sends.
+        deletes = checked.batch.type == TYPE_CODE[EventType.USER_DELETED]
+        if caller is not None and not caller.grants(Scope.ADMIN) and bool(deletes.any()):
+            raise Forbidden(key_id=caller.id, needed=Scope.ADMIN.value, granted=caller.scopes)
         total = len(checked.batch) + len(checked.rejected)
         if total > self.config.max_events_per_request:
             limit = self.config.max_events_per_request

@@ -85,11 +85,16 @@ def new_key(
     """A fresh random key and the record that verifies it.
 
     Raises:
-        ValueError: no scope, or an unknown one.
+        ValueError: no scope, or an unknown one; a rate that is not > 0 or a burst below 1
+            (a negative rate would never refuse, a burst below 1 never admit).
     """
     wanted = tuple(sorted({Scope(s).value for s in scopes}))
     if not wanted:
         raise ValueError("a key needs at least one scope: ingest, read or admin")
+    if rate_per_s is not None and not rate_per_s > 0:
+        raise ValueError(f"a key's rate must be > 0 requests/s, got {rate_per_s}")
+    if burst is not None and not burst >= 1:
+        raise ValueError(f"a key's burst must be >= 1, got {burst}")
     key_id = secrets.token_hex(8)
     secret = secrets.token_urlsafe(32)
     salt = secrets.token_bytes(16)

@@ -24,6 +24,7 @@ from serving.limits import RateLimiter
 
 log = logging.getLogger(__name__)
 
+ANONYMOUS = "(anonymous)"  # the rate bucket of the public dashboard's callers (no key id)
 MISSING_KEY = "send an API key as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
 
 
@@ -130,14 +131,27 @@ class Guard:
         """The caller's key record if it may do what ``scope`` guards now.
 
         ``public`` marks the dashboard's data calls, which need no key when the
-        dashboard is public. With authentication off, everything is admitted (None).
+        dashboard is public (all such callers share one rate bucket, ``ANONYMOUS``,
+        at the default rate). With authentication off, everything is admitted (None).
 
         Raises:
             Unauthenticated: no key, or an invalid one.
             Forbidden: the key lacks ``scope``.
-            RateLimited: the key is over its rate.
+            RateLimited: the key (or the public dashboard's callers) is over its rate.
         """
-        if not self.config.enabled or (public and self.config.dashboard_public):
+        if not self.config.enabled:
+            return None
+        if public and self.config.dashboard_public:
+            # No key to limit by: every anonymous caller shares one bucket, so that an
+            # open dashboard cannot be used to load the shards and NATS without bound.
+            wait = self._limiter.take(ANONYMOUS)
+            if wait > 0:
+                raise RateLimited(
+                    key_id=ANONYMOUS,
+                    rate_per_s=self.config.rate_per_s,
+                    burst=self.config.burst,
+                    retry_after_s=wait,
+                )
             return None
         if not presented:
             raise Unauthenticated("missing_key", f"missing API key: {MISSING_KEY}")

@@ -275,6 +275,16 @@ class InboundWebhooks:
             ReplayRefused: this replica took the same delivery within its window.
         """
         now_ms = int(self._clock() * 1000)
+        if now_ms >= delivery.expires_ms:
+            # Its window closed since verify() (the producer may have taken a while):
+            # the memory no longer holds an earlier copy, so only its time can refuse it.
+            self.refused["stale_timestamp"] += 1
+            raise ReplayRefused(
+                delivery.source,
+                "stale_timestamp",
+                "the delivery's time window closed while it was being received",
+                sent_ms=delivery.sent_ms,
+            )
         if not self.guard.claim(delivery.mac, delivery.expires_ms, now_ms):
             self.refused["replayed"] += 1
             raise ReplayRefused(

@@ -17,6 +17,10 @@ const layoutBase = () => ({
   showlegend: false,
 });
 const config = { displayModeBar: false, responsive: true };
+// Text from the API goes into innerHTML only escaped: dead-letter reasons are NATS subject
+// tokens a producer login may choose, and the page holds an API key in sessionStorage.
+const ESCAPES = { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" };
+const esc = (value) => String(value).replace(/[&<>"']/g, (c) => ESCAPES[c]);
 
 function draw(id, traces, layout) {
   const el = document.getElementById(id);
@@ -107,19 +111,19 @@ function showStatus(status) {
 
 function showOps(status, shards) {
   const ms = (x) => (x == null ? "–" : `${fmt(x)} ms`);
-  const rows = shards.map((s) => `<tr><td>shard ${s.shard} apply</td><td>${ms((s.apply_ms || {}).p50)}</td><td>${ms((s.apply_ms || {}).p99)}</td></tr>`
-    + `<tr><td>shard ${s.shard} freshness</td><td>${ms((s.freshness_ms || {}).p50)}</td><td>${ms((s.freshness_ms || {}).p99)}</td></tr>`);
+  const rows = shards.map((s) => `<tr><td>shard ${esc(s.shard)} apply</td><td>${ms((s.apply_ms || {}).p50)}</td><td>${ms((s.apply_ms || {}).p99)}</td></tr>`
+    + `<tr><td>shard ${esc(s.shard)} freshness</td><td>${ms((s.freshness_ms || {}).p50)}</td><td>${ms((s.freshness_ms || {}).p99)}</td></tr>`);
   const api = status.api_latency_ms || {};
   rows.push(`<tr><td>API requests</td><td>${ms(api.p50)}</td><td>${ms(api.p99)}</td></tr>`);
-  const dead = Object.entries(status.dead_letters || {}).map(([k, v]) => `${k} ${fmt(v)}`).join(", ") || "none";
+  const dead = Object.entries(status.dead_letters || {}).map(([k, v]) => `${esc(k)} ${fmt(v)}`).join(", ") || "none";
   const note = (text) => `<p style="color:var(--muted);margin:8px 6px">${text}</p>`;
-  const recovering = (status.recovering || []).map((s) => `shard ${s}`).join(", ");
+  const recovering = (status.recovering || []).map((s) => `shard ${esc(s)}`).join(", ");
   const decisions = (status.autoscaling || {}).decisions || [];
   const last = decisions[decisions.length - 1];
   const verb = (status.autoscaling || {}).applied ? "applied" : "recommended";
   const rescaled = decisions.filter((d) => d.rescale && !d.rescale.error).slice(-1)[0];
-  const moved = rescaled ? `; last rescale ${rescaled.rescale.from} → ${rescaled.rescale.to} live in ${rescaled.rescale.took_s} s` : "";
-  const scaling = last ? `autoscaling: ${last.current} shards → ${last.desired} ${verb} (${last.reason})${moved}` : "autoscaling: no recommendation yet";
+  const moved = rescaled ? `; last rescale ${esc(rescaled.rescale.from)} → ${esc(rescaled.rescale.to)} live in ${esc(rescaled.rescale.took_s)} s` : "";
+  const scaling = last ? `autoscaling: ${esc(last.current)} shards → ${esc(last.desired)} ${verb} (${esc(last.reason)})${moved}` : "autoscaling: no recommendation yet";
   document.getElementById("ops").innerHTML = "<table><tr><th></th><th>p50</th><th>p99</th></tr>" + rows.join("") + "</table>"
     + note(`dead letters: ${dead}`) + (recovering ? note(`recovering: ${recovering}`) : "") + `<p id="ops-scaling" style="color:var(--muted);margin:8px 6px">${scaling}</p>`;
 }
@@ -166,7 +170,7 @@ function showAlerts(answer) {
   const box = document.getElementById("alerts");
   if (!alerts.length) { box.innerHTML = '<div class="empty">no alerts</div>'; return; }
   box.innerHTML = "<table><tr><th>when</th><th>kind</th><th>what</th></tr>" +
-    alerts.slice(0, 8).map((a) => `<tr><td>${a.at || ""}</td><td>${a.kind || ""}</td><td>${a.message || ""}</td></tr>`).join("") + "</table>";
+    alerts.slice(0, 8).map((a) => `<tr><td>${esc(a.at || "")}</td><td>${esc(a.kind || "")}</td><td>${esc(a.message || "")}</td></tr>`).join("") + "</table>";
 }
 
 async function poll() {

@@ -115,6 +115,25 @@ def test_an_ingest_key_ingests_but_cannot_read(
     wait_until(lambda: api.get("/v1/users/sec-ingest").status_code == 200)
 
 
+def test_an_ingest_key_cannot_forget_a_user_by_sending_user_deleted(
+    anonymous: httpx.Client, api: httpx.Client, store: KeyStore
+) -> None:
+    assert api.post("/v1/events", json=[event("sec-forget", "like")]).status_code == 202
+    wait_until(lambda: api.get("/v1/users/sec-forget").status_code == 200)
+    key = _new_key(store, anonymous, Scope.INGEST)
+    writer = {"Authorization": f"Bearer {key}"}
+
+    def posted() -> httpx.Response | None:  # a new key works within about a second
+        body = [event("sec-forget", "user_deleted")]
+        answer = anonymous.post("/v1/events", json=body, headers=writer)
+        return answer if answer.status_code != 401 else None
+
+    answer = wait_until(posted, timeout_s=10, every_s=0.2)
+    assert answer.status_code == 403, answer.text  # deletion is the admin's
+    assert answer.json()["reason"] == "insufficient_scope"
+    assert api.get("/v1/users/sec-forget").status_code == 200  # still known
+
+
 def test_the_admin_key_may_delete_and_roll_out_models(api: httpx.Client) -> None:
     assert api.post("/v1/events", json=[event("sec-admin", "like")]).status_code == 202
     wait_until(lambda: api.get("/v1/users/sec-admin").status_code == 200)

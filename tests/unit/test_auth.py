@@ -64,6 +64,9 @@ def test_admin_grants_every_scope_and_the_others_only_themselves() -> None:
         new_key([])
     with pytest.raises(ValueError):
         new_key(["root"])
+    for limits in ({"rate_per_s": -1.0}, {"rate_per_s": 0.0}, {"burst": 0.5}, {"burst": -3.0}):
+        with pytest.raises(ValueError):  # a negative rate would never refuse
+            new_key([Scope.READ], **limits)  # type: ignore[arg-type]
 
 
 def test_the_store_file_is_owner_only_and_keeps_hashes_only(tmp_path: Path) -> None:
@@ -116,6 +119,18 @@ def test_the_dashboard_data_are_open_only_when_the_dashboard_is_public() -> None
     with pytest.raises(Unauthenticated):
         public.admit(None, Scope.READ)  # other reads still need a key
     assert Guard(AuthConfig(enabled=False)).admit(None, Scope.ADMIN) is None
+
+
+def test_the_public_dashboards_callers_share_one_rate_limit() -> None:
+    clock = Clock()
+    public = Guard(AuthConfig(dashboard_public=True, rate_per_s=1, burst=2), clock=clock)
+    assert public.admit(None, Scope.READ, public=True) is None
+    assert public.admit("anything", Scope.READ, public=True) is None
+    with pytest.raises(RateLimited) as limited:
+        public.admit(None, Scope.READ, public=True)
+    assert limited.value.retry_after_s == pytest.approx(1.0)
+    clock.now += 1.0
+    assert public.admit(None, Scope.READ, public=True) is None
 
 
 def test_the_guard_follows_the_key_store_file(tmp_path: Path) -> None:

@@ -285,6 +285,22 @@ def test_a_delivery_is_taken_once_within_its_window_and_again_if_publishing_fail
     assert counters["refused"] == {"replayed": 1, "missing_signature": 1}
 
 
+def test_a_replay_whose_window_closes_between_verify_and_claim_is_refused() -> None:
+    now = [NOW]
+    config = InboundSources.model_validate({"sources": {"shop": SHOP}})
+    hooks = InboundWebhooks(config, clock=lambda: now[0])
+    body = delivery(paid(1))
+    headers = signed(body, NOW - 299)
+    with hooks.claimed(hooks.verify("shop", headers, body)):  # the original, on time
+        pass
+    replay = hooks.verify("shop", headers, body)  # 1 s before its window closes
+    now[0] += 2  # publishing waited: the memory forgets the original
+    with pytest.raises(ReplayRefused) as refused, hooks.claimed(replay):
+        pass
+    assert refused.value.reason == "stale_timestamp"
+    assert hooks.answer()["taken"] == 1
+
+
 def test_the_replay_memory_forgets_closed_windows_and_stays_bounded() -> None:
     guard = ReplayGuard(max_entries=3)
     assert guard.claim(b"a", expires_ms=100, now_ms=0)

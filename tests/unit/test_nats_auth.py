@@ -204,6 +204,19 @@ def test_nats_users_lists_where_each_login_is_but_never_a_password(
         assert creds.password and creds.password not in shown
 
 
+def test_an_nkey_or_creds_login_without_the_nkeys_package_is_refused_in_plain_words(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import cluster.settings
+
+    monkeypatch.setattr(cluster.settings, "_has_nkeys", lambda: False)
+    for values in ({"nats_nkey_seed_file": "/x.nk"}, {"nats_creds_file": "/x.creds"}):
+        with pytest.raises(ValidationError, match="pip install nkeys"):
+            _settings(nats_url="nats://nats:4222", **values)
+    monkeypatch.setattr(cluster.settings, "_has_nkeys", lambda: True)
+    assert _settings(nats_url="nats://nats:4222", nats_creds_file="/x.creds").nats_creds_file
+
+
 def test_settings_refuse_a_login_inside_the_nats_url() -> None:
     with pytest.raises(ValidationError, match="must not hold a login") as caught:
         _settings(nats_url="nats://bob:hunter2@nats:4222")
