@@ -2,9 +2,9 @@
 
 Both stores write atomically: a reader finds a snapshot under its name only
 once it is complete, and a crash mid-write leaves the earlier snapshots as they
-were. Every snapshot gets a new name (``<scope>.p0003.<created_ms>`` for partition 3, the
-scope naming the stream and pool it belongs to), so the newest is the last name
-in sort order and pruning deletes the oldest.
+were. Every snapshot gets a new name (``<scope>.p0003.<position>.<created_ms>``
+for partition 3, the scope naming the stream and pool it belongs to), so the
+furthest on is the last name in sort order and pruning deletes the rest.
 
 * :class:`ObjectStoreCheckpoints`: a JetStream object store bucket. An object's
   chunks are published first and its metadata last, so an object appears whole
@@ -63,9 +63,14 @@ class CheckpointConfig:
         return ObjectStoreCheckpoints(js, self.bucket, self.replicas)
 
 
-def snapshot_name(scope: str, partition: int, created_ms: int) -> str:
-    """The name of a snapshot: sorts by scope and partition, then by time."""
-    return f"{partition_prefix(scope, partition)}{created_ms:015d}"
+def snapshot_name(scope: str, partition: int, position: int, created_ms: int) -> str:
+    """The name of a snapshot: sorts by scope and partition, then by stream position.
+
+    Sorting by position, not by time, makes "newest" mean "furthest on",
+    whichever shard (and clock) took it; two snapshots at one position hold
+    the same state, and the later one sorts last.
+    """
+    return f"{partition_prefix(scope, partition)}{position:015d}.{created_ms:015d}"
 
 
 def partition_prefix(scope: str, partition: int) -> str:

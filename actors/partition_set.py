@@ -205,16 +205,26 @@ class PartitionSet:
             found.extend(state.table.users(limit - len(found)))
         return found
 
+    def _held(self) -> list[tuple[int, Shard, bool]]:
+        """Every partition held, its state, and whether it is owned (else released)."""
+        return [(p, s, True) for p, s in sorted(self.owned.items())] + [
+            (p, s, False) for p, s in sorted(self.released.items())
+        ]
+
     def item_partials(
         self, top_n: int, known: dict[int, int | None] | None = None
-    ) -> dict[int, dict[str, Any] | None]:
-        """Item partial of each owned partition; None where ``known`` names its version."""
-        known = known or {}
-        return {p: s.item_partial(top_n, known.get(p)) for p, s in sorted(self.owned.items())}
+    ) -> dict[int, tuple[dict[str, Any] | None, bool]]:
+        """Item partial of each partition held, and whether it is owned (else released).
 
-    def insights_partials(self) -> dict[int, dict[str, Any]]:
-        """Insights partials of each owned partition, for the merge."""
-        return {p: s.insights_partials() for p, s in sorted(self.owned.items())}
+        None instead of a partial where ``known`` names its version. Released
+        partitions answer too: between two owners a partition still counts.
+        """
+        known = known or {}
+        return {p: (s.item_partial(top_n, known.get(p)), owned) for p, s, owned in self._held()}
+
+    def insights_partials(self) -> dict[int, tuple[dict[str, Any], bool]]:
+        """Insights partials of each partition held, and whether it is owned (else released)."""
+        return {p: (s.insights_partials(), owned) for p, s, owned in self._held()}
 
     def freshness_ring(self) -> tuple[int, np.ndarray]:
         """Store-to-applied delays (ms) of the latest messages of every owned partition."""

@@ -20,6 +20,7 @@ it replays: callers answer "recovering" (HTTP 503) and retry, never stale data.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -45,6 +46,8 @@ from actors.windows import WindowConfig
 
 NAMESPACE = "audience"
 REFRESH_EVERY_S = 2.0  # fan-out queries re-read the layout at most this often
+REFRESH_TIMEOUT_S = 5.0  # a shard that does not say its layout by then is skipped
+START_TIMEOUT_S = 60.0  # new shards of a rescale must be placed and started by then
 NOT_OWNER_RETRIES = 20  # a user query re-routed after a hand-off, this many times at most
 NOT_OWNER_PAUSE_S = 0.05
 
@@ -100,6 +103,9 @@ class ShardPool:
         self.handles = list(handles)
         self.layout = layout or Layout.initial(spec.partitions, len(self.handles))
         self.template = template or ShardTemplate()
+        # The handles of shards this pool created: a non-detached actor lives as
+        # long as its creator's handles, whatever ``handles`` is re-resolved to.
+        self._created: list[ActorHandle] = []
         self._refreshed_at = time.monotonic()
         self._rescaling: asyncio.Lock | None = None
 
@@ -136,11 +142,13 @@ class ShardPool:
         ]
         ray.get([h.start.remote() for h in handles], timeout=timeout_s)
         if stored is None:
-            ray.get(first.store_layout.remote(layout.to_json(), 0), timeout=timeout_s)
+            ray.get(first.store_layout.remote(layout.to_json(), 0, True), timeout=timeout_s)
             ray.get([h.settle.remote(layout.to_json()) for h in handles], timeout=timeout_s)
         if layout.shards != spec.shards:
             log.info("pool %s comes back with its stored %d shards", spec.name, layout.shards)
-        return cls(spec, handles, layout, template)
+        pool = cls(spec, handles, layout, template)
+        pool._created = list(handles)
+        return pool
 
     @classmethod
     def connect(cls, spec: PoolSpec) -> ShardPool:
@@ -152,20 +160,40 @@ class ShardPool:
         pool._refreshed_at = 0.0  # the initial layout is a guess: read the real one first
         return pool
 
-    async def refresh(self) -> Layout:
-        """Re-read the newest layout from the shards and find shards added since."""
+    async def refresh(self) -> bool:
+        """Re-read the layout from the shards and their handles by name; whether either changed.
+
+        Every shard reports the layout it last settled on; the newest wins. A
+        shard that does not answer in time (dead, or never placed) does not
+        hold the others up. While this pool rescales, its own steps decide.
+        """
+        if self._rescaling is not None and self._rescaling.locked():
+            return False
+        return await self._refresh_now()
+
+    async def _refresh_now(self) -> bool:
         answers: list[Any] = await asyncio.gather(
-            *(h.layout_json.remote() for h in self.handles), return_exceptions=True
+            *(asyncio.wait_for(h.layout_json.remote(), REFRESH_TIMEOUT_S) for h in self.handles),
+            return_exceptions=True,
         )
         found = [Layout.from_json(a) for a in answers if isinstance(a, dict)]
-        newest = max(found, key=lambda layout: layout.version, default=None)
-        if newest is not None and newest.version > self.layout.version:
-            while len(self.handles) < newest.shards:
-                self.handles.append(_get(self.spec, len(self.handles)))
-            del self.handles[newest.shards :]
-            self.layout = newest
+        newest = max(found, key=lambda layout: layout.version, default=self.layout)
+        failed = any(isinstance(a, BaseException) for a in answers)
+        changed = newest.version > self.layout.version
+        if changed or failed or len(self.handles) != newest.shards:
+            # Names outlive incarnations and rescales: look every shard up again.
+            old = self.handles
+            found_now = [_lookup(self.spec, i) for i in range(newest.shards)]
+            handles: list[ActorHandle] = []
+            for i, now in enumerate(found_now):
+                if now is None and i >= len(old):
+                    break  # not found by name and never held: still being created
+                handles.append(now if now is not None else old[i])
+            changed = changed or handles != old
+            self.handles = handles
+            self.layout = max(newest, self.layout, key=lambda layout: layout.version)
         self._refreshed_at = time.monotonic()
-        return self.layout
+        return changed
 
     async def _fresh(self) -> None:
         """Refresh the layout if it was read long enough ago (fan-out queries)."""
@@ -174,6 +202,8 @@ class ShardPool:
 
     async def _call(self, shard: int, method: str, *args: Any) -> Any:
         """Call ``method`` on a shard; a dead or restarting actor is "recovering"."""
+        if shard >= len(self.handles):
+            raise ShardRecovering(shard, "the shard is not found yet")
         try:
             return await getattr(self.handles[shard], method).remote(*args)
         except RayActorError as exc:  # ActorDiedError, ActorUnavailableError
@@ -212,12 +242,11 @@ class ShardPool:
                 )
                 return by_shard, list(answers)
             except (NotOwner, ShardRecovering) as exc:
-                version = self.layout.version
                 if attempt:
                     await asyncio.sleep(NOT_OWNER_PAUSE_S)
-                await self.refresh()
-                if isinstance(exc, ShardRecovering) and self.layout.version == version:
-                    raise  # a restarting shard, not a stale layout
+                changed = await self.refresh()
+                if isinstance(exc, ShardRecovering) and not changed:
+                    raise  # a restarting shard, not a stale layout or handle
         raise ShardRecovering(-1, "partitions are being handed over; try again")
 
     async def _per_user(self, method: str, keys: Sequence[str], items: Sequence[Any]) -> list[Any]:
@@ -247,14 +276,37 @@ class ShardPool:
         """Per (user, items), which items the user touched; one call per shard involved."""
         return await self._per_user("seen", [user for user, _ in pairs], pairs)
 
-    def _pick(self, answers: Sequence[dict[int, Any]]) -> dict[int, Any]:
-        """One answer per partition: the owner's by this pool's layout, else any holder's."""
+    def _pick(self, answers: Sequence[dict[int, tuple[Any, bool]]]) -> dict[int, Any]:
+        """One answer per partition, from ``(value, owned)`` answers per shard.
+
+        The owner's by this pool's layout first, then any owner's, then a
+        released copy's (a partition between two owners still counts, once).
+        """
         out: dict[int, Any] = {}
+        rank: dict[int, int] = {}
         for shard, answer in enumerate(answers):
-            for partition, value in answer.items():
-                if partition not in out or self.layout.owners[partition] == shard:
-                    out[partition] = value
+            for partition, (value, owned) in answer.items():
+                score = 2 if owned and self.layout.owners[partition] == shard else int(owned)
+                if score >= rank.get(partition, -1):
+                    out[partition], rank[partition] = value, score
         return out
+
+    async def _everywhere(self, method: str, *args: Any) -> list[Any]:
+        """``method`` on every shard, in shard order.
+
+        A shard that is gone or replaced (a rescale elsewhere) makes the pool
+        re-read the layout and ask again; one that restarts is "recovering".
+        """
+        await self._fresh()
+        retries = 2
+        while True:
+            calls = (self._call(s, method, *args) for s in range(len(self.handles)))
+            try:
+                return list(await asyncio.gather(*calls))
+            except ShardRecovering:
+                retries -= 1
+                if retries < 0 or not await self.refresh():
+                    raise
 
     async def item_partials(
         self, top_n: int, known: dict[int, int | None] | None = None
@@ -264,25 +316,17 @@ class ShardPool:
         With ``known`` (partition -> the version the caller holds), a partition
         whose items did not change answers None instead of its partial.
         """
-        await self._fresh()
-        calls = (self._call(s, "item_partials", top_n, known) for s in range(len(self.handles)))
-        return self._pick(await asyncio.gather(*calls))
+        return self._pick(await self._everywhere("item_partials", top_n, known))
 
     async def users(self, limit: int) -> list[str]:
         """Up to ``limit`` known user ids, drawn from every shard."""
-        await self._fresh()
-        per_shard = -(-limit // len(self.handles))
-        found: list[list[str]] = await asyncio.gather(
-            *(self._call(s, "users", per_shard) for s in range(len(self.handles)))
-        )
+        per_shard = -(-limit // max(1, len(self.handles)))
+        found: list[list[str]] = await self._everywhere("users", per_shard)
         return [user for users in found for user in users][:limit]
 
     async def insights_partials(self) -> list[dict[str, Any]]:
         """Every partition's insights partials (one call per shard), for the merge timer."""
-        await self._fresh()
-        shards = range(len(self.handles))
-        answers = await asyncio.gather(*(self._call(s, "insights_partials") for s in shards))
-        return list(self._pick(answers).values())
+        return list(self._pick(await self._everywhere("insights_partials")).values())
 
     async def status(self) -> list[dict[str, Any]]:
         """Every shard's status, in shard order; a restarting shard says only that."""
@@ -302,9 +346,7 @@ class ShardPool:
 
     async def checkpoint(self) -> list[dict[str, Any]]:
         """Snapshot every shard now (on demand); what each stored."""
-        await self._fresh()
-        shards = range(len(self.handles))
-        return list(await asyncio.gather(*(self._call(s, "checkpoint") for s in shards)))
+        return await self._everywhere("checkpoint")
 
     async def rescale(self, shards: int, timeout_s: float = 120.0) -> dict[str, Any]:
         """Change the shard count to ``shards`` while the stream flows; what moved and when.
@@ -330,7 +372,13 @@ class ShardPool:
 
     async def _rescale(self, shards: int) -> dict[str, Any]:
         started = time.perf_counter()
-        old = await self.refresh()
+        await self._refresh_now()
+        old = self.layout
+        settled: list[Any] = await asyncio.gather(*(h.layout_json.remote() for h in self.handles))
+        if all(a is not None and a["version"] == old.version for a in settled):
+            # Every shard settled on it (a rescale whose driver died, converged
+            # since): say so, or the next layout would wait for the lease.
+            await self._call(0, "store_layout", old.to_json(), old.version, True)
         new = old.rescaled(shards)
         report: dict[str, Any] = {"from": old.shards, "to": shards, "version": new.version}
         if new.owners == old.owners:  # already so: nothing to store or move
@@ -342,11 +390,28 @@ class ShardPool:
                 "adopted_s": 0.0,
                 "took_s": _since(started),
             }
-        for shard in range(len(self.handles), shards):
-            self.handles.append(_spawn(self.spec, self.template, shard, [], detached=True))
-        await asyncio.gather(*(h.start.remote() for h in self.handles[old.shards :]))
+        spawned = [
+            _spawn(self.spec, self.template, shard, [], detached=True)
+            for shard in range(old.shards, shards)
+        ]
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(h.start.remote() for h in spawned)), START_TIMEOUT_S
+            )
+            await self._call(0, "store_layout", new.to_json(), old.version)
+        except BaseException as exc:  # cancelled, never placed, refused: nothing moved yet
+            for handle in spawned:
+                ray.kill(handle, no_restart=True)
+            if isinstance(exc, asyncio.TimeoutError):
+                raise AudienceError(
+                    f"{len(spawned)} new shards did not start within {START_TIMEOUT_S:g} s "
+                    "(no room in the cluster for their CPUs?); nothing moved"
+                ) from None
+            raise
+        removed = self.handles[shards:]
+        self.handles = self.handles[: old.shards] + spawned
+        self._created += spawned
         report["started_s"] = _since(started)
-        await self._call(0, "store_layout", new.to_json(), old.version)
         moves = old.moves_to(new)
         sources = sorted({m.source for m in moves})
         released = await asyncio.gather(
@@ -355,9 +420,7 @@ class ShardPool:
         handoffs: dict[int, dict[str, Any]] = {}
         for source, answer in zip(sources, released, strict=True):
             if isinstance(answer, BaseException):
-                log.warning(
-                    "shard %s could not release (%r); its partitions replay", source, answer
-                )
+                log.warning("shard %s did not release (%r): its partitions replay", source, answer)
             else:
                 handoffs.update(answer)
         report["released_s"] = _since(started)
@@ -380,9 +443,10 @@ class ShardPool:
         report["adopted_s"] = _since(started)
         self.layout = new
         await asyncio.gather(*(self._call(s, "settle", new.to_json()) for s in range(shards)))
-        for handle in self.handles[shards:]:
+        await self._call(0, "store_layout", new.to_json(), new.version, True)
+        del self.handles[shards:]  # before they end: fan-outs meanwhile skip them
+        for handle in removed:
             await _end(handle)
-        del self.handles[shards:]
         report.update(
             moved=len(moves),
             handed_over=len(handoffs),
@@ -398,16 +462,15 @@ class ShardPool:
         A shard that does not stop in time is ended all the same: its restart
         then replays from its previous snapshots, which is slower, not wrong.
         """
-        # Shards a rescale elsewhere added. The handles held stay: they may be the
-        # owner's, and a non-detached actor ends when its owner's handles go.
-        self.handles += _running(self.spec)[len(self.handles) :]
+        running = _running(self.spec)  # by name: a rescale elsewhere may have changed them
         try:
-            ray.get([h.stop.remote() for h in self.handles], timeout=timeout_s)
+            ray.get([h.stop.remote() for h in running], timeout=timeout_s)
         except (GetTimeoutError, RayActorError) as exc:
             log.warning("shards did not all stop cleanly (%r); ending them", exc)
         finally:
-            for handle in self.handles:
-                ray.kill(handle, no_restart=True)
+            for handle in running + self._created:
+                with contextlib.suppress(Exception):  # ended already
+                    ray.kill(handle, no_restart=True)
 
 
 def _spawn(
@@ -448,6 +511,13 @@ def _spawn(
 
 def _get(spec: PoolSpec, shard: int) -> ActorHandle:
     return ray.get_actor(shard_name(spec.name, shard), namespace=NAMESPACE)
+
+
+def _lookup(spec: PoolSpec, shard: int) -> ActorHandle | None:
+    try:
+        return _get(spec, shard)
+    except ValueError:
+        return None
 
 
 def _running(spec: PoolSpec) -> list[ActorHandle]:

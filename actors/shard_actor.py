@@ -73,6 +73,7 @@ STOP_STEP_TIMEOUT_S = 5.0
 START_RETRY_S = 0.25  # between attempts to start while NATS is away
 LAYOUT_POLL_S = 2.0  # how often an actor compares its layout with the stored one
 LAYOUT_GRACE_S = 10.0  # a stored layout an ordered hand-off has not brought is followed after
+RESCALE_LEASE_S = 300.0  # an unsettled rescale older than this no longer blocks the next
 
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
@@ -113,7 +114,8 @@ class ShardActor:
         self.stream = stream
         self.max_messages_per_apply = max_messages_per_apply
         self.checkpoints = checkpoints or CheckpointConfig()
-        self.layout: Layout | None = None
+        self.layout: Layout | None = None  # what this shard follows (owns by)
+        self.settled_layout: Layout | None = None  # what it tells pools to route by
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._reader: StreamReader | None = None
@@ -168,7 +170,8 @@ class ShardActor:
         self._store = self.checkpoints.open(js)
         self._layouts = LayoutStore(js, self.checkpoints.scope, self.checkpoints.replicas)
         if self.recovery["restored"] is None:
-            self.layout, _ = await self._layouts.load()
+            stored = await self._layouts.load()
+            self.layout = self.settled_layout = stored.layout if stored is not None else None
             mine = (
                 self.layout.partitions_of(self.shard_id)
                 if self.layout is not None
@@ -226,7 +229,10 @@ class ShardActor:
         """The state of ``partition`` from the newest usable of ``names``, its name and size."""
         assert self._store is not None
         for name in reversed(names):
-            blob = await self._store.load(name)
+            try:
+                blob = await self._store.load(name)
+            except (NotFoundError, FileNotFoundError):  # pruned since it was listed
+                continue
             state = self.parts.make(partition)
             try:
                 state.restore(blob)
@@ -308,14 +314,19 @@ class ShardActor:
                 await self._publish_dead_letters()
 
     async def _publish_dead_letters(self) -> None:
-        """Publish the held dead letters; keep them (counted) if NATS does not take them."""
+        """Publish the held dead letters; keep them (counted) if NATS does not take them.
+
+        They stay in the held list while the publish is under way, so a snapshot
+        or hand-off meanwhile sees them and waits (it would skip past them).
+        """
         assert self._dead_letters is not None
-        held, self._held_dead_letters = self._held_dead_letters, []
+        held = list(self._held_dead_letters)
         try:
             await self._dead_letters.publish(held)
         except Exception as exc:  # same ids on the next try: JetStream keeps one copy
-            self._held_dead_letters = held + self._held_dead_letters
             log.warning("shard %s holds %d dead letters: %r", self.shard_id, len(held), exc)
+        else:
+            del self._held_dead_letters[: len(held)]  # those added meanwhile stay
 
     async def _checkpoint_forever(self) -> None:
         """Take a snapshot every interval when something changed (and none is in the way)."""
@@ -339,10 +350,12 @@ class ShardActor:
         """Snapshot one partition's state, store it, prune its old snapshots; name and size."""
         assert self._store is not None
         (partition,) = state.partitions
+        self._refuse_while_holding()  # checked at the cut: a publish may have failed since
+        position = state.positions[partition]
         _, blob = state.snapshot(created_ms)  # synchronous: a consistent cut
-        name = snapshot_name(self.checkpoints.scope, partition, created_ms)
+        name = snapshot_name(self.checkpoints.scope, partition, position, created_ms)
         await self._store.save(name, blob)
-        self._snapshotted[partition] = state.positions[partition]
+        self._snapshotted[partition] = position
         await prune(self._store, self.checkpoints.scope, partition, self.checkpoints.keep)
         return name, len(blob)
 
@@ -382,49 +395,76 @@ class ShardActor:
     # -- hand-offs ------------------------------------------------------------------------
 
     async def layout_json(self) -> dict[str, Any] | None:
-        """The layout this shard follows (None before one was stored)."""
-        return None if self.layout is None else self.layout.to_json()
+        """The layout this shard last settled on (None before one was stored).
 
-    async def store_layout(self, layout: dict[str, Any], expected_version: int) -> int:
-        """Store ``layout`` for the pool if the stored one is still ``expected_version``.
+        Pools route by it. During a rescale the shard already follows the next
+        layout, but pools learn that one only once every new owner holds its
+        partitions, so a query never reaches a shard that cannot answer it yet.
+        """
+        return None if self.settled_layout is None else self.settled_layout.to_json()
 
-        Any shard can do it (the pool has no NATS connection of its own); the
-        first start stores version 1 with ``expected_version`` 0.
+    async def store_layout(
+        self, layout: dict[str, Any], expected_version: int, settled: bool = False
+    ) -> int:
+        """Store ``layout`` for the pool, compare-and-set; the key's new revision.
+
+        Stored only if the stored one is ``expected_version``; a new version
+        only if that one's rescale has settled too (or was left unsettled
+        longer than ``RESCALE_LEASE_S`` ago, by a driver that died). A rescale
+        stores its layout unsettled, then the same version settled when done.
+        Any shard can do it: the pool has no NATS connection of its own.
 
         Raises:
-            AudienceError: the stored layout is another version (a concurrent rescale).
+            AudienceError: another rescale ran meanwhile or is still under way.
         """
         await self._starting
         assert self._layouts is not None
-        stored, revision = await self._layouts.load()
-        found = stored.version if stored is not None else 0
+        new = Layout.from_json(layout)
+        stored = await self._layouts.load()
+        found = stored.layout.version if stored is not None else 0
         if found != expected_version:
             raise AudienceError(
-                f"the stored layout is version {found}, not {expected_version}: "
-                "another rescale ran meanwhile"
+                f"the stored layout is version {found}, not {expected_version}: another rescale ran"
             )
-        return await self._layouts.save(Layout.from_json(layout), revision)
+        if stored is not None and new.version != found and not stored.settled:
+            age_s = time.time() - stored.written_ms / 1000
+            if age_s < RESCALE_LEASE_S:
+                raise AudienceError(
+                    f"the rescale to layout version {found} started {age_s:.0f} s ago and "
+                    "has not settled; try again when it has"
+                )
+        return await self._layouts.save(new, stored.revision if stored else 0, settled)
+
+    def _stale(self, new: Layout) -> bool:
+        """Whether ``new`` is older than the layout followed (a late call: ignored)."""
+        return self.layout is not None and new.version < self.layout.version
 
     async def release(self, layout: dict[str, Any]) -> dict[int, dict[str, Any]]:
         """Hand over the partitions ``layout`` gives to others: stop, snapshot, keep answering.
 
         Each released partition stops applying events at once (a synchronous
-        cut), is snapshotted at that position, and answers its users' queries
-        until :meth:`settle` forgets it. Returns, per partition, the snapshot
-        name, its position and the stream end the new owner must reach before
-        answering (this shard's own target while it was recovering).
+        cut) and leaves the reader, is snapshotted at that position, and
+        answers its users' queries until :meth:`settle` forgets it. Returns, per
+        partition, the snapshot name, its position and the stream end the new
+        owner must reach before answering (this shard's own target while it
+        was recovering).
 
         Raises:
             UnavailableError: dead letters wait for NATS; nothing was released.
         """
         await self._starting
         new = Layout.from_json(layout)
+        if self._stale(new):
+            return {}
         self._refuse_while_holding()
         out: dict[int, dict[str, Any]] = {}
+        assert self._reader is not None
         async with self._moving, self._checkpointing:
             created_ms = int(time.time() * 1000)
             going = [p for p in self.parts.partitions if new.owners[p] != self.shard_id]
             states = {p: self.parts.release(p) for p in going}  # one cut for all of them
+            for p in going:  # nothing of them is taken (and skipped) meanwhile
+                await self._reader.remove(p)
             try:
                 for p, state in states.items():
                     name, size = await self._save_partition(state, created_ms)
@@ -432,13 +472,12 @@ class ShardActor:
                     target = max(position, (self._targets or {}).get(p, 0))
                     out[p] = {"name": name, "position": position, "target": target, "bytes": size}
             except Exception:
-                for state in states.values():  # not handed over: own them again
+                for p, state in states.items():  # not handed over: own and read them again
                     self.parts.own(state)
+                    await self._reader.add(p, state.positions[p])
                 raise
             self.layout = new
-            assert self._reader is not None
             for p in going:
-                await self._reader.remove(p)
                 if self._targets:
                     self._targets.pop(p, None)
             self._note_handoff("out", out)
@@ -450,47 +489,76 @@ class ShardActor:
         """Own the partitions ``layout`` gives this shard and it does not hold yet.
 
         A partition with a hand-off (see :meth:`release`) is restored from that
-        snapshot and answers at once; one without (its old owner died) is
-        restored from its newest snapshot and replayed to the stream's end
-        before this shard answers again. Returns each adopted partition's position.
+        snapshot and answers at once; one without (its old owner died or
+        refused) is restored from its newest snapshot and replayed to the
+        stream's end before this shard answers again. A copy this shard still
+        holds (released, not yet forgotten) is used when it is the furthest on.
+        Returns each adopted partition's position.
         """
         await self._starting
         new = Layout.from_json(layout)
-        handoffs = handoffs or {}
-        adopted: dict[int, int] = {}
+        if self._stale(new):
+            return {}
         async with self._moving:
-            coming = [p for p in new.partitions_of(self.shard_id) if p not in self.parts.owned]
-            names = await self._snapshot_names() if coming else {}
-            assert self._reader is not None and self._js is not None
-            for p in coming:
-                if p in self.parts.released:  # handed back before it was forgotten
-                    state = self.parts.released[p]
-                    target = state.positions[p]
-                elif p in handoffs:
-                    state, _, _ = await self._load_partition(p, [handoffs[p]["name"]])
-                    target = int(handoffs[p]["target"])
-                else:
-                    state, _, _ = await self._load_partition(p, names.get(p, []))
-                    target = (await self._stream_ends(self._js, [p]))[p]
-                self.parts.own(state)
-                position = state.positions[p]
-                if target > position:
-                    self._targets = {**(self._targets or {}), p: target}
-                await self._reader.add(p, position)
-                adopted[p] = position
+            adopted = await self._adopt_missing(new, handoffs or {})
             self.layout = new
-            self._check_caught_up()
-            self._note_handoff("in", {p: {"position": s} for p, s in adopted.items()})
+        return adopted
+
+    async def _adopt_missing(
+        self, new: Layout, handoffs: dict[int, dict[str, Any]]
+    ) -> dict[int, int]:
+        """Own what ``new`` gives this shard and it does not own (``_moving`` held)."""
+        coming = [p for p in new.partitions_of(self.shard_id) if p not in self.parts.owned]
+        names = await self._snapshot_names() if coming else {}
+        assert self._reader is not None and self._js is not None
+        adopted: dict[int, int] = {}
+        for p in coming:
+            kept = self.parts.released.get(p)
+            handoff = handoffs.get(p)
+            if kept is not None and (handoff is None or kept.positions[p] >= handoff["position"]):
+                state = kept  # handed back before it was forgotten, and as far on
+            else:  # names sort by position: a hand-off snapshot is the furthest on
+                state, _, _ = await self._load_partition(p, names.get(p, []))
+            if handoff is not None:
+                target = int(handoff["target"])
+            else:  # its old owner died or refused: replay to the stream's end first
+                target = (await self._stream_ends(self._js, [p]))[p]
+            self.parts.own(state)
+            position = state.positions[p]
+            if target > position:
+                self._targets = {**(self._targets or {}), p: target}
+            await self._reader.add(p, position)
+            adopted[p] = position
+        self._check_caught_up()
+        self._note_handoff("in", {p: {"position": s} for p, s in adopted.items()})
         return adopted
 
     async def settle(self, layout: dict[str, Any]) -> list[int]:
-        """Follow ``layout`` (now stored) and forget released partitions it gives others."""
+        """Hold exactly what ``layout`` (now stored) gives this shard; what it let go.
+
+        Released partitions it gives others are forgotten; owned ones it gives
+        others (a release that was refused or never asked for) stop at once,
+        without a hand-off: their new owner restored them from a snapshot and
+        replays; ones it gives this shard and it does not hold are adopted
+        from their newest snapshots. Pools learn the layout from here on.
+        """
         new = Layout.from_json(layout)
+        if self._stale(new):
+            return []
+        assert self._reader is not None
         async with self._moving:
-            self.layout = new
-            gone = [p for p in self.parts.released if new.owners[p] != self.shard_id]
+            mine = set(new.partitions_of(self.shard_id))
+            for p in [p for p in self.parts.partitions if p not in mine]:
+                self.parts.release(p)
+                await self._reader.remove(p)
+                if self._targets:
+                    self._targets.pop(p, None)
+            gone = [p for p in self.parts.released if p not in mine]
             for p in gone:
                 self.parts.forget(p)
+            await self._adopt_missing(new, {})
+            self.layout = self.settled_layout = new
+            self._check_caught_up()
         return gone
 
     def _note_handoff(self, direction: str, parts: dict[int, dict[str, Any]]) -> None:
@@ -500,37 +568,45 @@ class ShardActor:
                 {"at": time.time(), "direction": direction, "partitions": sorted(parts)},
             ]
 
+    def _follows(self, layout: Layout) -> bool:
+        """Whether this shard holds exactly what ``layout`` gives it, and has settled on it."""
+        return (
+            self.settled_layout is not None
+            and self.settled_layout.version >= layout.version
+            and set(self.parts.owned) == set(layout.partitions_of(self.shard_id))
+            and not self.parts.released
+        )
+
     async def _follow_layout(self) -> None:
         """Converge on the stored layout when no ordered hand-off brought it in time.
 
         A rescale stores the new layout, then hands partitions over in order;
-        if the process driving it dies half-way, every shard still ends up
-        owning what the stored layout says, from the partitions' snapshots.
+        if the process driving it dies half-way (or a step failed), every shard
+        still ends up holding what the stored layout says, from the partitions'
+        snapshots, once the difference has lasted ``LAYOUT_GRACE_S``.
         """
         assert self._layouts is not None
-        seen_since: tuple[int, float] | None = None
+        differs_since: float | None = None
         while True:
             await asyncio.sleep(LAYOUT_POLL_S)
             try:
-                stored, _ = await self._layouts.load()
+                stored = await self._layouts.load()
             except Exception as exc:  # NATS away: the next poll tries again
                 log.info("shard %s cannot read the layout: %r", self.shard_id, exc)
                 continue
-            mine = self.layout.version if self.layout is not None else 0
-            if stored is None or stored.version <= mine:
-                seen_since = None
+            if stored is None or self._stale(stored.layout) or self._follows(stored.layout):
+                differs_since = None
                 continue
-            if seen_since is None or seen_since[0] != stored.version:
-                seen_since = (stored.version, time.monotonic())
+            if differs_since is None:
+                differs_since = time.monotonic()
+            if time.monotonic() - differs_since < LAYOUT_GRACE_S:
                 continue
-            if time.monotonic() - seen_since[1] < LAYOUT_GRACE_S:
-                continue
-            log.warning("shard %s follows stored layout v%s", self.shard_id, stored.version)
+            log.warning("shard %s converges on layout v%s", self.shard_id, stored.layout.version)
             try:
-                await self.release(stored.to_json())
-                await self.adopt(stored.to_json())
-                await self.settle(stored.to_json())
-            except Exception as exc:  # dead letters held, NATS away: the next poll again
+                target = stored.layout.to_json()
+                await self.release(target)  # a hand-off snapshot where it can
+                await self.settle(target)
+            except Exception as exc:  # NATS away, a snapshot unreadable: the next poll again
                 log.warning("shard %s: following the layout failed: %r", self.shard_id, exc)
 
     def _log_crash(self, task: asyncio.Task[None]) -> None:
@@ -561,13 +637,13 @@ class ShardActor:
 
     async def item_partials(
         self, top_n: int, known: dict[int, int | None] | None = None
-    ) -> dict[int, dict[str, Any] | None]:
-        """Item partial of each owned partition (see ``Shard.item_partial``)."""
+    ) -> dict[int, tuple[dict[str, Any] | None, bool]]:
+        """Item partial of each partition held (see ``PartitionSet.item_partials``)."""
         self._ready()
         return self.parts.item_partials(top_n, known)
 
-    async def insights_partials(self) -> dict[int, dict[str, Any]]:
-        """Insights partials of each owned partition, for the merge."""
+    async def insights_partials(self) -> dict[int, tuple[dict[str, Any], bool]]:
+        """Insights partials of each partition held, for the merge."""
         self._ready()
         return self.parts.insights_partials()
 

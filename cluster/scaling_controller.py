@@ -87,7 +87,8 @@ class ScalingController:
         except Exception as exc:  # another rescale won, a shard died: sample again
             log.warning("autoscaler could not rescale to %d shards: %r", shards, exc)
             return {"error": repr(exc)}
-        self._rescales += 1
+        if report["moved"]:
+            self._rescales += 1
         return report
 
     async def decisions(self) -> dict[str, Any]:

@@ -101,8 +101,9 @@ def test_a_killed_shard_restores_its_snapshot_replays_and_answers_recovering_mea
         scope = pool.spec.scope
         victim_partition = partition_of(victim_user, PARTITIONS)
         taken_ms = stored[victim]["created_ms"]
-        good = snapshot_name(scope, victim_partition, taken_ms)
-        asyncio.run(_save(url, snapshot_name(scope, victim_partition, taken_ms + 1)))
+        at = stored[victim]["positions"][victim_partition]
+        good = snapshot_name(scope, victim_partition, at, taken_ms)
+        asyncio.run(_save(url, snapshot_name(scope, victim_partition, at, taken_ms + 1)))
 
         before = ray.get(pool.handles[victim].status.remote())["started_at"]
         ray.kill(pool.handles[victim], no_restart=False)
@@ -233,6 +234,7 @@ def test_the_api_answers_503_recovering_while_a_shard_restarts_then_200(
     assert status["recovering"] == []
     restored = status["shards"][victim]["recovery"]["restored"]
     partition = partition_of(user, platform.pool.spec.partitions)
-    taken_ms = stored.json()["checkpoints"][victim]["created_ms"]
-    assert restored[str(partition)] == snapshot_name(platform.pool.spec.scope, partition, taken_ms)
+    taken = stored.json()["checkpoints"][victim]
+    at, scope = taken["positions"][str(partition)], platform.pool.spec.scope
+    assert restored[str(partition)] == snapshot_name(scope, partition, at, taken["created_ms"])
     assert status["retention_warnings"] == []

@@ -64,25 +64,33 @@ def _spec(url: str, name: str) -> PoolSpec:
 
 
 class Reader:
-    """Asks for the same users' profiles in a loop; keeps what went wrong."""
+    """Asks for the same users' profiles, and every partition's partials, in a loop.
+
+    Keeps what went wrong: a failed call, a user's count going backwards, an
+    aggregate answer that misses a partition (or holds one twice).
+    """
 
     def __init__(self, pool: ShardPool, users: list[str]) -> None:
         self.pool = pool
         self.users = users
         self.answers = 0
+        self.fanouts = 0
         self.errors: list[str] = []
         self.backwards: list[str] = []
+        self.partial_counts: set[int] = set()
         self._last: dict[str, int] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
                 profiles = await self.pool.profiles(self.users)
+                partials = await self.pool.insights_partials()
             except Exception as exc:  # every failure is a finding
                 self.errors.append(repr(exc))
                 await asyncio.sleep(0.05)
                 continue
             self.answers += 1
+            self.partial_counts.add(len(partials))
             for user, profile in zip(self.users, profiles, strict=True):
                 events = profile["events"] if profile else 0
                 if events < self._last.get(user, 0):
@@ -104,10 +112,13 @@ async def _publish(url: str, batches: list[Any], every_s: float) -> None:
 
 async def _scenario(url: str, pool: ShardPool, batches: list[Any]) -> dict[str, Any]:
     truth = truth_of(*batches)
-    reader = Reader(pool, sorted(truth)[:: max(1, len(truth) // 40)])
+    sample = sorted(truth)[:: max(1, len(truth) // 40)]
+    reader = Reader(pool, sample)
+    # Another process's view: a pool that learns each layout from the shards.
+    elsewhere = Reader(ShardPool.connect(pool.spec), sample)
     stop = asyncio.Event()
     publishing = asyncio.create_task(_publish(url, batches, every_s=0.1))
-    reading = asyncio.create_task(reader.run(stop))
+    reading = asyncio.gather(reader.run(stop), elsewhere.run(stop))
     await asyncio.sleep(1.0)
     up = await pool.rescale(4)
     assert len(pool.handles) == 4
@@ -118,7 +129,7 @@ async def _scenario(url: str, pool: ShardPool, batches: list[Any]) -> dict[str, 
     stop.set()
     await reading
     assert_counts(profiles, truth)
-    return {"up": up, "down": down, "reader": reader, "pool": pool}
+    return {"up": up, "down": down, "readers": [reader, elsewhere], "pool": pool}
 
 
 def test_rescale_two_to_four_to_one_while_streaming_keeps_counts_exact(
@@ -137,10 +148,12 @@ def test_rescale_two_to_four_to_one_while_streaming_keeps_counts_exact(
         started = time.perf_counter()
         result = asyncio.run(_scenario(url, pool, batches))
         took_s = time.perf_counter() - started
-        up, down, reader = result["up"], result["down"], result["reader"]
-        assert not reader.errors, reader.errors[:5]
-        assert not reader.backwards, reader.backwards[:5]
-        assert reader.answers > 20  # it really asked throughout
+        up, down = result["up"], result["down"]
+        for reader in result["readers"]:
+            assert not reader.errors, reader.errors[:5]
+            assert not reader.backwards, reader.backwards[:5]
+            assert reader.partial_counts == {PARTITIONS}  # each partition once, always
+            assert reader.answers > 10  # it really asked throughout
         # Every moved partition went through a hand-off snapshot, none replayed.
         assert up["moved"] == up["handed_over"] == 4
         assert down["moved"] == down["handed_over"] == 6
@@ -150,10 +163,12 @@ def test_rescale_two_to_four_to_one_while_streaming_keeps_counts_exact(
                 ray.get_actor(shard_name("rescale", gone), namespace=NAMESPACE)
         # Another process's view: the layout is read from the shards, not assumed.
         other = ShardPool.connect(spec)
-        assert asyncio.run(other.refresh()).version == 3
+        asyncio.run(other.refresh())
+        assert other.layout.version == 3 and len(other.handles) == 1
         statuses = asyncio.run(pool.status())
         assert statuses[0]["applied_events"] == BATCHES * BATCH_EVENTS
-        _record({"up": up, "down": down, "answers": reader.answers, "took_s": took_s})
+        answers = [r.answers for r in result["readers"]]
+        _record({"up": up, "down": down, "answers": answers, "took_s": took_s})
     finally:
         pool.shutdown()
 
@@ -227,3 +242,44 @@ def test_the_api_rescales_the_platform_live_and_back(platform: Platform, api: ht
     assert back.status_code == 200, back.text
     assert len(platform.pool.handles) == 2
     assert all_applied()
+
+
+def test_a_rescale_whose_driver_dies_half_way_converges_exactly(
+    ray_local: int, nats_for_rescale: EmbeddedNats
+) -> None:
+    """The layout is stored and shard 1 released its partitions, then nobody goes on.
+
+    Every shard follows the stored layout on its own after LAYOUT_GRACE_S: shard 0
+    adopts the released partitions from their hand-off snapshots, shard 1 lets
+    them go; queries meanwhile are answered (from shard 1's released copies),
+    the counts end exact, and the next rescale is not held up by the dead one.
+    """
+    url = nats_for_rescale.url
+    pool = ShardPool.create(_spec(url, "orphaned"))
+    first = random_batch(3000, 300, seed=800, prefix="or-")
+    later = random_batch(3000, 300, seed=801, prefix="or-")
+    try:
+        asyncio.run(_publish(url, [first], every_s=0))
+        asyncio.run(settled_profiles(pool, truth_of(first)))
+        new = pool.layout.rescaled(1)
+        ray.get(pool.handles[0].store_layout.remote(new.to_json(), pool.layout.version))
+        released = ray.get(pool.handles[1].release.remote(new.to_json()))
+        assert sorted(released) == pool.layout.partitions_of(1)
+        # The driver is gone. Events go on; shard 1 still answers for its users.
+        asyncio.run(_publish(url, [later], every_s=0))
+
+        def converged() -> bool:
+            counters = ray.get([h.counters.remote() for h in pool.handles])
+            return (
+                counters[0]["partitions"] == list(range(PARTITIONS))
+                and not counters[1]["partitions"]
+            )
+
+        wait_until(converged, timeout_s=60, every_s=0.5)
+        truth = truth_of(first, later)
+        assert_counts(asyncio.run(settled_profiles(pool, truth)), truth)
+        report = asyncio.run(pool.rescale(2))  # not refused: the orphaned one settled
+        assert report["from"] == 1 and report["to"] == 2 and report["moved"] > 0
+        assert_counts(asyncio.run(settled_profiles(pool, truth)), truth)
+    finally:
+        pool.shutdown()

@@ -181,15 +181,16 @@ def test_folder_store_keeps_newest_snapshots_and_hides_unfinished_writes(tmp_pat
 
     async def scenario() -> tuple[list[str], list[str], bytes]:
         for created in (3, 1, 2, 5):
-            await store.save(snapshot_name("s", 7, created), f"blob-{created}".encode())
-        await store.save(snapshot_name("s", 8, 4), b"other shard")
-        (tmp_path / f".{snapshot_name('s', 7, 9)}.partial").write_bytes(b"half a snap")  # a crash
+            await store.save(snapshot_name("s", 7, created, created), f"blob-{created}".encode())
+        await store.save(snapshot_name("s", 8, 4, 4), b"other shard")
+        crashed = tmp_path / f".{snapshot_name('s', 7, 9, 9)}.partial"
+        crashed.write_bytes(b"half a snap")  # a write that never finished
         deleted = await prune(store, "s", 7, keep=2)
         names = await store.names(partition_prefix("s", 7))
         return deleted, names, await store.load(names[-1])
 
     deleted, names, newest = asyncio.run(scenario())
-    assert deleted == [snapshot_name("s", 7, 1), snapshot_name("s", 7, 2)]
-    assert names == [snapshot_name("s", 7, 3), snapshot_name("s", 7, 5)]
+    assert deleted == [snapshot_name("s", 7, 1, 1), snapshot_name("s", 7, 2, 2)]
+    assert names == [snapshot_name("s", 7, 3, 3), snapshot_name("s", 7, 5, 5)]
     assert newest == b"blob-5"
-    assert (tmp_path / snapshot_name("s", 8, 4)).read_bytes() == b"other shard"
+    assert (tmp_path / snapshot_name("s", 8, 4, 4)).read_bytes() == b"other shard"
