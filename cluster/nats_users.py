@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from actors.nats_auth import NatsCredentials
-from actors.partitioning import ALERTS_SUBJECT_PREFIX, DLQ_SUBJECT_PREFIX, EVENTS_SUBJECT_PREFIX
+from actors.partitioning import ALERTS_SUBJECT_PREFIX, EVENTS_SUBJECT_PREFIX, dlq_subject
+from actors.validation import RejectReason
 
 ROLES = ("admin", "api", "shard", "producer")
 CONFIG_NAME = "nats-server.conf"
@@ -95,16 +96,18 @@ def permissions(role: str, names: AccessNames | None = None) -> Permissions:
     names = names or AccessNames()
     inbox = f"{inbox_prefix(role)}.>"
     events = f"{EVENTS_SUBJECT_PREFIX}.*"
-    dead_letters = f"{DLQ_SUBJECT_PREFIX}.>"
+    # One subject per known reason, not a wildcard: a made-up reason could carry
+    # markup into every screen that lists the reasons.
+    dead_letters = tuple(dlq_subject(reason.value) for reason in RejectReason)
     if role == "admin":
         return Permissions(publish=(">",), subscribe=(">",))
     if role == "producer":
-        return Permissions(publish=(events, dead_letters), subscribe=(inbox,))
+        return Permissions(publish=(events, *dead_letters), subscribe=(inbox,))
     if role == "api":
         return Permissions(
             publish=(
                 events,
-                dead_letters,
+                *dead_letters,
                 f"{ALERTS_SUBJECT_PREFIX}.>",
                 f"$JS.API.STREAM.INFO.{names.events}",
                 f"$JS.API.STREAM.MSG.GET.{names.events}",
@@ -118,7 +121,7 @@ def permissions(role: str, names: AccessNames | None = None) -> Permissions:
         return Permissions(
             publish=(
                 *_consume(names.events),
-                dead_letters,
+                *dead_letters,
                 f"$O.{names.bucket}.>",  # object chunks and metadata
                 *_consume(objects),
                 f"$JS.API.STREAM.PURGE.{objects}",  # deleting an object purges its chunks

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -154,9 +155,13 @@ def test_up_serves_the_api_and_ctrl_c_stops_every_process(
     logs = [p for p in ray_tmp.rglob("*") if p.is_file() and "logs" in p.parts]
     assert logs, "no Ray logs found"
     shown += [p.read_bytes().decode(errors="replace") for p in logs]
-    for secret in (key, key.split("_", 2)[2], WEBHOOK_SECRET):
+    nats_dir = Path(env["AUDIENCE_DATA_DIR"]) / "nats"
+    shown += [p.read_text(errors="replace") for p in nats_dir.glob("*.log")]  # the server's
+    logins = [json.loads(p.read_text())["password"] for p in (nats_dir / "auth").glob("*.json")]
+    assert len(logins) == 4  # admin, api, shard, producer: generated, and...
+    for secret in (key, key.split("_", 2)[2], WEBHOOK_SECRET, *logins):
         leaks = [text[:200] for text in shown if secret in text]
-        assert not leaks, leaks
+        assert not leaks, leaks  # ...never shown
 
 
 def _json_if_ok(api: httpx.Client, path: str) -> dict | None:

@@ -44,6 +44,7 @@ def test_a_producer_may_publish_events_and_dead_letters_only() -> None:
     assert _allows(rights.publish, "audience.dlq.schema")
     for subject in (
         "audience.events.3.x",
+        "audience.dlq.<svg onload=x>",  # only the known reasons: no markup in reason lists
         "audience.alerts.volume",
         "$JS.API.CONSUMER.CREATE.AUDIENCE_EVENTS",
         "$JS.API.STREAM.MSG.GET.AUDIENCE_EVENTS",
