@@ -10,7 +10,9 @@ subscribe only to its own inboxes, so one role cannot read another's replies).
 Secrets never reach a repr, a log line or an error message: credentials print
 as ``user 'producer'``, URLs lose their ``user:password@`` part. A server that
 refuses the credentials ends the attempt at once with :class:`NatsAuthError`
-(nats-py would otherwise retry for ever, a traceback per attempt).
+(nats-py would otherwise retry for ever, a traceback per attempt), and so does
+a server whose TLS certificate the CA given does not vouch for
+(:class:`NatsTlsError`), or an nkey seed or creds file that cannot be read.
 """
 
 from __future__ import annotations
@@ -52,8 +54,8 @@ class NatsAuthError(UnavailableError):
         super().__init__(
             "nats",
             f"{redact_url(url)} refused the credentials ({identity}): {detail}; check "
-            "AUDIENCE_NATS_USER / _PASSWORD / _TOKEN / _CREDS_FILE, or the embedded "
-            "server's files listed by `audience nats-users`",
+            "AUDIENCE_NATS_USER / _PASSWORD / _TOKEN / _NKEY_SEED_FILE / _CREDS_FILE, or "
+            "the embedded server's files listed by `audience nats-users`",
             retry_after_s=5.0,
         )
         self.url = redact_url(url)
@@ -63,6 +65,43 @@ class NatsAuthError(UnavailableError):
     def __reduce__(self) -> tuple[type, tuple[str, str, str]]:
         # Raised inside a Ray actor and re-raised in the caller: pickled by Ray.
         return (type(self), (self.url, self.identity, self._reason))
+
+
+class NatsTlsError(NatsAuthError):
+    """The NATS server's TLS certificate is not trusted (no CA given, or the wrong one).
+
+    A :class:`NatsAuthError` (callers that stop on refused credentials stop on it
+    too): retrying cannot help until the settings name the right CA.
+    """
+
+    def __init__(self, url: str, identity: str, detail: str) -> None:
+        UnavailableError.__init__(
+            self,
+            "nats",
+            f"{redact_url(url)}: TLS certificate not trusted ({detail}); set "
+            "AUDIENCE_NATS_TLS_CA to the CA that signed the server's certificate",
+            retry_after_s=5.0,
+        )
+        self.url = redact_url(url)
+        self.identity = identity
+        self._reason = detail
+
+
+class NatsKeyFileError(NatsAuthError):
+    """The nkey seed or creds file cannot be used (missing, unreadable, no valid seed),
+    or the ``nkeys`` package nats-py needs for them does not import."""
+
+    def __init__(self, url: str, identity: str, detail: str) -> None:
+        UnavailableError.__init__(
+            self,
+            "nats",
+            f"cannot sign in to {redact_url(url)} ({identity}): {detail}; check "
+            "AUDIENCE_NATS_NKEY_SEED_FILE / AUDIENCE_NATS_CREDS_FILE",
+            retry_after_s=5.0,
+        )
+        self.url = redact_url(url)
+        self.identity = identity
+        self._reason = detail
 
 
 def redact_url(url: str) -> str:
@@ -157,6 +196,61 @@ def is_refusal(exc: BaseException) -> bool:
     return any(marker in text for marker in _REFUSALS)
 
 
+def _final(
+    exc: BaseException, nats_url: str, credentials: NatsCredentials | None
+) -> Exception | None:
+    """The error to end a connect attempt with for ``exc``, or None to let nats-py retry.
+
+    A refusal and an untrusted server certificate end it: the same credentials
+    and the same CA would fail again.
+    """
+    if is_refusal(exc):
+        return NatsAuthError(nats_url, _identity(credentials), _reason(str(exc)))
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        detail = exc.verify_message or exc.reason or str(exc)
+        return NatsTlsError(nats_url, _identity(credentials), str(detail))
+    return None
+
+
+def check_key_files(nats_url: str, credentials: NatsCredentials | None) -> None:
+    """Read the nkey seed or creds file of ``credentials`` before connecting.
+
+    nats-py reads them inside ``connect`` and fails with a bare traceback (or an
+    ImportError without the ``nkeys`` package); this says which file and why.
+
+    Raises:
+        NatsKeyFileError: the file is missing, unreadable or holds no valid seed,
+            or ``nkeys`` cannot be imported.
+    """
+    if credentials is None or not (credentials.nkey_seed_file or credentials.creds_file):
+        return
+    identity = credentials.identity
+    try:
+        import nkeys  # nats-py needs it for both
+    except ImportError as exc:
+        raise NatsKeyFileError(
+            nats_url, identity, f"the `nkeys` package cannot be imported ({exc}); pip install nkeys"
+        ) from None
+    path = credentials.nkey_seed_file or credentials.creds_file
+    assert path is not None
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise NatsKeyFileError(nats_url, identity, f"cannot read {path}: {reason}") from None
+    except UnicodeDecodeError:  # its message would quote a byte of the file
+        raise NatsKeyFileError(nats_url, identity, f"{path} is not a text file") from None
+    if credentials.creds_file:
+        seed = re.search(r"-+BEGIN USER NKEY SEED-+\s+(\S+)", text)
+        if "BEGIN NATS USER JWT" not in text or seed is None:
+            raise NatsKeyFileError(nats_url, identity, f"{path} is not a NATS creds file")
+        text = seed.group(1)
+    try:
+        nkeys.from_seed(bytearray(text.strip().encode()))
+    except Exception:  # nkeys raises its own error types (and binascii ones)
+        raise NatsKeyFileError(nats_url, identity, f"{path} holds no valid nkey seed") from None
+
+
 async def connect(
     nats_url: str,
     credentials: NatsCredentials | None = None,
@@ -178,18 +272,24 @@ async def connect(
     Raises:
         NatsAuthError: the server refused the credentials (not retried: the
             same credentials would be refused again).
+        NatsKeyFileError: the nkey seed or creds file is unusable (checked
+            before connecting).
+        NatsTlsError: the server's TLS certificate is not trusted by the CA
+            given (or by the system's CAs without one); not retried either.
         Exception: whatever nats-py raises when the server cannot be reached.
     """
+    check_key_files(nats_url, credentials)
     nc = client if client is not None else Client()
-    refused: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    refused: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
     connected = False
 
     async def on_error(exc: Exception) -> None:
-        if is_refusal(exc):
+        final = _final(exc, nats_url, credentials)
+        if final is not None:
             if not refused.done():
-                refused.set_result(str(exc))
+                refused.set_result(final)
             if connected:  # credentials revoked while running: nats-py keeps retrying
-                log.warning("NATS refused %s on reconnect: %s", _identity(credentials), exc)
+                log.warning("NATS refused %s on reconnect: %s", _identity(credentials), final)
             return
         if error_cb is not None:
             await error_cb(exc)
@@ -207,13 +307,13 @@ async def connect(
         raise
     if refused.done() and not attempt.done():
         await _abandon(attempt, nc)
-        raise NatsAuthError(nats_url, _identity(credentials), _reason(refused.result()))
+        raise refused.result()
     try:
         await attempt
     except Exception as exc:
-        if refused.done() or is_refusal(exc):
-            reason = refused.result() if refused.done() else str(exc)
-            raise NatsAuthError(nats_url, _identity(credentials), _reason(reason)) from None
+        final = refused.result() if refused.done() else _final(exc, nats_url, credentials)
+        if final is not None:
+            raise final from None
         raise
     connected = True
     return nc

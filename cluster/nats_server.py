@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import secrets
 import shutil
 import signal
 import socket
@@ -79,6 +81,11 @@ class EmbeddedNats:
     kept in ``auth_dir`` (default ``<store_dir>/auth``, owner-only), and the
     store folder is made owner-only too (it holds the events).
     :meth:`credentials` gives a role's credentials.
+
+    ``config`` (a dict, e.g. a ``cluster`` block with route passwords) goes into
+    a config file of this node, ``<store_dir>/nats-server.conf`` (0600, merged
+    with the users' ``authorization`` block), never onto the command line
+    where ``ps`` would show it.
     """
 
     def __init__(
@@ -92,12 +99,14 @@ class EmbeddedNats:
         auth: bool = False,
         names: AccessNames | None = None,
         auth_dir: Path | None = None,
+        config: dict[str, Any] | None = None,
     ) -> None:
         self.store_dir = Path(store_dir)
         self.host = host
         self.port = port
         self.binary = binary
         self.extra_args = extra_args
+        self.config = config
         self.users = NatsUsers(auth_dir or self.store_dir / "auth", names) if auth else None
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -114,6 +123,26 @@ class EmbeddedNats:
     def log_path(self) -> Path:
         """Where the server's output goes."""
         return self.store_dir / "nats-server.log"
+
+    @property
+    def config_path(self) -> Path:
+        """This node's own config file (written when it has ``config``)."""
+        return self.store_dir / "nats-server.conf"
+
+    def _config_file(self) -> Path | None:
+        """The config file to start with: the users' (shared), or this node's own
+        (users and ``config`` merged, 0600), or None."""
+        if self.config is None:
+            return self.users.ensure().config_path if self.users is not None else None
+        merged: dict[str, Any] = {}
+        if self.users is not None:
+            merged.update(json.loads(self.users.ensure().config_path.read_text()))
+        merged.update(self.config)
+        fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            os.fchmod(out.fileno(), 0o600)  # it may hold route passwords
+            json.dump(merged, out, indent=2)
+        return self.config_path
 
     def start(self, timeout_s: float = 15.0) -> EmbeddedNats:
         """Start the server and wait until it accepts clients with JetStream on.
@@ -134,7 +163,9 @@ class EmbeddedNats:
         args += ["-sd", str(self.store_dir), *self.extra_args]
         if self.users is not None:
             self.store_dir.chmod(0o700)
-            args += ["-c", str(self.users.ensure().config_path)]
+        config = self._config_file()
+        if config is not None:
+            args += ["-c", str(config)]
         with open(self.log_path, "ab") as log:
             # Its own session: a terminal's Ctrl-C reaches the whole foreground
             # process group, and the owner wants to stop the server itself, last.
@@ -274,7 +305,11 @@ class EmbeddedNatsCluster:
     Use as a context manager, or call :meth:`start` and :meth:`stop`. For fault
     tests, :meth:`kill` (SIGKILL one node, as a crash would) and :meth:`restart`.
     With ``auth``, every node takes the same role users (as :class:`EmbeddedNats`
-    does), kept in ``<store_dir>/auth``.
+    does), kept in ``<store_dir>/auth``, and the routes between nodes need a
+    login too: a route user and password generated for this cluster, in each
+    node's config file (0600, in its 0700 store folder) with the route URLs
+    that carry it, so no other local process can join as a route and nothing
+    secret shows on a command line.
     """
 
     def __init__(
@@ -299,6 +334,7 @@ class EmbeddedNatsCluster:
         self.names = names
         self.nodes: list[EmbeddedNats] = []
         self.monitor_ports: list[int] = []
+        self.route_ports: list[int] = []
 
     def credentials(self, role: str) -> NatsCredentials | None:
         """The credentials of ``role`` on every node; None without auth."""
@@ -348,16 +384,25 @@ class EmbeddedNatsCluster:
                     return port
 
         clients = [pick() for _ in range(self.size)]
-        routes = [pick() for _ in range(self.size)]
+        routes = self.route_ports = [pick() for _ in range(self.size)]
         self.monitor_ports = [pick() for _ in range(self.size)]
+        login = ""
+        route_auth: dict[str, Any] = {}
+        if self.auth:  # new for each build: every node's config gets the same one
+            user, password = "route", secrets.token_urlsafe(24)
+            login = f"{user}:{password}@"
+            route_auth = {"authorization": {"user": user, "password": password, "timeout": 2}}
         self.nodes = []
         for index in range(self.size):
-            others = [f"nats://{self.host}:{routes[j]}" for j in range(self.size) if j != index]
-            args = ["--server_name", self.server_name(index), "--cluster_name", self.name]
-            args += ["--cluster", f"nats://{self.host}:{routes[index]}"]
-            args += ["-m", str(self.monitor_ports[index])]
+            others = [
+                f"nats-route://{login}{self.host}:{routes[j]}"
+                for j in range(self.size)
+                if j != index
+            ]
+            cluster = {"name": self.name, "host": self.host, "port": routes[index], **route_auth}
             if others:
-                args += ["--routes", ",".join(others)]
+                cluster["routes"] = others
+            args = ["--server_name", self.server_name(index), "-m", str(self.monitor_ports[index])]
             node_dir = self.store_dir / self.server_name(index)
             self.nodes.append(
                 EmbeddedNats(
@@ -369,6 +414,7 @@ class EmbeddedNatsCluster:
                     auth=self.auth,
                     names=self.names,
                     auth_dir=self.store_dir / "auth",
+                    config={"cluster": cluster},
                 )
             )
 

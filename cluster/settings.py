@@ -16,10 +16,16 @@ from actors.windows import LatenessPolicy
 
 
 def _has_nkeys() -> bool:
-    """Whether the ``nkeys`` package (nkey seeds and creds files in nats-py) is installed."""
-    import importlib.util
+    """Whether the ``nkeys`` package (nkey seeds and creds files in nats-py) imports.
 
-    return importlib.util.find_spec("nkeys") is not None
+    A dependency of the project, so only a broken install (or a missing ed25519
+    backend, PyNaCl) makes this false.
+    """
+    try:
+        import nkeys  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _default_data_dir() -> Path:
@@ -65,11 +71,11 @@ class Settings(BaseSettings):
     )
     nats_nkey_seed_file: Path | None = Field(
         default=None,
-        description="File holding an nkey seed to sign in with (needs the `nkeys` package).",
+        description="File holding an nkey seed (SU...) to sign in to an external NATS with.",
     )
     nats_creds_file: Path | None = Field(
         default=None,
-        description="NATS creds file (user JWT and nkey seed, decentralised auth; needs `nkeys`).",
+        description="NATS creds file (user JWT and nkey seed, decentralised JWT auth).",
     )
     nats_tls_ca: Path | None = Field(
         default=None, description="CA bundle to verify the NATS server's TLS certificate."
@@ -367,10 +373,11 @@ class Settings(BaseSettings):
         if bool(self.nats_tls_cert) != bool(self.nats_tls_key):
             raise ValueError("nats_tls_cert and nats_tls_key go together")
         if (self.nats_nkey_seed_file or self.nats_creds_file) and not _has_nkeys():
-            # nats-py imports it only when connecting: fail here, once, in plain words.
+            # A dependency, but nats-py imports it only when connecting: should the
+            # install be broken, fail here, once, in plain words.
             raise ValueError(
-                "nats_nkey_seed_file and nats_creds_file need the `nkeys` package "
-                "(pip install nkeys)"
+                "nats_nkey_seed_file and nats_creds_file need the `nkeys` package, which "
+                "does not import here (reinstall audience-insights, or pip install nkeys)"
             )
         return self
 

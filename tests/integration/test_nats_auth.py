@@ -8,6 +8,8 @@ gets no answer), so each check below both tries and listens.
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -230,10 +232,35 @@ def test_credentials_never_show_their_secrets(secured: EmbeddedNats) -> None:
     assert creds.password not in repr(creds) and creds.password not in str(creds)
 
 
+def route_answer(host: str, port: int, login: dict[str, str]) -> str:
+    """What a route port answers a process that connects to it as a route with ``login``
+    (naming the right cluster, so only the login can be what is refused)."""
+    with socket.create_connection((host, port), timeout=5) as sock:
+        reader = sock.makefile("rb")
+        assert reader.readline().startswith(b"INFO ")
+        connect = {"verbose": False, "pedantic": False, "name": "intruder", **login}
+        connect["cluster"] = "audience"
+        sock.sendall(f"CONNECT {json.dumps(connect)}\r\nPING\r\n".encode())
+        return reader.readline().decode().strip()
+
+
 def test_a_cluster_with_auth_takes_the_same_users_on_every_node(tmp_path: Path) -> None:
     cluster = EmbeddedNatsCluster(tmp_path / "cluster", auth=True)
     try:
         cluster.start()
+        # Routes need a login too, kept in each node's own config file, not on its command line.
+        for node in cluster.nodes:
+            assert node.process is not None
+            command = str(node.process.args)  # what `ps` shows
+            assert "nats-route" not in command and "--routes" not in command
+            assert stat.S_IMODE(node.config_path.stat().st_mode) == 0o600
+            route = json.loads(node.config_path.read_text())["cluster"]
+            password = route["authorization"]["password"]
+            assert password and password not in command
+            assert all(f"route:{password}@" in url for url in route["routes"])
+        for login in ({}, {"user": "route", "pass": "guess"}):
+            answer = route_answer(cluster.host, cluster.route_ports[0], login)
+            assert answer == "-ERR 'Authorization Violation'", answer
 
         async def body() -> None:
             admin = await connect(cluster.url, cluster.credentials("admin"))

@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from actors.nats_auth import NatsAuthError, NatsCredentials, is_refusal, redact_url
+from actors.nats_auth import (
+    NatsAuthError,
+    NatsCredentials,
+    NatsKeyFileError,
+    NatsTlsError,
+    check_key_files,
+    is_refusal,
+    redact_url,
+)
 from cluster.launcher import nats_credentials_of
 from cluster.nats_users import ROLES, AccessNames, NatsUsers, permissions, server_config
 from cluster.settings import Settings
@@ -222,3 +230,35 @@ def test_settings_refuse_a_login_inside_the_nats_url() -> None:
     with pytest.raises(ValidationError, match="must not hold a login") as caught:
         _settings(nats_url="nats://bob:hunter2@nats:4222")
     assert "hunter2" not in str(caught.value).split("input_value")[0]
+
+
+def test_tls_and_key_file_errors_are_auth_errors_in_one_line_that_survive_pickling() -> None:
+    for kind in (NatsTlsError, NatsKeyFileError):
+        error = kind("tls://u:pw@h:1", "user 'u'", "certificate verify failed")
+        assert isinstance(error, NatsAuthError)  # callers that stop on a refusal stop on it
+        assert "pw" not in str(error) and "\n" not in str(error)
+        again = pickle.loads(pickle.dumps(error))
+        assert type(again) is kind and str(again) == str(error)
+    assert "AUDIENCE_NATS_TLS_CA" in str(NatsTlsError("nats://h:1", "token", "x"))
+
+
+def test_key_files_are_checked_before_connecting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    import nkeys
+
+    check_key_files("nats://h:1", None)
+    check_key_files("nats://h:1", NatsCredentials(user="u", password="p"))
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    (tmp_path / "ok.nk").write_bytes(seed + b"\n")
+    check_key_files("nats://h:1", NatsCredentials(nkey_seed_file=str(tmp_path / "ok.nk")))
+    with pytest.raises(NatsKeyFileError, match="cannot read"):
+        check_key_files("nats://h:1", NatsCredentials(nkey_seed_file=str(tmp_path / "no.nk")))
+    (tmp_path / "bad.creds").write_text("-----BEGIN NATS USER JWT-----\nx\n")
+    with pytest.raises(NatsKeyFileError, match="not a NATS creds file"):
+        check_key_files("nats://h:1", NatsCredentials(creds_file=str(tmp_path / "bad.creds")))
+    monkeypatch.setitem(sys.modules, "nkeys", None)  # a broken install: import fails
+    with pytest.raises(NatsKeyFileError, match="pip install nkeys"):
+        check_key_files("nats://h:1", NatsCredentials(nkey_seed_file=str(tmp_path / "ok.nk")))
