@@ -308,6 +308,18 @@ class ShardPool:
                 if retries < 0 or not await self.refresh():
                     raise
 
+    async def _per_partition(self, method: str, *args: Any) -> dict[int, Any]:
+        """One answer per partition from every shard's ``(value, owned)`` answers.
+
+        A partition nobody answered for means shards this pool does not know
+        yet (a rescale elsewhere added them): it re-reads the layout and asks again.
+        """
+        for _ in range(3):
+            picked = self._pick(await self._everywhere(method, *args))
+            if len(picked) == self.spec.partitions or not await self.refresh():
+                break
+        return picked
+
     async def item_partials(
         self, top_n: int, known: dict[int, int | None] | None = None
     ) -> dict[int, dict[str, Any] | None]:
@@ -316,7 +328,7 @@ class ShardPool:
         With ``known`` (partition -> the version the caller holds), a partition
         whose items did not change answers None instead of its partial.
         """
-        return self._pick(await self._everywhere("item_partials", top_n, known))
+        return await self._per_partition("item_partials", top_n, known)
 
     async def users(self, limit: int) -> list[str]:
         """Up to ``limit`` known user ids, drawn from every shard."""
@@ -326,7 +338,7 @@ class ShardPool:
 
     async def insights_partials(self) -> list[dict[str, Any]]:
         """Every partition's insights partials (one call per shard), for the merge timer."""
-        return list(self._pick(await self._everywhere("insights_partials")).values())
+        return list((await self._per_partition("insights_partials")).values())
 
     async def status(self) -> list[dict[str, Any]]:
         """Every shard's status, in shard order; a restarting shard says only that."""
