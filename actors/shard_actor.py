@@ -71,6 +71,7 @@ MAX_HELD_DEAD_LETTERS = 10_000  # beyond this a shard stops consuming until NATS
 LAST_CHECKPOINT_TIMEOUT_S = 15.0  # a stop must finish within the pool's shutdown budget
 STOP_STEP_TIMEOUT_S = 5.0
 START_RETRY_S = 0.25  # between attempts to start while NATS is away
+PARALLEL_LOADS = 4  # snapshot transfers at once when restoring or adopting many partitions
 LAYOUT_POLL_S = 2.0  # how often an actor compares its layout with the stored one
 LAYOUT_GRACE_S = 10.0  # a stored layout an ordered hand-off has not brought is followed after
 RESCALE_LEASE_S = 300.0  # an unsettled rescale older than this no longer blocks the next
@@ -213,8 +214,9 @@ class ShardActor:
         names = await self._snapshot_names() if partitions else {}
         restored: dict[int, str] = {}
         total_bytes = 0
+        loaded = await self._load_many(partitions, names)
         for partition in partitions:
-            state, name, size = await self._load_partition(partition, names.get(partition, []))
+            state, name, size = loaded[partition]
             self.parts.own(state)
             restored[partition] = name
             total_bytes += size
@@ -224,6 +226,19 @@ class ShardActor:
             restore_s=round(time.perf_counter() - started, 3), snapshot_bytes=total_bytes
         )
         return restored
+
+    async def _load_many(
+        self, partitions: Sequence[int], names: dict[int, list[str]]
+    ) -> dict[int, tuple[Shard, str, int]]:
+        """:meth:`_load_partition` for many partitions, a few transfers at a time."""
+        room = asyncio.Semaphore(PARALLEL_LOADS)
+
+        async def one(partition: int) -> tuple[Shard, str, int]:
+            async with room:
+                return await self._load_partition(partition, names.get(partition, []))
+
+        states = await asyncio.gather(*(one(p) for p in partitions))
+        return dict(zip(partitions, states, strict=True))
 
     async def _load_partition(self, partition: int, names: Sequence[str]) -> tuple[Shard, str, int]:
         """The state of ``partition`` from the newest usable of ``names``, its name and size."""
@@ -512,13 +527,18 @@ class ShardActor:
         names = await self._snapshot_names() if coming else {}
         assert self._reader is not None and self._js is not None
         adopted: dict[int, int] = {}
+
+        def keep(p: int) -> bool:  # handed back before it was forgotten, and as far on
+            kept, handoff = self.parts.released.get(p), handoffs.get(p)
+            if kept is None:
+                return False
+            return handoff is None or kept.positions[p] >= handoff["position"]
+
+        # Names sort by position: a hand-off snapshot is the furthest on.
+        loaded = await self._load_many([p for p in coming if not keep(p)], names)
         for p in coming:
-            kept = self.parts.released.get(p)
             handoff = handoffs.get(p)
-            if kept is not None and (handoff is None or kept.positions[p] >= handoff["position"]):
-                state = kept  # handed back before it was forgotten, and as far on
-            else:  # names sort by position: a hand-off snapshot is the furthest on
-                state, _, _ = await self._load_partition(p, names.get(p, []))
+            state = self.parts.released[p] if keep(p) else loaded[p][0]
             if handoff is not None:
                 target = int(handoff["target"])
             else:  # its old owner died or refused: replay to the stream's end first
