@@ -1,4 +1,4 @@
-"""A fixed-size ring of recent durations and its percentiles, for status pages."""
+"""A fixed-size ring of recent durations and its percentiles, for status pages and benches."""
 
 from __future__ import annotations
 
@@ -16,6 +16,10 @@ class LatencyRing:
         """Record one duration."""
         self._values[self._count % len(self._values)] = ms
         self._count += 1
+
+    def raw(self) -> tuple[int, np.ndarray]:
+        """How many values were ever recorded, and a copy of the ring holding the latest."""
+        return self._count, self._values.copy()
 
     def percentiles(self) -> dict[str, float | None]:
         """p50 and p99 of what the ring holds (None before the first value)."""

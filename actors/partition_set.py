@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,7 +28,7 @@ from actors.errors import NotOwner
 from actors.items import ItemGraphConfig
 from actors.latency import LatencyRing
 from actors.partitioning import partition_of
-from actors.shard import ApplyResult, Shard
+from actors.shard import FRESHNESS_SAMPLES, ApplyResult, Shard, record_freshness
 from actors.state import StateRules, UserRows
 
 MIN_SEEN_FILTER_BITS = 1 << 16
@@ -76,6 +76,8 @@ class PartitionSet:
         self.busy_s = 0.0  # this actor's work, not the partitions' (those move)
         self.work_messages = 0
         self.apply_ms = LatencyRing()
+        # One ring for the actor, in apply order: a bench reads its newest samples by count.
+        self.freshness_ms = LatencyRing(FRESHNESS_SAMPLES)
 
     @property
     def partitions(self) -> list[int]:
@@ -106,11 +108,6 @@ class PartitionSet:
         self.released.pop(partition, None)
         self.owned[partition] = state
 
-    def own_new(self, partitions: Iterable[int]) -> None:
-        """Own empty states of ``partitions`` (a replay from the stream's start fills them)."""
-        for p in partitions:
-            self.own(self.make(p))
-
     def release(self, partition: int) -> Shard:
         """Stop applying ``partition``; it answers its users' queries until forgotten."""
         state = self.owned.pop(partition)
@@ -137,6 +134,7 @@ class PartitionSet:
                 total.skipped_messages += len(group)
                 continue
             result = state.apply(group)
+            record_freshness(self.freshness_ms, group)
             total.applied += result.applied
             total.skipped_messages += result.skipped_messages
             total.rejected.extend(result.rejected)
@@ -227,17 +225,12 @@ class PartitionSet:
         return {p: (s.insights_partials(), owned) for p, s, owned in self._held()}
 
     def freshness_ring(self) -> tuple[int, np.ndarray]:
-        """Store-to-applied delays (ms) of the latest messages of every owned partition."""
-        rings = [s.freshness_ring() for s in self.owned.values()]
-        count = sum(n for n, _ in rings)
-        held = [ring[: min(n, len(ring))] for n, ring in rings]
-        return count, np.concatenate(held) if held else np.zeros(0)
+        """How many store-to-applied delays (ms) this actor recorded, and its ring of the latest."""
+        return self.freshness_ms.raw()
 
     def status(self) -> dict[str, Any]:
         """Counters for operators, summed over the owned partitions."""
         states = list(self.owned.values())
-        _, delays = self.freshness_ring()
-        p50, p99 = np.percentile(delays, [50, 99]).tolist() if len(delays) else (None, None)
         rejected: dict[str, int] = defaultdict(int)
         for s in states:
             for reason, n in s.rejected.items():
@@ -257,6 +250,6 @@ class PartitionSet:
             "dedup_bytes": sum(s.dedup.nbytes() for s in states),
             "items": sum(len(s.items) for s in states),
             "busy_s": round(self.busy_s, 3),
-            "freshness_ms": {"p50": p50, "p99": p99},
+            "freshness_ms": self.freshness_ms.percentiles(),
             "apply_ms": self.apply_ms.percentiles(),
         }

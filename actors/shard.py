@@ -97,6 +97,13 @@ class ApplyResult:
     rejected: list[Rejection] = field(default_factory=list)
 
 
+def record_freshness(ring: LatencyRing, applied: Sequence[Delivery]) -> None:
+    """Record the store-to-applied delay of each message just applied, in ms."""
+    now_ns = time.time_ns()
+    for delivery in applied:
+        ring.add((now_ns - delivery.stored_ns) / 1e6)
+
+
 def _keyed(
     rejected: list[Rejection], deliveries: Sequence[Delivery], sizes: Sequence[int]
 ) -> list[Rejection]:
@@ -179,8 +186,7 @@ class Shard:
         self.applied_events = 0
         self.applied_messages = 0
         self.rejected: Counter[str] = Counter()
-        self._freshness_ms = np.zeros(FRESHNESS_SAMPLES, dtype=np.float64)
-        self._freshness_count = 0
+        self.freshness_ms = LatencyRing(FRESHNESS_SAMPLES)  # store-to-applied, per message
         self.busy_s = 0.0
         self.apply_ms = LatencyRing()
         self._unfolded: list[_Applied] = []
@@ -239,7 +245,7 @@ class Shard:
         self.applied_events += result.applied
         self.applied_messages += len(batches)
         self.rejected.update(r.reason.value for r in result.rejected)
-        self._record_freshness([d.stored_ns for d in taken])
+        record_freshness(self.freshness_ms, taken)
         took = time.perf_counter() - started
         self.busy_s += took
         self.apply_ms.add(took * 1000)
@@ -350,16 +356,9 @@ class Shard:
         """Segment sizes, entries and exits on this shard, and its event-time ``now_ms``."""
         return self.segments.sizes()
 
-    def _record_freshness(self, stored_ns: list[int]) -> None:
-        """Keep a ring of store-to-applied delays, one per message."""
-        now_ns = time.time_ns()
-        for ns in stored_ns:
-            self._freshness_ms[self._freshness_count % FRESHNESS_SAMPLES] = (now_ns - ns) / 1e6
-            self._freshness_count += 1
-
     def freshness_ring(self) -> tuple[int, np.ndarray]:
         """How many delays were ever recorded, and a copy of the ring holding the latest."""
-        return self._freshness_count, self._freshness_ms.copy()
+        return self.freshness_ms.raw()
 
     def profiles(self, user_ids: Sequence[str]) -> list[dict[str, Any] | None]:
         """Live profiles of ``user_ids`` (None for users this shard has not seen).
@@ -430,8 +429,6 @@ class Shard:
 
     def status(self) -> dict[str, Any]:
         """Counters for operators: applied events, users, positions, freshness."""
-        samples = self._freshness_ms[: min(self._freshness_count, FRESHNESS_SAMPLES)]
-        p50, p99 = np.percentile(samples, [50, 99]).tolist() if len(samples) else (None, None)
         return {
             "shard": self.shard_id,
             "partitions": self.partitions,
@@ -446,6 +443,6 @@ class Shard:
             "dedup_bytes": self.dedup.nbytes(),
             "items": len(self.items),
             "busy_s": round(self.busy_s, 3),
-            "freshness_ms": {"p50": p50, "p99": p99},
+            "freshness_ms": self.freshness_ms.percentiles(),
             "apply_ms": self.apply_ms.percentiles(),
         }

@@ -71,6 +71,7 @@ MAX_HELD_DEAD_LETTERS = 10_000  # beyond this a shard stops consuming until NATS
 LAST_CHECKPOINT_TIMEOUT_S = 15.0  # a stop must finish within the pool's shutdown budget
 STOP_STEP_TIMEOUT_S = 5.0
 START_RETRY_S = 0.25  # between attempts to start while NATS is away
+MAX_MESSAGES_PER_APPLY = 256  # a step: one apply per partition in it, so small messages need many
 PARALLEL_LOADS = 4  # snapshot transfers at once when restoring or adopting many partitions
 LAYOUT_POLL_S = 2.0  # how often an actor compares its layout with the stored one
 LAYOUT_GRACE_S = 10.0  # a stored layout an ordered hand-off has not brought is followed after
@@ -89,7 +90,7 @@ class ShardActor:
         stream: str,
         rules: StateRules | None = None,
         policy: ValidationPolicy | None = None,
-        max_messages_per_apply: int = 256,
+        max_messages_per_apply: int = MAX_MESSAGES_PER_APPLY,
         windows: WindowConfig | None = None,
         funnel: FunnelSpec | None = None,
         checkpoints: CheckpointConfig | None = None,
@@ -578,7 +579,6 @@ class ShardActor:
                 self.parts.forget(p)
             await self._adopt_missing(new, {})
             self.layout = self.settled_layout = new
-            self._check_caught_up()
         return gone
 
     def _note_handoff(self, direction: str, parts: dict[int, dict[str, Any]]) -> None:

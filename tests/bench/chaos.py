@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import tempfile
 import time
@@ -27,6 +26,7 @@ from actors.jetstream import StreamNames
 from actors.pool import PoolSpec, ShardPool
 from cluster.nats_server import EmbeddedNats
 from tests.bench.phases import init_ray
+from tests.bench.report import measure_table, write_named
 from tests.support.chaos import ChaosPlan, ChaosResult, prepare, run_chaos
 
 RECOVERY_TARGET_S = 5.0
@@ -164,9 +164,7 @@ def markdown(report: dict[str, Any]) -> str:
             "",
         ),
     ]
-    lines = ["| measure | value | target |", "|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    return "\n".join(lines) + "\n"
+    return measure_table(rows)
 
 
 def main() -> None:
@@ -183,11 +181,7 @@ def main() -> None:
         report = run(args.events, args.rate, args.kills, args.shards, args.settle_s)
     finally:
         ray.shutdown()
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "chaos.json").write_text(json.dumps(report, indent=2))
-    table = markdown(report)
-    (args.out / "chaos.md").write_text(table)
-    print(table)
+    write_named(args.out, "chaos", report, markdown(report))
     if not report["exact"]:
         raise SystemExit("chaos: the state was NOT exact")
 

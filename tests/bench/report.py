@@ -213,3 +213,18 @@ def write(r: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     json_path.write_text(json.dumps(r, indent=2, default=str) + "\n")
     md_path.write_text(markdown(r))
     return json_path, md_path
+
+
+def measure_table(rows: list[tuple[str, str, str]]) -> str:
+    """A ``measure | value | target`` Markdown table (the chaos and rescale runs)."""
+    lines = ["| measure | value | target |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_named(out_dir: Path, name: str, report: dict[str, Any], table: str) -> None:
+    """Write ``<name>.json`` and ``<name>.md`` into ``out_dir`` and print the table."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2, default=str))
+    (out_dir / f"{name}.md").write_text(table)
+    print(table)

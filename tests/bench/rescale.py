@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from actors.producer import Producer
 from actors.simulator import Simulator
 from cluster.nats_server import EmbeddedNats
 from tests.bench.phases import init_ray
+from tests.bench.report import measure_table, write_named
 from tests.support.chaos import prepare
 from tests.support.truth import mismatched, settled_profiles, truth_of
 
@@ -182,9 +182,7 @@ def markdown(report: dict[str, Any]) -> str:
     rows.append(
         ("stream caught up after publishing ended (s)", f"{report['settle_after_publish_s']}", "")
     )
-    lines = ["| measure | value | target |", "|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    return "\n".join(lines) + "\n"
+    return measure_table(rows)
 
 
 def main() -> None:
@@ -199,11 +197,7 @@ def main() -> None:
         report = run(args.rate, args.duration, args.users)
     finally:
         ray.shutdown()
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "rescale.json").write_text(json.dumps(report, indent=2))
-    table = markdown(report)
-    (args.out / "rescale.md").write_text(table)
-    print(table)
+    write_named(args.out, "rescale", report, markdown(report))
     if not report["exact"] or report["queries_failed"]:
         raise SystemExit("rescale: the state was NOT exact or queries failed")
 

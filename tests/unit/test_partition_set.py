@@ -24,7 +24,8 @@ def _set(shard_id: int, owned: list[int]) -> PartitionSet:
     parts = PartitionSet(
         shard_id, P, lambda p: Shard(p, [p], rules, None, None, None, items, dedup)
     )
-    parts.own_new(owned)
+    for p in owned:
+        parts.own(parts.make(p))
     return parts
 
 
