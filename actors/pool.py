@@ -402,9 +402,11 @@ class ShardPool:
                 "adopted_s": 0.0,
                 "took_s": _since(started),
             }
+        # New shards are shaped like the running ones, whichever process rescales
+        # (this pool's own template may be a default: a pool that connected).
+        like = ShardTemplate(**await self._call(0, "construction"))
         spawned = [
-            _spawn(self.spec, self.template, shard, [], detached=True)
-            for shard in range(old.shards, shards)
+            _spawn(self.spec, like, shard, [], detached=True) for shard in range(old.shards, shards)
         ]
         try:
             await asyncio.wait_for(

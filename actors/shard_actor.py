@@ -105,6 +105,7 @@ class ShardActor:
         count = partition_count or max(partitions) + 1
         part_rules, part_items, part_dedup = partition_configs(count, rules)
         self.shard_id = shard_id
+        self.config = {"rules": rules, "policy": policy, "windows": windows, "funnel": funnel}
         self.parts = PartitionSet(
             shard_id,
             count,
@@ -409,6 +410,15 @@ class ShardActor:
             return dict(self._last_checkpoint)
 
     # -- hand-offs ------------------------------------------------------------------------
+
+    async def construction(self) -> dict[str, Any]:
+        """What shaped this shard's state (rules, limits, windows, funnel).
+
+        A rescale driven from any process creates its new shards with these, so
+        their state (and the fingerprint a hand-off snapshot is checked against)
+        equals the old owners'.
+        """
+        return dict(self.config)
 
     async def layout_json(self) -> dict[str, Any] | None:
         """The layout this shard last settled on (None before one was stored).

@@ -375,7 +375,6 @@ def start_shards(
         scaling_policy_of(settings),
         settings.autoscale_every_s,
         apply=settings.autoscale_apply,
-        template=pool.template,
     )
     return pool, controller
 

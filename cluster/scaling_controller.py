@@ -19,7 +19,7 @@ from typing import Any
 
 import ray
 
-from actors.pool import PoolSpec, ShardPool, ShardTemplate
+from actors.pool import PoolSpec, ShardPool
 from cluster.autoscaling import LoadSample, ScalingPolicy, ShardAutoscaler
 
 log = logging.getLogger(__name__)
@@ -37,17 +37,14 @@ class ScalingController:
         policy: ScalingPolicy,
         every_s: float = 10.0,
         apply: bool = False,
-        template: ShardTemplate | None = None,
     ) -> None:
         """Args:
         apply: rescale the pool to each decision (else only record it).
-        template: what new shards are created with (the pool's own).
         """
         self.spec = spec
         self.policy = policy
         self.every_s = every_s
         self.apply = apply
-        self.template = template or ShardTemplate()
         self._rescales = 0
         self._scaler = ShardAutoscaler(policy, spec.partitions)
         self._decisions: deque[dict[str, Any]] = deque(maxlen=KEPT_DECISIONS)
@@ -55,7 +52,6 @@ class ScalingController:
 
     async def _sample_forever(self) -> None:
         pool = ShardPool.connect(self.spec)
-        pool.template = self.template
         while True:
             await asyncio.sleep(self.every_s)
             try:
