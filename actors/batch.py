@@ -11,6 +11,7 @@ import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -110,17 +111,21 @@ class EventBatch:
             return cls.empty()
         if len(parts) == 1:
             return parts[0]
+
+        def joined(name: str) -> list[Any]:
+            return list(chain.from_iterable(getattr(b, name) for b in parts))
+
         return cls(
-            event_id=[x for b in parts for x in b.event_id],
-            user_id=[x for b in parts for x in b.user_id],
+            event_id=joined("event_id"),
+            user_id=joined("user_id"),
             type=np.concatenate([b.type for b in parts]),
             ts=np.concatenate([b.ts for b in parts]),
-            item_id=[x for b in parts for x in b.item_id],
-            category=[x for b in parts for x in b.category],
+            item_id=joined("item_id"),
+            category=joined("category"),
             value=np.concatenate([b.value for b in parts]),
             source=np.concatenate([b.source for b in parts]),
-            traits=[x for b in parts for x in b.traits],
-            properties=[x for b in parts for x in b.properties],
+            traits=joined("traits"),
+            properties=joined("properties"),
         )
 
     def event_dict(self, i: int) -> dict[str, Any]:

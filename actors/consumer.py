@@ -24,6 +24,7 @@ import contextlib
 import logging
 import time
 
+import numpy as np
 import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -92,6 +93,8 @@ class StreamReader:
         self._buffer: list[Delivery] = []
         self._buffered_bytes = 0
         self._ready = asyncio.Event()
+        self._enough = asyncio.Event()  # buffered bytes reached what gather() waits for
+        self._enough_bytes = 0
         self._inbox = ""
         self._sub: Subscription | None = None
         self._watchdog: asyncio.Task[None] | None = None
@@ -251,6 +254,8 @@ class StreamReader:
         )
         self._buffered_bytes += len(msg.data)
         self._ready.set()
+        if self._buffered_bytes >= self._enough_bytes:
+            self._enough.set()
         part.received += 1
         if part.received >= self.pull_batch:  # a full batch arrived: the request is done
             part.open_request = False
@@ -272,13 +277,23 @@ class StreamReader:
             loop = asyncio.get_running_loop()
             loop.call_later(RETRY_PAUSE_S, lambda: loop.create_task(self._request(part)))
 
-    async def take(self, max_messages: int, timeout_s: float) -> list[Delivery]:
-        """Up to ``max_messages`` deliveries in arrival order; waits up to ``timeout_s``."""
+    async def take(
+        self, max_messages: int, timeout_s: float, max_bytes: int | None = None
+    ) -> list[Delivery]:
+        """Up to ``max_messages`` deliveries in arrival order; waits up to ``timeout_s``.
+
+        With ``max_bytes``, deliveries stop once they hold that many bytes (at
+        least one is taken).
+        """
         if not self._buffer:
             self._ready.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._ready.wait(), timeout_s)
-        taken, self._buffer = self._buffer[:max_messages], self._buffer[max_messages:]
+        count = min(max_messages, len(self._buffer))
+        if max_bytes is not None and count:
+            sizes = np.cumsum([len(d.data) for d in self._buffer[:count]])
+            count = max(1, int(np.searchsorted(sizes, max_bytes, side="right")))
+        taken, self._buffer = self._buffer[:count], self._buffer[count:]
         self._buffered_bytes -= sum(len(d.data) for d in taken)
         if self._buffered_bytes < self.max_buffered_bytes // 2:
             for part in list(self._parts.values()):
@@ -321,6 +336,20 @@ class StreamReader:
     def pending_by_partition(self) -> dict[int, int]:
         """Messages each partition still had on the server at its latest delivery (cheap)."""
         return {p: part.pending for p, part in self._parts.items()}
+
+    async def gather(self, min_bytes: int, timeout_s: float) -> None:
+        """Wait until ``min_bytes`` are buffered, at most ``timeout_s`` (a step worth taking)."""
+        if self._buffered_bytes >= min_bytes or timeout_s <= 0:
+            return
+        self._enough_bytes = min_bytes
+        self._enough.clear()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._enough.wait(), timeout_s)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes received but not yet taken."""
+        return self._buffered_bytes
 
     @property
     def buffered(self) -> int:

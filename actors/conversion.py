@@ -24,12 +24,13 @@ lateness rules as engagement (the per-user progress itself follows every event).
 Purchases give revenue (the sum of ``value``, kept in integer thousandths so
 merges are exact) and purchasing users, a :class:`~actors.sketches.HyperLogLog`
 like engagement's active users (standard error :data:`PURCHASERS_RELATIVE_ERROR`).
-Events of users deleted in the same batch stay out, as in retention.
+Events of users deleted in the same batch stay out, as in retention. Buckets
+are kept per partition (the attempts live with the users' rows), so a
+partition's funnel moves with it.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,8 +40,9 @@ import numpy as np
 from actors.batch import EventBatch
 from actors.engagement import HLL_PRECISION
 from actors.events import N_TYPES, TYPE_CODE, EventType
-from actors.sketches import HyperLogLog, stable_hash64
-from actors.windows import BucketStore, Granularity, LatenessPolicy, WindowConfig
+from actors.folded import Folded
+from actors.sketches import HyperLogLog
+from actors.windows import GRANULARITIES, BucketSlots, Granularity, LatenessPolicy, WindowConfig
 
 DEFAULT_STEPS = (EventType.PAGE_VIEW, EventType.ADD_TO_CART, EventType.PURCHASE)
 PURCHASERS_RELATIVE_ERROR = HyperLogLog(HLL_PRECISION).relative_error
@@ -196,6 +198,17 @@ class FunnelTracker:
         self.reached[rows] = 0
         self.at[rows] = 0
 
+    def export(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The attempts of ``rows`` (a partition's users), in their order."""
+        self._ensure(int(rows.max(initial=-1)) + 1)
+        return {"reached": self.reached[rows], "at": self.at[rows]}
+
+    def insert(self, rows: np.ndarray, data: dict[str, np.ndarray]) -> None:
+        """Attempts exported by :meth:`export`, for the users now at ``rows``."""
+        self._ensure(int(rows.max(initial=-1)) + 1)
+        self.reached[rows] = data["reached"]
+        self.at[rows] = data["at"]
+
     def nbytes(self) -> int:
         """Bytes held by the columns."""
         return self.reached.nbytes + self.at.nbytes
@@ -209,28 +222,14 @@ class FunnelTracker:
             self.at = np.concatenate([self.at, np.zeros(cap - len(self.at), np.int64)])
 
 
-class ConversionBucket:
-    """Step transitions, revenue and purchasers of one bucket on one shard."""
-
-    def __init__(self, n_steps: int) -> None:
-        self.steps = [0] * n_steps
-        self.revenue_milli = 0
-        self.purchases = 0
-        self.purchasers = HyperLogLog(HLL_PRECISION)
-
-    def partial(self) -> Partial:
-        """This bucket as plain data that :func:`merge_buckets` combines."""
-        return {
-            "steps": list(self.steps),
-            "revenue_milli": self.revenue_milli,
-            "purchases": self.purchases,
-            "purchasers": self.purchasers.to_bytes(),
-        }
-
-
 def empty_bucket(n_steps: int) -> Partial:
     """The neutral element of :func:`merge_buckets`."""
-    return ConversionBucket(n_steps).partial()
+    return {
+        "steps": [0] * n_steps,
+        "revenue_milli": 0,
+        "purchases": 0,
+        "purchasers": HyperLogLog(HLL_PRECISION).to_bytes(),
+    }
 
 
 def merge_buckets(a: Partial, b: Partial) -> Partial:
@@ -246,109 +245,133 @@ def merge_buckets(a: Partial, b: Partial) -> Partial:
 
 
 class ConversionWindows:
-    """A shard's funnel: per-user attempts, on-time buckets and late corrections.
+    """A shard's funnel: per-user attempts, on-time buckets and late corrections, per partition.
 
-    Lifecycle: :meth:`apply` after the state table applied a batch (rows come
-    from it), :meth:`forget` for rows of deleted users, :meth:`partials` for the
-    merge timer; rebuilt by replaying the stream, like the rest of the shard.
+    Lifecycle: :meth:`fold` (or :meth:`apply`) after the state table applied a
+    batch (rows come from it), :meth:`forget_rows` for rows of deleted users,
+    :meth:`partials` for the merge timer, :meth:`export` / :meth:`insert` /
+    :meth:`forget` when a partition moves; rebuilt by replaying the stream,
+    like the rest of the shard.
     """
 
     def __init__(self, spec: FunnelSpec | None = None, config: WindowConfig | None = None) -> None:
         self.spec = spec or FunnelSpec()
         self.config = config or WindowConfig()
         self.tracker = FunnelTracker(self.spec)
-        n = len(self.spec.steps)
-        # A partial, not a lambda: the store is part of a shard snapshot (pickled).
-        self.on_time = BucketStore(functools.partial(ConversionBucket, n), self.config.retention)
-        self.corrections = BucketStore(
-            functools.partial(ConversionBucket, n), self.config.retention
-        )
+        self.on_time = _store(self.spec, self.config)
+        self.corrections = _store(self.spec, self.config)
 
-    def apply(self, batch: EventBatch, rows: np.ndarray, late: np.ndarray) -> None:
+    def apply(
+        self,
+        batch: EventBatch,
+        rows: np.ndarray,
+        late: np.ndarray,
+        partitions: np.ndarray | None = None,
+    ) -> None:
+        """:meth:`fold` for a batch on its own, with its users' table ``rows``."""
+        self.fold(Folded.of(batch, partitions, rows=rows), late)
+
+    def fold(self, f: Folded, late: np.ndarray) -> None:
         """Advance attempts and count transitions and purchases into their buckets.
 
         Args:
-            batch: the batch, in arrival order.
-            rows: state-table row per event, -1 for users not held (skipped).
+            f: the events, in arrival order; rows of users not held (-1) are skipped.
             late: per event, whether engagement's watermarks found it late.
         """
-        held = np.flatnonzero(rows >= 0)
+        held = np.flatnonzero(f.row >= 0)
         if held.size == 0:
             return
-        types = batch.type[held].astype(np.int64)
-        step = self.tracker.advance(rows[held], types, batch.ts[held])
+        types = f.type[held].astype(np.int64)
+        step = self.tracker.advance(f.row[held], types, f.ts[held])
         purchase = types == _PURCHASE
         keep = np.flatnonzero((step >= 0) | purchase)
         if keep.size == 0:
             return
-        at, bought = held[keep], purchase[keep]
-        value = np.where(bought, np.nan_to_num(batch.value[at], nan=0.0), 0.0)
-        hashes = np.zeros(len(at), dtype=np.uint64)  # only purchasers are sketched
-        buyers = np.flatnonzero(bought)
-        hashes[buyers] = stable_hash64([batch.user_id[i] for i in at[buyers].tolist()])
-        counted = _Counted(
-            batch.ts[at], step[keep], np.round(value * 1000).astype(np.int64), bought, hashes
-        )
+        at, step = held[keep], step[keep]
+        bought = purchase[keep]
+        value = np.where(bought, np.nan_to_num(f.value[at], nan=0.0), 0.0)
+        revenue = np.round(value * 1000)
         is_late = late[at]
-        _fold(self.on_time, counted.take(np.flatnonzero(~is_late)), len(self.spec.steps))
+        stores = [(self.on_time, ~is_late)]
         if self.config.policy is LatenessPolicy.CORRECT:
-            _fold(self.corrections, counted.take(np.flatnonzero(is_late)), len(self.spec.steps))
+            stores.append((self.corrections, is_late))
+        copies = len(GRANULARITIES)
+        for store, chosen in stores:
+            sel = np.flatnonzero(chosen)
+            if not sel.size:
+                continue
+            slots = store.route(f.partition[at[sel]], f.ts[at[sel]]).reshape(-1)
+            steps = np.tile(step[sel], copies)
+            made = steps >= 0
+            store.add("steps", slots[made], sub=steps[made])
+            store.add("revenue_milli", slots, np.tile(revenue[sel], copies))
+            buyers = np.tile(bought[sel], copies)
+            store.add("purchases", slots[buyers])
+            store.add_users(slots[buyers], np.tile(f.user_hashes()[at[sel]], copies)[buyers])
+            store.prune()
 
-    def forget(self, rows: np.ndarray) -> None:
+    def forget_rows(self, rows: np.ndarray) -> None:
         """See :meth:`FunnelTracker.forget`."""
         self.tracker.forget(rows)
 
-    def partials(self) -> dict[str, Any]:
-        """Everything the merge step needs, as plain data (see :func:`merge_partials`)."""
+    def partitions(self) -> list[int]:
+        """Partitions with any buckets."""
+        return sorted(set(self.on_time.partitions()) | set(self.corrections.partitions()))
+
+    def partials(self, partition: int | None = None) -> dict[str, Any]:
+        """One partition's partial as plain data (see :func:`merge_partials`).
+
+        Without a partition: every partition's, merged.
+        """
+        if partition is None:
+            merged = merge_partials([self.partials(p) for p in self.partitions()])
+            return merged | {"funnel": self.spec.describe()}
         return {
             "funnel": self.spec.describe(),
-            "buckets": _store_partials(self.on_time),
-            "corrections": _store_partials(self.corrections),
+            "buckets": _store_partials(self.on_time, partition),
+            "corrections": _store_partials(self.corrections, partition),
         }
 
+    def export(self, partition: int) -> dict[str, Any]:
+        """One partition's buckets as plain data (its attempts go with the table's rows)."""
+        return {
+            "on_time": self.on_time.export(partition),
+            "corrections": self.corrections.export(partition),
+        }
 
-@dataclass(frozen=True)
-class _Counted:
-    """Events that made a transition or are purchases, as columns."""
+    def insert(self, partition: int, data: dict[str, Any]) -> None:
+        """Take over a partition's buckets exported by :meth:`export`."""
+        self.on_time.insert(partition, data["on_time"])
+        self.corrections.insert(partition, data["corrections"])
 
-    ts: np.ndarray
-    step: np.ndarray
-    revenue_milli: np.ndarray
-    purchase: np.ndarray
-    hashes: np.ndarray
+    def forget(self, partition: int) -> None:
+        """Drop a partition's buckets."""
+        self.on_time.forget(partition)
+        self.corrections.forget(partition)
 
-    def take(self, idx: np.ndarray) -> _Counted:
-        return _Counted(*(column[idx] for column in vars(self).values()))
-
-
-def _fold(store: BucketStore[ConversionBucket], c: _Counted, n: int) -> None:
-    """Reduce counted events per bucket with a few numpy calls per granularity."""
-    for routed in store.route(c.ts):
-        order, bounds = routed.order, routed.bounds
-        heads = bounds[:-1]
-        group = np.repeat(np.arange(len(heads)), np.diff(bounds))
-        step = c.step[order]
-        has = step >= 0
-        per_step = np.bincount(group[has] * n + step[has], minlength=len(heads) * n)
-        steps = per_step.reshape(len(heads), n).tolist()
-        revenue = np.add.reduceat(c.revenue_milli[order], heads).tolist()
-        bought = c.purchase[order]
-        purchases = np.add.reduceat(bought.astype(np.int64), heads).tolist()
-        hashes = c.hashes[order]
-        edges = bounds.tolist()
-        for g, bucket in enumerate(routed.aggregates):
-            bucket.steps = [a + b for a, b in zip(bucket.steps, steps[g], strict=True)]
-            bucket.revenue_milli += revenue[g]
-            bucket.purchases += purchases[g]
-            if purchases[g]:
-                lo, hi = edges[g], edges[g + 1]
-                bucket.purchasers.add_hashes(hashes[lo:hi][bought[lo:hi]])
+    def nbytes(self) -> int:
+        """Bytes of the attempts and bucket arrays."""
+        return self.tracker.nbytes() + self.on_time.nbytes() + self.corrections.nbytes()
 
 
-def _store_partials(store: BucketStore[ConversionBucket]) -> dict[str, dict[int, Partial]]:
-    out: dict[str, dict[int, Partial]] = {g.value: {} for g in Granularity}
-    for granularity, start, bucket in store.items():
-        out[granularity.value][start] = bucket.partial()
+def _store(spec: FunnelSpec, config: WindowConfig) -> BucketSlots:
+    columns = {"steps": len(spec.steps), "revenue_milli": 1, "purchases": 1}
+    return BucketSlots(config.retention, columns, HLL_PRECISION)
+
+
+def _store_partials(store: BucketSlots, partition: int) -> dict[str, dict[int, Partial]]:
+    store.changed.clear()  # no cache here: partials are cheap without a count
+    out: dict[str, dict[int, Partial]] = {}
+    for g, starts in store.buckets(partition).items():
+        out[g.value] = {
+            start: {
+                "steps": store.columns["steps"][slot].tolist(),
+                "revenue_milli": int(store.columns["revenue_milli"][slot, 0]),
+                "purchases": int(store.columns["purchases"][slot, 0]),
+                "purchasers": store.sketch(slot),
+            }
+            for start, slot in starts.items()
+        }
     return out
 
 

@@ -1,9 +1,11 @@
 """Engagement per event-time bucket, as mergeable partial aggregates.
 
-Each shard folds its applied batches into :class:`EngagementWindows`; the API
-gathers every shard's :meth:`EngagementWindows.partials` on a timer and combines
-them with :func:`merge_partials`, so a query reads one merged snapshot and never
-scans users. Partials are plain data (dicts, lists, ints, bytes) for Ray and snapshots.
+Each shard folds its applied batches into :class:`EngagementWindows` (one
+bucket set per partition, so a partition's windows move with it); the API
+gathers every partition's :meth:`EngagementWindows.partials` on a timer and
+combines them with :func:`merge_partials`, so a query reads one merged snapshot
+and never scans users. Partials are plain data (dicts, lists, ints, bytes) for
+Ray and snapshots.
 
 Definitions, kept simple on purpose:
 
@@ -33,18 +35,25 @@ Rates (likes per active user, ...) are computed at read time from the sums.
 
 from __future__ import annotations
 
-import operator
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from actors.batch import EventBatch
 from actors.events import EVENT_TYPES, N_TYPES, TYPE_CODE, EventType
-from actors.sketches import HyperLogLog, stable_hash64
+from actors.folded import Folded
+from actors.sketches import HyperLogLog
 from actors.state import iso_ms
-from actors.windows import BucketStore, Granularity, LatenessPolicy, Watermarks, WindowConfig
+from actors.windows import (
+    GRANULARITIES,
+    BucketSlots,
+    Granularity,
+    LatenessPolicy,
+    Watermarks,
+    WindowConfig,
+)
 
 MAX_TRACKED = 2000
 TOP_KEEP = 50
@@ -53,101 +62,21 @@ ACTIVE_USERS_RELATIVE_ERROR = HyperLogLog(HLL_PRECISION).relative_error
 _DWELL = TYPE_CODE[EventType.DWELL]
 _SESSION_START = TYPE_CODE[EventType.SESSION_START]
 
-Partial = dict[str, Any]  # one bucket as plain data, see EngagementBucket.partial
-
-
-class EngagementBucket:
-    """The engagement of one bucket on one shard."""
-
-    def __init__(self) -> None:
-        self.events = [0] * N_TYPES
-        self.users = HyperLogLog(HLL_PRECISION)
-        self.dwell_ms = 0
-        self.sessions = 0
-        self.session_ms = 0
-        self.items: Counter[str] = Counter()
-        self.categories: Counter[str] = Counter()
-
-    def partial(self) -> Partial:
-        """This bucket as plain data that :func:`merge_buckets` combines."""
-        return {
-            "events": list(self.events),
-            "users": self.users.to_bytes(),
-            "active_users": round(self.users.count()),
-            "dwell_ms": self.dwell_ms,
-            "sessions": self.sessions,
-            "session_ms": self.session_ms,
-            "items": dict(self.items.most_common(TOP_KEEP)),
-            "categories": dict(self.categories.most_common(TOP_KEEP)),
-        }
-
-
-def _fold(
-    store: BucketStore[EngagementBucket],
-    batch: EventBatch,
-    rows: np.ndarray,
-    hashes: np.ndarray,
-    session_gaps_ms: np.ndarray,
-) -> None:
-    """Fold the events at ``rows`` of ``batch`` into their buckets of every granularity.
-
-    ``hashes`` holds :func:`~actors.sketches.stable_hash64` of every user id of the
-    batch, ``session_gaps_ms`` the session time each event of the batch adds.
-
-    Sums are reduced per bucket with one numpy call each per granularity; user
-    ids are hashed once per batch for the sketches; only the item/category
-    counters are updated per event, at C speed (``itemgetter``, ``Counter.update``).
-    """
-    if rows.size == 0:
-        return
-    types = batch.type[rows].astype(np.int64)
-    dwell = np.where(types == _DWELL, np.nan_to_num(batch.value[rows], nan=0.0), 0.0)
-    dwell_ms = np.round(dwell * 1000).astype(np.int64)
-    starts = (types == _SESSION_START).astype(np.int64)
-    gaps = session_gaps_ms[rows]
-    for routed in store.route(batch.ts[rows]):
-        order, bounds = routed.order, routed.bounds
-        heads = bounds[:-1]
-        group = np.repeat(np.arange(len(heads)), np.diff(bounds))
-        counts = np.bincount(group * N_TYPES + types[order], minlength=len(heads) * N_TYPES)
-        per_type = counts.reshape(len(heads), N_TYPES).tolist()
-        dwell_sums = np.add.reduceat(dwell_ms[order], heads).tolist()
-        session_sums = np.add.reduceat(starts[order], heads).tolist()
-        gap_sums = np.add.reduceat(gaps[order], heads).tolist()
-        picked = rows[order].tolist()
-        picked_hashes = hashes[rows[order]]
-        edges = bounds.tolist()
-        for g, bucket in enumerate(routed.aggregates):
-            bucket.events = [a + b for a, b in zip(bucket.events, per_type[g], strict=True)]
-            bucket.dwell_ms += dwell_sums[g]
-            bucket.sessions += session_sums[g]
-            bucket.session_ms += gap_sums[g]
-            pick = _picker(picked[edges[g] : edges[g + 1]])
-            bucket.users.add_hashes(picked_hashes[edges[g] : edges[g + 1]])
-            _count_bounded(bucket.items, pick(batch.item_id))
-            _count_bounded(bucket.categories, pick(batch.category))
-
-
-def _picker(rows: list[int]) -> Callable[[list[Any]], Iterable[Any]]:
-    """A function taking ``rows`` of a column list, at C speed (``itemgetter``)."""
-    if len(rows) == 1:
-        (row,) = rows
-        return lambda column: (column[row],)
-    return operator.itemgetter(*rows)
-
-
-def _count_bounded(counter: Counter[str], ids: Iterable[str | None]) -> None:
-    counter.update(ids)  # type: ignore[arg-type]  # None is counted, then removed
-    counter.pop(None, None)  # type: ignore[call-overload]
-    if len(counter) > MAX_TRACKED:
-        kept = counter.most_common(MAX_TRACKED // 2)
-        counter.clear()
-        counter.update(dict(kept))
+Partial = dict[str, Any]  # one bucket as plain data, see _bucket_partial
 
 
 def empty_bucket() -> Partial:
     """The neutral element of :func:`merge_buckets`."""
-    return EngagementBucket().partial()
+    return {
+        "events": [0] * N_TYPES,
+        "users": HyperLogLog(HLL_PRECISION).to_bytes(),
+        "active_users": 0,
+        "dwell_ms": 0,
+        "sessions": 0,
+        "session_ms": 0,
+        "items": {},
+        "categories": {},
+    }
 
 
 def merge_buckets(a: Partial, b: Partial) -> Partial:
@@ -169,24 +98,23 @@ def merge_buckets(a: Partial, b: Partial) -> Partial:
 class EngagementWindows:
     """A shard's engagement: watermarks, on-time buckets, corrections, late counters.
 
-    Lifecycle: :meth:`apply` on each batch (buckets beyond the retention are
-    dropped as they age out; buckets hold only sketches of hashed ids, so a
+    Every partition has its own buckets and counters. Lifecycle: :meth:`fold`
+    (or :meth:`apply`) on each batch (buckets beyond the retention are dropped
+    as they age out; buckets hold only sketches of hashed ids, so a
     ``user_deleted`` event leaves the counts it is part of as they are),
-    :meth:`partials` for the merge timer; the state is rebuilt by replaying the
-    stream, like the rest of the shard.
+    :meth:`partials` for the merge timer, :meth:`export` / :meth:`insert` /
+    :meth:`forget` when a partition moves; the state is rebuilt by replaying
+    the stream, like the rest of the shard.
     """
 
     def __init__(self, config: WindowConfig | None = None) -> None:
         self.config = config or WindowConfig()
         self.watermarks = Watermarks(self.config.allowed_lateness_ms)
-        self.on_time: BucketStore[EngagementBucket] = BucketStore(
-            EngagementBucket, self.config.retention
-        )
-        self.corrections: BucketStore[EngagementBucket] = BucketStore(
-            EngagementBucket, self.config.retention
-        )
-        self.late_dropped = 0
-        self.late_corrected = 0
+        self.on_time = _store(self.config)
+        self.corrections = _store(self.config)
+        self._dropped: dict[int, int] = {}  # partition -> late events dropped
+        self._corrected: dict[int, int] = {}  # partition -> late events kept as corrections
+        self._cache: dict[tuple[int, int], Partial] = {}  # (store, slot) -> partial
 
     def apply(
         self,
@@ -194,52 +122,156 @@ class EngagementWindows:
         partitions: np.ndarray,
         session_gaps_ms: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Fold a validated batch in; ``partitions[i]`` is the partition of event ``i``.
+        """:meth:`fold` for a batch on its own (``partitions[i]``: event ``i``'s partition)."""
+        return self.fold(Folded.of(batch, partitions, session_gaps_ms))
 
-        Events of each partition must be in their arrival order (a concatenation
-        of deliveries is), since that is what the partition's watermark follows.
-        ``session_gaps_ms[i]`` is the session time event ``i`` adds, as
-        :attr:`~actors.state.UserStateTable.last_session_gaps_ms` gives it
-        (none: no session time).
+    def fold(self, f: Folded) -> np.ndarray:
+        """Fold applied events in (each partition's in its arrival order: its watermark follows it).
 
         Returns:
             Which events were late, so other windows (conversion) apply the same rule.
         """
-        late = np.zeros(len(batch), dtype=bool)
-        if not len(batch):
+        late = self.watermarks.late(f.partition, f.ts)
+        if not len(f):
             return late
-        for partition in np.unique(partitions).tolist():
-            rows = np.flatnonzero(partitions == partition)
-            late[rows] = self.watermarks.late_mask(partition, batch.ts[rows])
-        hashes = stable_hash64(batch.user_id)
-        if session_gaps_ms is None:
-            session_gaps_ms = np.zeros(len(batch), dtype=np.int64)
-        gaps = np.asarray(session_gaps_ms, dtype=np.int64)
-        _fold(self.on_time, batch, np.flatnonzero(~late), hashes, gaps)
+        _fold(self.on_time, f, np.flatnonzero(~late))
         late_rows = np.flatnonzero(late)
-        if self.config.policy is LatenessPolicy.DROP:
-            self.late_dropped += late_rows.size
-        else:
-            self.late_corrected += late_rows.size
-            _fold(self.corrections, batch, late_rows, hashes, gaps)
+        if late_rows.size:
+            correct = self.config.policy is LatenessPolicy.CORRECT
+            counter = self._corrected if correct else self._dropped
+            parts, counts = np.unique(f.partition[late_rows], return_counts=True)
+            for p, n in zip(parts.tolist(), counts.tolist(), strict=True):
+                counter[p] = counter.get(p, 0) + n
+            if correct:
+                _fold(self.corrections, f, late_rows)
         return late
 
-    def partials(self) -> dict[str, Any]:
-        """Everything the merge step needs, as plain data (see :func:`merge_partials`)."""
+    @property
+    def late_dropped(self) -> int:
+        """Late events dropped, over all partitions."""
+        return sum(self._dropped.values())
+
+    @property
+    def late_corrected(self) -> int:
+        """Late events kept as corrections, over all partitions."""
+        return sum(self._corrected.values())
+
+    def partitions(self) -> list[int]:
+        """Partitions with any engagement state."""
+        held = set(self.watermarks.all()) | set(self.on_time.partitions())
+        return sorted(held | set(self.corrections.partitions()))
+
+    def partials(self, partition: int | None = None) -> dict[str, Any]:
+        """One partition's partial as plain data (see :func:`merge_partials`).
+
+        Without a partition: every partition's, merged.
+        """
+        if partition is None:
+            return merge_partials([self.partials(p) for p in self.partitions()])
+        watermark = self.watermarks.watermark(partition)
         return {
-            "buckets": _store_partials(self.on_time),
-            "corrections": _store_partials(self.corrections),
-            "late_dropped": self.late_dropped,
-            "late_corrected": self.late_corrected,
-            "watermarks": self.watermarks.all(),
+            "buckets": self._store_partials(0, self.on_time, partition),
+            "corrections": self._store_partials(1, self.corrections, partition),
+            "late_dropped": self._dropped.get(partition, 0),
+            "late_corrected": self._corrected.get(partition, 0),
+            "watermarks": {} if watermark is None else {partition: watermark},
         }
 
+    def _store_partials(
+        self, which: int, store: BucketSlots, partition: int
+    ) -> dict[str, dict[int, Partial]]:
+        for slot in store.changed:
+            self._cache.pop((which, slot), None)
+        store.changed.clear()
+        out: dict[str, dict[int, Partial]] = {}
+        for g, starts in store.buckets(partition).items():
+            out[g.value] = {}
+            for start, slot in starts.items():
+                cached = self._cache.get((which, slot))
+                if cached is None:
+                    cached = self._cache[(which, slot)] = _bucket_partial(store, slot)
+                out[g.value][start] = cached
+        return out
 
-def _store_partials(store: BucketStore[EngagementBucket]) -> dict[str, dict[int, Partial]]:
-    out: dict[str, dict[int, Partial]] = {g.value: {} for g in Granularity}
-    for granularity, start, bucket in store.items():
-        out[granularity.value][start] = bucket.partial()
-    return out
+    def export(self, partition: int) -> dict[str, Any]:
+        """One partition's engagement as plain data (see :meth:`insert`)."""
+        return {
+            "newest": self.watermarks.export(partition),
+            "on_time": self.on_time.export(partition),
+            "corrections": self.corrections.export(partition),
+            "late_dropped": self._dropped.get(partition, 0),
+            "late_corrected": self._corrected.get(partition, 0),
+        }
+
+    def insert(self, partition: int, data: dict[str, Any]) -> None:
+        """Take over a partition exported by :meth:`export` (not held here)."""
+        self.watermarks.insert(partition, data["newest"])
+        self.on_time.insert(partition, data["on_time"])
+        self.corrections.insert(partition, data["corrections"])
+        for counter, key in (
+            (self._dropped, "late_dropped"),
+            (self._corrected, "late_corrected"),
+        ):
+            if data[key]:
+                counter[partition] = int(data[key])
+
+    def forget(self, partition: int) -> None:
+        """Drop a partition (given to another shard)."""
+        self.watermarks.forget(partition)
+        self.on_time.forget(partition)
+        self.corrections.forget(partition)
+        self._dropped.pop(partition, None)
+        self._corrected.pop(partition, None)
+
+    def nbytes(self) -> int:
+        """Bytes of the bucket arrays."""
+        return self.on_time.nbytes() + self.corrections.nbytes()
+
+
+def _store(config: WindowConfig) -> BucketSlots:
+    columns = {"events": N_TYPES, "dwell_ms": 1, "sessions": 1, "session_ms": 1}
+    return BucketSlots(
+        config.retention, columns, HLL_PRECISION, ("items", "categories"), MAX_TRACKED
+    )
+
+
+def _fold(store: BucketSlots, f: Folded, rows: np.ndarray) -> None:
+    """Fold the events at ``rows`` of ``f`` into their buckets of every granularity.
+
+    Each sum is one ``bincount`` over all granularities, the users one scatter,
+    the items and categories one ``unique`` each: no per-event Python.
+    """
+    if rows.size == 0:
+        return
+    slots = store.route(f.partition[rows], f.ts[rows]).reshape(-1)
+    copies = len(GRANULARITIES)
+    types = f.type[rows].astype(np.int64)
+    store.add("events", slots, sub=np.tile(types, copies))
+    dwell = np.where(types == _DWELL, np.nan_to_num(f.value[rows], nan=0.0), 0.0)
+    dwell_ms = np.tile(np.round(dwell * 1000), copies)
+    store.add("dwell_ms", slots, dwell_ms)
+    starts = np.tile(types == _SESSION_START, copies)
+    store.add("sessions", slots[starts])
+    store.add("session_ms", slots, np.tile(f.session_gap_ms[rows].astype(np.float64), copies))
+    store.add_users(slots, np.tile(f.user_hashes()[rows], copies))
+    store.count("items", slots, np.tile(f.item[rows], copies), f.item_names)  # type: ignore[arg-type]
+    store.count("categories", slots, np.tile(f.category[rows], copies), f.category_names)  # type: ignore[arg-type]
+    store.prune()
+
+
+def _bucket_partial(store: BucketSlots, slot: int) -> Partial:
+    """One bucket as plain data that :func:`merge_buckets` combines."""
+    users = store.sketch(slot)
+    return {
+        "events": store.columns["events"][slot].tolist(),
+        "users": users,
+        "active_users": round(HyperLogLog.from_bytes(users).count()),
+        "dwell_ms": int(store.columns["dwell_ms"][slot, 0]),
+        "sessions": int(store.columns["sessions"][slot, 0]),
+        "session_ms": int(store.columns["session_ms"][slot, 0]),
+        "items": store.top("items", slot, TOP_KEEP),
+        "categories": store.top("categories", slot, TOP_KEEP),
+    }
 
 
 def merge_partials(shards: Sequence[dict[str, Any]]) -> dict[str, Any]:

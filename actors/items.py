@@ -13,6 +13,10 @@ Pair weights wait in a buffer and are folded into sorted
 ``max_pairs`` so memory stays bounded. Shards export partials (top neighbours
 per item and the item stats, with item ids as strings) that serving merges
 across shards by summing.
+
+A shard's graph holds every partition it owns, each on its own: an item's stats
+and pairs are kept per (partition, item), so a partition's part can be exported
+and inserted elsewhere, while one flush serves all of them.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ class ItemGraphConfig:
 
     Attributes:
         window: how many earlier recent items each new item is paired with.
-        max_pairs: co-visitation pairs kept; the lightest are pruned beyond it.
+        max_pairs: co-visitation pairs kept per partition; the lightest are pruned beyond it.
         compact_every: buffered pair entries that trigger a fold into the arrays.
         flush_every: observed events that trigger a :meth:`ItemGraph.flush`.
     """
@@ -56,10 +60,11 @@ class ItemGraphConfig:
 
 
 class ItemGraph:
-    """Item statistics and co-visitation for the users of one shard.
+    """Item statistics and co-visitation for the users of a shard's partitions.
 
-    Item codes are the shard's :class:`~actors.state.UserStateTable` codes, so
-    nothing is interned twice; partials translate them to item ids.
+    Items are the :class:`~actors.state.UserStateTable`'s item ids, so nothing
+    is interned twice; each (partition, item) has a slot in the stat arrays,
+    and partials translate slots to item ids as strings.
     """
 
     def __init__(self, config: ItemGraphConfig | None = None) -> None:
@@ -71,8 +76,12 @@ class ItemGraph:
         self.last = np.zeros(0, dtype=np.int64)
         self.sum_days = np.zeros(0, dtype=np.float64)
         self.sum_days2 = np.zeros(0, dtype=np.float64)
-        self.category = np.zeros(0, dtype=np.int32)
-        self._keys = np.zeros(0, dtype=np.int64)  # sorted (a << 32) | b
+        self.category = np.zeros(0, dtype=np.int64)  # the table's category id, -1 none
+        self.item = np.zeros(0, dtype=np.int64)  # item id of each slot
+        self.partition = np.zeros(0, dtype=np.int64)  # partition of each slot, -1 free
+        self._slots: dict[int, int] = {}  # item * _SPAN + partition -> slot
+        self._free: list[int] = []
+        self._keys = np.zeros(0, dtype=np.int64)  # sorted (slot a << 32) | slot b, a < b
         self._weights = np.zeros(0, dtype=np.float32)
         self._pending_keys: list[np.ndarray] = []
         self._pending_weights: list[np.ndarray] = []
@@ -81,32 +90,51 @@ class ItemGraph:
         self._pairs_pending: list[tuple[np.ndarray, ...]] = []
         self._pending_events = 0
         self.pruned_pairs = 0
-        self.version = 0  # bumped by every observe: partials of equal versions are equal
+        # Bumped by every observe of a partition: partials of equal versions are equal.
+        self.versions: dict[int, int] = {}
 
     def __len__(self) -> int:
-        """Items with at least one event (as of the last flush)."""
+        """(Partition, item) slots with at least one event (as of the last flush)."""
         return int(np.count_nonzero(self.count))
 
-    def observe(self, table: UserStateTable, batch: EventBatch) -> None:
+    @property
+    def version(self) -> int:
+        """Observes so far, over all partitions."""
+        return sum(self.versions.values())
+
+    def observe(
+        self, table: UserStateTable, batch: EventBatch, partitions: np.ndarray | None = None
+    ) -> None:
         """Take in ``batch``, which ``table`` just applied (its ``last_*`` fields).
 
-        The work is deferred to :meth:`flush` (by :meth:`partial`, or the shard's
-        fold): many small apply steps then cost a few large numpy calls, not
-        many small ones on the freshness path. What is kept are references to
-        arrays that the table replaces on its next apply, not views of its state.
+        ``partitions[i]`` is event ``i``'s partition (all 0 when None). The work
+        is deferred to :meth:`flush` (by :meth:`partial`, or the shard's fold):
+        many small apply steps then cost a few large numpy calls, not many small
+        ones on the freshness path. What is kept are references to arrays that
+        the table replaces on its next apply, not views of its state.
         """
+        parts = np.zeros(len(batch), np.int64) if partitions is None else partitions
         codes = table.last_item_codes
         has = np.flatnonzero(codes >= 0)
         if has.size:
             self._counts_pending.append(
-                (codes[has], batch.ts[has], table.last_category_codes[has], batch.type[has])
+                (
+                    codes[has],
+                    parts[has],
+                    batch.ts[has],
+                    table.last_category_codes[has],
+                    batch.type[has],
+                )
             )
         push_rows, push_codes = table.last_pushes
         if push_rows.size:
             before_rows, before = table.last_recent_before
-            self._pairs_pending.append((before_rows, before, push_rows, push_codes))
+            self._pairs_pending.append(
+                (before_rows, before, push_rows, push_codes, table.partitions_of_rows(push_rows))
+            )
+        for p in np.unique(parts).tolist():
+            self.versions[p] = self.versions.get(p, 0) + 1
         self._pending_events += len(batch)
-        self.version += 1
         if self._pending_events >= self.config.flush_every:
             self.flush()
 
@@ -116,25 +144,48 @@ class ItemGraph:
         pairs, self._pairs_pending = self._pairs_pending, []
         self._pending_events = 0
         if counts:
-            codes, ts, categories, types = (np.concatenate(c) for c in zip(*counts, strict=True))
-            self._count_items(codes, ts, categories, np.isin(types, _POSITIVE))
+            codes, parts, ts, categories, types = (
+                np.concatenate(c) for c in zip(*counts, strict=True)
+            )
+            self._count_items(
+                self._slot_of(codes, parts), ts, categories, np.isin(types, _POSITIVE)
+            )
         for step in pairs:  # each step pairs against the rings as they were before it
             self._pair(*step)
 
+    def _slot_of(self, items: np.ndarray, parts: np.ndarray) -> np.ndarray:
+        """The stat slot of each (item, partition), made when missing."""
+        keys = items * _SPAN + parts
+        unique, inverse = np.unique(keys, return_inverse=True)
+        get = self._slots.get
+        slots = np.fromiter((get(k, -1) for k in unique.tolist()), np.int64, len(unique))
+        for i in np.flatnonzero(slots < 0).tolist():
+            slots[i] = self._new_slot(int(unique[i]))
+        return slots[inverse]
+
+    def _new_slot(self, key: int) -> int:
+        if self._free:
+            slot = self._free.pop()
+        else:
+            slot = len(self._slots)
+            self._grow(slot + 1)
+        self._slots[key] = slot
+        self.item[slot], self.partition[slot] = divmod(key, _SPAN)
+        return slot
+
     def _count_items(
-        self, codes: np.ndarray, ts: np.ndarray, categories: np.ndarray, positive: np.ndarray
+        self, slots: np.ndarray, ts: np.ndarray, categories: np.ndarray, positive: np.ndarray
     ) -> None:
-        self._grow(int(codes.max()) + 1)
         days = ts / DAY_MS
-        np.add.at(self.count, codes, 1)
-        np.logaddexp2.at(self.heat, codes, ts / TRENDING_HALF_LIFE_MS)
-        np.add.at(self.positive, codes[positive], 1)
-        np.minimum.at(self.first, codes, ts)
-        np.maximum.at(self.last, codes, ts)
-        np.add.at(self.sum_days, codes, days)
-        np.add.at(self.sum_days2, codes, days * days)
+        np.add.at(self.count, slots, 1)
+        np.logaddexp2.at(self.heat, slots, ts / TRENDING_HALF_LIFE_MS)
+        np.add.at(self.positive, slots[positive], 1)
+        np.minimum.at(self.first, slots, ts)
+        np.maximum.at(self.last, slots, ts)
+        np.add.at(self.sum_days, slots, days)
+        np.add.at(self.sum_days2, slots, days * days)
         known = categories >= 0
-        self.category[codes[known]] = categories[known]  # the latest category wins
+        self.category[slots[known]] = categories[known]  # the latest category wins
 
     def _pair(
         self,
@@ -142,14 +193,17 @@ class ItemGraph:
         before: np.ndarray,
         push_rows: np.ndarray,
         push_codes: np.ndarray,
+        push_parts: np.ndarray,
     ) -> None:
         """Pair each pushed item with the ``window`` items before it in its user's sequence.
 
         The sequence is the user's ring before the batch (oldest first) followed
         by the batch's pushes in arrival order; pairs among ring items were
-        counted when they were pushed, so each pair has a new item.
+        counted when they were pushed, so each pair has a new item. A user's
+        items are all of its partition.
         """
         w = self.config.window
+        part_of_row = dict(zip(push_rows.tolist(), push_parts.tolist(), strict=True))
         old = before[:, ::-1][:, -w:]  # oldest first, the last w only
         old_rows = np.repeat(before_rows, old.shape[1])
         old_codes = old.reshape(-1)
@@ -159,6 +213,8 @@ class ItemGraph:
         new = np.r_[np.zeros(int(keep.sum()), dtype=bool), np.ones(push_rows.size, dtype=bool)]
         order = np.lexsort((np.arange(rows.size), new, rows))  # by row; ring, then pushes
         rows, seq, new = rows[order], seq[order], new[order]
+        parts = np.fromiter(map(part_of_row.__getitem__, rows.tolist()), np.int64, rows.size)
+        seq = self._slot_of(seq, parts)
         keys, weights = [], []
         for d in range(1, w + 1):
             if d >= rows.size:
@@ -177,7 +233,7 @@ class ItemGraph:
                 self.compact()
 
     def compact(self) -> None:
-        """Fold buffered pairs into the sorted arrays and prune to ``max_pairs``."""
+        """Fold buffered pairs into the sorted arrays and prune each partition to ``max_pairs``."""
         if self._pairs_pending or self._counts_pending:
             self.flush()
         if not self._pending_keys:
@@ -187,11 +243,20 @@ class ItemGraph:
         self._pending_keys, self._pending_weights, self._pending = [], [], 0
         self._keys, inverse = np.unique(keys, return_inverse=True)
         self._weights = np.bincount(inverse, weights=weights).astype(np.float32)
-        excess = len(self._keys) - self.config.max_pairs
-        if excess > 0:
-            keep = np.sort(np.argpartition(self._weights, excess)[excess:])
-            self._keys, self._weights = self._keys[keep], self._weights[keep]
-            self.pruned_pairs += excess
+        self._prune()
+
+    def _prune(self) -> None:
+        """Keep each partition's ``max_pairs`` heaviest pairs."""
+        parts = self.partition[self._keys >> 32]
+        per = np.bincount(parts, minlength=1)
+        if not len(per) or per.max() <= self.config.max_pairs:
+            return
+        order = np.lexsort((-self._weights, parts))  # by partition, heaviest first
+        starts = np.r_[0, np.cumsum(per)[:-1]]
+        rank = np.arange(order.size) - starts[parts[order]]
+        keep = np.sort(order[rank < self.config.max_pairs])
+        self.pruned_pairs += len(self._keys) - len(keep)
+        self._keys, self._weights = self._keys[keep], self._weights[keep]
 
     @property
     def pairs(self) -> int:
@@ -208,6 +273,8 @@ class ItemGraph:
             self.sum_days,
             self.sum_days2,
             self.category,
+            self.item,
+            self.partition,
         )
         held = sum(a.nbytes for a in arrays) + self._keys.nbytes + self._weights.nbytes
         return held + sum(
@@ -215,30 +282,43 @@ class ItemGraph:
             for k, w in zip(self._pending_keys, self._pending_weights, strict=True)
         )
 
-    def partial(self, table: UserStateTable, top_n: int = 100) -> dict[str, Any]:
-        """Item stats and each item's ``top_n`` heaviest neighbours, with item ids as strings.
+    def _mine(self, partition: int) -> np.ndarray:
+        """The slots of one partition, ascending."""
+        return np.flatnonzero(self.partition[: len(self._slots) + len(self._free)] == partition)
+
+    def partial(
+        self, table: UserStateTable, top_n: int = 100, partition: int = 0
+    ) -> dict[str, Any]:
+        """One partition's item stats and each item's ``top_n`` heaviest neighbours, by name.
 
         The merge (:func:`models.item_index.ItemIndex.merge`) sums partials of
-        several shards; ``top_n`` bounds what crosses the wire.
+        several partitions; ``top_n`` bounds what crosses the wire.
         """
         self.flush()
         self.compact()
-        items = np.flatnonzero(self.count)
+        slots = self._mine(partition)
+        items = slots[self.count[slots] > 0]
+        names = table.items.names_of(self.item[items])
+        by_name = sorted(range(len(names)), key=names.__getitem__)  # whatever order they came in
+        items, names = items[by_name], [names[i] for i in by_name]
         lo = (self._keys >> 32).astype(np.int64)
         hi = (self._keys & 0xFFFFFFFF).astype(np.int64)
-        a, b = np.concatenate([lo, hi]), np.concatenate([hi, lo])  # both directions
-        w = np.concatenate([self._weights, self._weights])
-        order = np.lexsort((-w, a))
+        mine = self.partition[lo] == partition
+        lo, hi, pair_w = lo[mine], hi[mine], self._weights[mine]
+        position = np.full(len(self.count), -1, dtype=np.int64)
+        position[items] = np.arange(items.size)
+        a = position[np.concatenate([lo, hi])]  # both directions, as positions in ``items``
+        b = position[np.concatenate([hi, lo])]
+        w = np.concatenate([pair_w, pair_w])
+        order = np.lexsort((b, -w, a))
         a, b, w = a[order], b[order], w[order]
         if a.size:
             starts = np.r_[0, np.flatnonzero(a[1:] != a[:-1]) + 1]
             rank = np.arange(a.size) - np.repeat(starts, np.diff(np.r_[starts, a.size]))
             keep = rank < top_n
             a, b, w = a[keep], b[keep], w[keep]
-        position = np.full(len(self.count), -1, dtype=np.int64)
-        position[items] = np.arange(items.size)
         return {
-            "items": [table.item_name(int(c)) for c in items.tolist()],
+            "items": names,
             "category": [table.category_name(int(c)) for c in self.category[items].tolist()],
             "count": self.count[items],
             "heat": self.heat[items],
@@ -247,27 +327,92 @@ class ItemGraph:
             "last": self.last[items],
             "sum_days": self.sum_days[items],
             "sum_days2": self.sum_days2[items],
-            "pair_a": position[a],
-            "pair_b": position[b],
+            "pair_a": a,
+            "pair_b": b,
             "pair_w": w,
         }
+
+    def export(self, table: UserStateTable, partition: int) -> dict[str, Any]:
+        """One partition's item state as plain data (names, not ids); see :meth:`insert`."""
+        self.compact()
+        slots = self._mine(partition)
+        names = table.items.names_of(self.item[slots])
+        by_name = sorted(range(len(names)), key=names.__getitem__)  # the partition's own order
+        slots = slots[by_name]
+        local = np.full(len(self.count), -1, dtype=np.int64)
+        local[slots] = np.arange(slots.size)
+        lo = (self._keys >> 32).astype(np.int64)
+        hi = (self._keys & 0xFFFFFFFF).astype(np.int64)
+        mine = self.partition[lo] == partition
+        data: dict[str, Any] = {name: getattr(self, name)[slots] for name in _STATS}
+        categories = data.pop("category")
+        data["category"] = [table.category_name(int(c)) for c in categories.tolist()]
+        data["items"] = [names[i] for i in by_name]
+        a, b = local[lo[mine]], local[hi[mine]]
+        a, b = np.minimum(a, b), np.maximum(a, b)
+        order = np.lexsort((b, a))
+        data["pair_a"], data["pair_b"] = a[order], b[order]
+        data["pair_w"] = self._weights[mine][order]
+        data["version"] = self.versions.get(partition, 0)
+        return data
+
+    def insert(self, table: UserStateTable, partition: int, data: dict[str, Any]) -> None:
+        """Take over a partition exported by :meth:`export` (not held here)."""
+        self.compact()
+        items = table.items.ids(data["items"])
+        slots = self._slot_of(items, np.full(len(items), partition, dtype=np.int64))
+        for name in _STATS:
+            if name != "category":
+                getattr(self, name)[slots] = data[name]
+        self.category[slots] = table.categories.ids(data["category"])
+        a, b = slots[data["pair_a"]], slots[data["pair_b"]]
+        if a.size:
+            keys = (np.minimum(a, b) << 32) | np.maximum(a, b)
+            merged = np.concatenate([self._keys, keys])
+            order = np.argsort(merged, kind="stable")
+            self._keys = merged[order]
+            self._weights = np.concatenate([self._weights, data["pair_w"]])[order]
+        self.versions[partition] = int(data["version"])
+
+    def forget(self, partition: int) -> None:
+        """Drop one partition's items and pairs (given to another shard)."""
+        self.compact()
+        slots = self._mine(partition)
+        for slot in slots.tolist():
+            del self._slots[int(self.item[slot]) * _SPAN + partition]
+        self._reset(slots)
+        self._free.extend(slots.tolist())
+        keep = self.partition[self._keys >> 32] != -1
+        self._keys, self._weights = self._keys[keep], self._weights[keep]
+        self.versions.pop(partition, None)
+
+    def _reset(self, slots: np.ndarray) -> None:
+        for name, fill in _FILLS.items():
+            getattr(self, name)[slots] = fill
 
     def _grow(self, n: int) -> None:
         have = len(self.count)
         if n <= have:
             return
         size = max(n, 2 * have, 1024)
-        for name, fill in (
-            ("count", 0),
-            ("heat", -np.inf),
-            ("positive", 0),
-            ("first", _NO_TIME),
-            ("last", -_NO_TIME),
-            ("sum_days", 0),
-            ("sum_days2", 0),
-            ("category", -1),
-        ):
+        for name, fill in _FILLS.items():
             old = getattr(self, name)
             new = np.full(size, fill, dtype=old.dtype)
             new[:have] = old
             setattr(self, name, new)
+
+
+_SPAN = 1 << 20  # partitions per item id in the slot keys (P is far smaller)
+_FILLS = {
+    "count": 0,
+    "heat": -np.inf,
+    "positive": 0,
+    "first": _NO_TIME,
+    "last": -_NO_TIME,
+    "sum_days": 0,
+    "sum_days2": 0,
+    "category": -1,
+    "item": -1,
+    "partition": -1,
+}
+_STATS = ("count", "heat", "positive", "first", "last", "sum_days", "sum_days2", "category")

@@ -22,9 +22,9 @@ class LatencyRing:
         return self._count, self._values.copy()
 
     def percentiles(self) -> dict[str, float | None]:
-        """p50 and p99 of what the ring holds (None before the first value)."""
+        """p50, p99 and max of what the ring holds (None before the first value)."""
         held = self._values[: min(self._count, len(self._values))]
         if not len(held):
-            return {"p50": None, "p99": None}
+            return {"p50": None, "p99": None, "max": None}
         p50, p99 = np.percentile(held, [50, 99]).tolist()
-        return {"p50": round(p50, 2), "p99": round(p99, 2)}
+        return {"p50": round(p50, 2), "p99": round(p99, 2), "max": round(float(held.max()), 2)}

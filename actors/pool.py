@@ -86,6 +86,7 @@ class ShardTemplate:
     policy: ValidationPolicy | None = None
     windows: WindowConfig | None = None
     funnel: FunnelSpec | None = None
+    insights: bool = True  # off: profiles, items and features only (no insight aggregates)
     detached: bool = False
 
 
@@ -119,6 +120,7 @@ class ShardPool:
         windows: WindowConfig | None = None,
         funnel: FunnelSpec | None = None,
         detached: bool = False,
+        insights: bool = True,
     ) -> ShardPool:
         """Start the shard actors (named, in the ``audience`` namespace) and their consumers.
 
@@ -131,7 +133,7 @@ class ShardPool:
         creating a detached pool again attaches to the shards already running, so
         the call is idempotent.
         """
-        template = ShardTemplate(rules, policy, windows, funnel, detached)
+        template = ShardTemplate(rules, policy, windows, funnel, insights, detached)
         initial = Layout.initial(spec.partitions, spec.shards)
         first = _spawn(spec, template, 0, initial.partitions_of(0))
         ray.get(first.start.remote(), timeout=timeout_s)
@@ -517,6 +519,7 @@ def _spawn(
         template.policy,
         windows=template.windows,
         funnel=template.funnel,
+        insights=template.insights,
         checkpoints=dataclasses.replace(spec.checkpoints, scope=spec.scope),
         partition_count=spec.partitions,
         nats_credentials=spec.nats_credentials,

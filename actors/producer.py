@@ -49,6 +49,10 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_PAYLOAD = 1024 * 1024  # NATS' default; the server's own figure wins when known
 HEADER_ROOM = 4096  # headers count against max_payload too
 IDLE_TICK_S = 0.05  # how often the sender checks timeouts and retries when nothing wakes it
+# A partition's batch waits this long for more events: at 100k events/s over 16
+# partitions that makes messages of ~300 events, and at 1k events/s of ~3, where
+# every message costs the producer, nats-server and the shard a fixed ~0.1 ms.
+DEFAULT_LINGER_MS = 50.0
 
 
 class Producer:
@@ -86,7 +90,7 @@ class Producer:
         *,
         policy: ValidationPolicy | None = None,
         max_batch: int = 1000,
-        linger_ms: float = 5.0,
+        linger_ms: float = DEFAULT_LINGER_MS,
         producer_id: str | None = None,
         publish_timeout_s: float = 10.0,
         max_pending_bytes: int = 64 * 1024 * 1024,

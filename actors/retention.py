@@ -41,7 +41,9 @@ import numpy as np
 
 from actors.batch import EventBatch
 from actors.events import TYPE_CODE, EventType
+from actors.folded import Folded
 from actors.sketches import HyperLogLog, SketchError, stable_hash64
+from actors.windows import hll_slots
 
 DAY_MS = 86_400_000
 MILESTONES = (1, 7, 30)
@@ -49,7 +51,6 @@ _DELETED = TYPE_CODE[EventType.USER_DELETED]
 _MAGIC = b"RET\x01"
 _HLL_HEAD = b"HLL\x01"  # HyperLogLog.to_bytes header, to reuse its estimator
 _EPOCH = date(1970, 1, 1)
-_U64 = np.uint64
 
 
 def day_of(ts_ms: int) -> int:
@@ -290,11 +291,7 @@ class RetentionAggregate:
 
     def _slots(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Register index and rank per hash, exactly as ``HyperLogLog.add_hashes`` does."""
-        tail = 64 - self.precision
-        idx = (h >> _U64(tail)).astype(np.intp)
-        rest = (h & _U64((1 << tail) - 1)) | _U64(1 << tail)
-        rank = np.frexp((rest & (~rest + _U64(1))).astype(np.float64))[1].astype(np.uint8)
-        return idx, rank
+        return hll_slots(h, self.precision)
 
     def _prune(self) -> None:
         if self.latest_day is None:
@@ -337,3 +334,163 @@ def _fold(
             np.maximum(store[k], tmp[i], out=store[k])
         else:
             store[k] = tmp[i].copy()
+
+
+_KIND_SHIFT = 40  # keys: (partition * 2 + kind) << 40 | cell or day
+_CELL, _DAY = 0, 1
+
+
+class _Cohorts:
+    """One partition's retention bookkeeping: its latest day, rejects and register slots."""
+
+    def __init__(self) -> None:
+        self.latest_day: int | None = None
+        self.rejected = 0
+        self.slots: dict[int, int] = {}  # (kind << _KIND_SHIFT) | key -> register slot
+
+
+class RetentionFolds:
+    """Retention of a shard's partitions: one :class:`RetentionAggregate` each, folded at once.
+
+    Every partition keeps its own cohorts, days and latest day (so it can move),
+    in one register matrix: a fold of many partitions' events is one scatter.
+    :meth:`partial` gives a partition's :meth:`RetentionAggregate.snapshot`.
+    """
+
+    def __init__(
+        self, precision: int = 11, max_offset: int = 35, max_cohorts: int = 90, max_days: int = 90
+    ) -> None:
+        self.template = RetentionAggregate(precision, max_offset, max_cohorts, max_days)
+        self._m = 1 << precision
+        self._width = max_offset + 1
+        self._registers = np.zeros((64, self._m), dtype=np.uint8)
+        self._free = list(range(63, -1, -1))
+        self._parts: dict[int, _Cohorts] = {}
+        self._cache: dict[int, bytes] = {}  # partition -> snapshot, until it changes
+
+    def fold(self, f: Folded) -> None:
+        """Fold events in; deletions and events of users no longer held are not activity."""
+        keep = np.flatnonzero((f.type != _DELETED) & (f.first_seen >= 0))
+        if keep.size == 0:
+            return
+        t = self.template
+        parts = f.partition[keep]
+        idx, rank = hll_slots(f.user_hashes()[keep], t.precision)
+        day = f.ts[keep] // DAY_MS
+        cohort = f.first_seen[keep] // DAY_MS
+        offset = day - cohort
+        touched = np.unique(parts).tolist()
+        latest = np.full(max(touched) + 1, -(2**62), dtype=np.int64)
+        np.maximum.at(latest, parts, day)
+        rejected = np.bincount(parts[offset < 0], minlength=len(latest))
+        for p in touched:
+            state = self._parts.setdefault(p, _Cohorts())
+            top = int(latest[p])
+            state.latest_day = top if state.latest_day is None else max(state.latest_day, top)
+            latest[p] = state.latest_day
+            state.rejected += int(rejected[p])
+            self._cache.pop(p, None)
+        now = latest[parts]
+        recent = day > now - t.max_days
+        cell = (offset >= 0) & (offset <= t.max_offset) & (cohort > now - t.max_cohorts)
+        keys = np.concatenate(
+            [
+                ((parts[recent] * 2 + _DAY) << _KIND_SHIFT) | day[recent],
+                ((parts[cell] * 2 + _CELL) << _KIND_SHIFT)
+                | (cohort[cell] * self._width + offset[cell]),
+            ]
+        )
+        if keys.size:
+            unique, inverse = np.unique(keys, return_inverse=True)
+            slots = np.array([self._slot(int(k)) for k in unique.tolist()], dtype=np.int64)
+            at = slots[inverse] * self._m + np.concatenate([idx[recent], idx[cell]])
+            ranks = np.concatenate([rank[recent], rank[cell]])
+            np.maximum.at(self._registers.reshape(-1), at, ranks)
+        for p in touched:
+            self._prune(p)
+
+    def _slot(self, key: int) -> int:
+        p, local = key >> (_KIND_SHIFT + 1), key & ((1 << (_KIND_SHIFT + 1)) - 1)
+        slots = self._parts[p].slots
+        slot = slots.get(local)
+        if slot is None:
+            if not self._free:
+                have = len(self._registers)
+                self._registers = np.concatenate([self._registers, np.zeros_like(self._registers)])
+                self._free = list(range(2 * have - 1, have - 1, -1))
+            slot = slots[local] = self._free.pop()
+        return slot
+
+    def _prune(self, p: int) -> None:
+        state, t = self._parts[p], self.template
+        assert state.latest_day is not None
+        floor_c, floor_d = state.latest_day - t.max_cohorts, state.latest_day - t.max_days
+        mask = (1 << _KIND_SHIFT) - 1
+        for local in list(state.slots):
+            kind, key = local >> _KIND_SHIFT, local & mask
+            if (kind == _CELL and key // self._width <= floor_c) or (
+                kind == _DAY and key <= floor_d
+            ):
+                slot = state.slots.pop(local)
+                self._registers[slot] = 0
+                self._free.append(slot)
+
+    def partitions(self) -> list[int]:
+        """Partitions with retention state."""
+        return sorted(self._parts)
+
+    def aggregate(self, partition: int) -> RetentionAggregate:
+        """A partition's retention as a :class:`RetentionAggregate` (registers copied)."""
+        t = self.template
+        agg = RetentionAggregate(t.precision, t.max_offset, t.max_cohorts, t.max_days)
+        state = self._parts.get(partition)
+        if state is None:
+            return agg
+        mask = (1 << _KIND_SHIFT) - 1
+        for local, slot in state.slots.items():
+            store = agg._cells if local >> _KIND_SHIFT == _CELL else agg._days
+            store[local & mask] = self._registers[slot].copy()
+        agg.latest_day, agg.rejected = state.latest_day, state.rejected
+        return agg
+
+    def partial(self, partition: int) -> bytes:
+        """A partition's :meth:`RetentionAggregate.snapshot` (kept until the partition changes)."""
+        cached = self._cache.get(partition)
+        if cached is None:
+            cached = self._cache[partition] = self.aggregate(partition).snapshot()
+        return cached
+
+    def export(self, partition: int) -> dict[str, Any]:
+        """A partition's retention as plain data (see :meth:`insert`)."""
+        state = self._parts.get(partition) or _Cohorts()
+        keys = sorted(state.slots)
+        slots = np.array([state.slots[k] for k in keys], dtype=np.int64)
+        return {
+            "keys": keys,
+            "registers": self._registers[slots],
+            "latest_day": state.latest_day,
+            "rejected": state.rejected,
+        }
+
+    def insert(self, partition: int, data: dict[str, Any]) -> None:
+        """Take over a partition exported by :meth:`export` (not held here)."""
+        state = self._parts[partition] = _Cohorts()
+        state.latest_day, state.rejected = data["latest_day"], int(data["rejected"])
+        prefix = partition << (_KIND_SHIFT + 1)
+        for key, registers in zip(data["keys"], data["registers"], strict=True):
+            slot = self._slot(prefix | int(key))  # may grow the matrix: before indexing it
+            self._registers[slot] = registers
+        self._cache.pop(partition, None)
+
+    def forget(self, partition: int) -> None:
+        """Drop a partition."""
+        state = self._parts.pop(partition, None)
+        self._cache.pop(partition, None)
+        if state is not None:
+            for slot in state.slots.values():
+                self._registers[slot] = 0
+                self._free.append(slot)
+
+    def nbytes(self) -> int:
+        """Bytes of the register matrix."""
+        return self._registers.nbytes

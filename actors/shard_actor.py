@@ -53,14 +53,14 @@ from actors.consumer import StreamReader
 from actors.conversion import FunnelSpec
 from actors.deadletter import DeadLetters
 from actors.errors import AudienceError, ShardRecovering, UnavailableError
+from actors.latency import LatencyRing
 from actors.layout import Layout
 from actors.layout_store import LayoutStore
 from actors.metrics import ShardMetrics
 from actors.nats_auth import NatsCredentials
 from actors.nats_auth import connect as nats_connect
-from actors.partition_set import PartitionSet, partition_configs
 from actors.partitioning import events_subject
-from actors.shard import Shard
+from actors.shard import Shard, encode_partitions, partition_configs
 from actors.state import StateRules, UserRows
 from actors.validation import Rejection, ValidationPolicy
 from actors.windows import WindowConfig
@@ -71,7 +71,17 @@ MAX_HELD_DEAD_LETTERS = 10_000  # beyond this a shard stops consuming until NATS
 LAST_CHECKPOINT_TIMEOUT_S = 15.0  # a stop must finish within the pool's shutdown budget
 STOP_STEP_TIMEOUT_S = 5.0
 START_RETRY_S = 0.25  # between attempts to start while NATS is away
-MAX_MESSAGES_PER_APPLY = 256  # a step: one apply per partition in it, so small messages need many
+MAX_MESSAGES_PER_APPLY = 256  # a step: all its partitions in one pass
+MAX_BYTES_PER_APPLY = (
+    4 * 1024 * 1024
+)  # ... and at most about this much (tens of thousands of events)
+FOLD_WAKE_S = 0.05  # while events wait for the aggregates, the loop looks at least this often
+# A step has a fixed cost (~0.5 ms of numpy calls) whatever it holds: after one,
+# the next waits for STEP_BYTES of messages or STEP_GATHER_S, so a trickle of
+# tiny messages makes ~25 steps a second, not one per message, while a busy
+# stream (64 KiB every few ms) is not held up.
+STEP_BYTES = 64 * 1024
+STEP_GATHER_S = 0.04
 PARALLEL_LOADS = 4  # snapshot transfers at once when restoring or adopting many partitions
 LAYOUT_POLL_S = 2.0  # how often an actor compares its layout with the stored one
 LAYOUT_GRACE_S = 10.0  # a stored layout an ordered hand-off has not brought is followed after
@@ -96,21 +106,38 @@ class ShardActor:
         checkpoints: CheckpointConfig | None = None,
         partition_count: int | None = None,
         nats_credentials: NatsCredentials | None = None,
+        insights: bool = True,
     ) -> None:
         """Args:
         partitions: what this shard owns when no layout is stored yet.
         partition_count: the stream's partition count P (default: ``max(partitions) + 1``).
         nats_credentials: the shard role's NATS login (None: the server needs none).
+        insights: keep the insight aggregates (off: profiles, items and features only).
         """
         count = partition_count or max(partitions) + 1
         part_rules, part_items, part_dedup = partition_configs(count, rules)
         self.shard_id = shard_id
-        self.config = {"rules": rules, "policy": policy, "windows": windows, "funnel": funnel}
-        self.parts = PartitionSet(
+        self.config = {
+            "rules": rules,
+            "policy": policy,
+            "windows": windows,
+            "funnel": funnel,
+            "insights": insights,
+        }
+        self.shard = Shard(
             shard_id,
-            count,
-            lambda p: Shard(p, [p], part_rules, policy, windows, funnel, part_items, part_dedup),
+            [],
+            part_rules,
+            policy,
+            windows,
+            funnel,
+            part_items,
+            part_dedup,
+            partition_count=count,
+            insights=insights,
         )
+        self.work_messages = 0  # messages taken from the stream, skipped ones included
+        self.snapshot_pause_ms = LatencyRing()  # the synchronous part of each snapshot
         self.first_partitions = list(partitions)
         self.nats_url = nats_url
         self.nats_credentials = nats_credentials
@@ -147,7 +174,7 @@ class ShardActor:
     async def start(self) -> dict[str, Any]:
         """Wait until the shard consumes (raising if it could not start); its status."""
         await asyncio.shield(self._starting)
-        return self.parts.status()
+        return self.shard.status()
 
     async def _start(self) -> None:
         """Connect, restore, find the stream ends, consume; retried until NATS answers."""
@@ -181,11 +208,11 @@ class ShardActor:
                 else self.first_partitions
             )
             self.recovery["restored"] = await self._restore_newest(mine)
-        self._targets = await self._stream_ends(js, self.parts.partitions)
+        self._targets = await self._stream_ends(js, self.shard.partitions)
         if self._reader is not None:  # a start that failed after creating it: retire it
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._reader.stop(), STOP_STEP_TIMEOUT_S)
-        self._reader = StreamReader(self._nc, js, self.stream, self.parts.positions)
+        self._reader = StreamReader(self._nc, js, self.stream, self.shard.positions)
         await self._reader.start()
         self.recovery["consuming_at"] = time.time()
         self._loop_task = asyncio.create_task(self._consume())
@@ -219,47 +246,60 @@ class ShardActor:
         loaded = await self._load_many(partitions, names)
         for partition in partitions:
             state, name, size = loaded[partition]
-            self.parts.own(state)
+            self._own(partition, state)
             restored[partition] = name
             total_bytes += size
             if name:
-                self._snapshotted[partition] = state.positions[partition]
+                self._snapshotted[partition] = self.shard.positions[partition]
         self.recovery.update(
             restore_s=round(time.perf_counter() - started, 3), snapshot_bytes=total_bytes
         )
         return restored
 
+    def _own(self, partition: int, state: dict[str, Any] | None) -> None:
+        """Own a partition from its loaded state, or empty (to be replayed from the start)."""
+        if state is None:
+            self.shard.add(partition)
+        else:
+            self.shard.insert(state)
+
     async def _load_many(
         self, partitions: Sequence[int], names: dict[int, list[str]]
-    ) -> dict[int, tuple[Shard, str, int]]:
+    ) -> dict[int, tuple[dict[str, Any] | None, str, int]]:
         """:meth:`_load_partition` for many partitions, a few transfers at a time."""
         room = asyncio.Semaphore(PARALLEL_LOADS)
 
-        async def one(partition: int) -> tuple[Shard, str, int]:
+        async def one(partition: int) -> tuple[dict[str, Any] | None, str, int]:
             async with room:
                 return await self._load_partition(partition, names.get(partition, []))
 
         states = await asyncio.gather(*(one(p) for p in partitions))
         return dict(zip(partitions, states, strict=True))
 
-    async def _load_partition(self, partition: int, names: Sequence[str]) -> tuple[Shard, str, int]:
-        """The state of ``partition`` from the newest usable of ``names``, its name and size."""
+    async def _load_partition(
+        self, partition: int, names: Sequence[str]
+    ) -> tuple[dict[str, Any] | None, str, int]:
+        """The state of ``partition`` from the newest usable of ``names``, its name and size.
+
+        Decoding (digest, unpickling) runs in a thread: the shard goes on applying.
+        """
         assert self._store is not None
         for name in reversed(names):
             try:
                 blob = await self._store.load(name)
             except (NotFoundError, FileNotFoundError):  # pruned since it was listed
                 continue
-            state = self.parts.make(partition)
             try:
-                state.restore(blob)
+                header, states = await asyncio.to_thread(self.shard.decode, blob)
+                if header.partitions != [partition]:
+                    raise SnapshotError(f"snapshot covers {header.partitions}, not {partition}")
             except SnapshotError as exc:
                 log.warning("shard %s: snapshot %s unusable (%s)", self.shard_id, name, exc)
                 continue
-            return state, name, len(blob)
+            return states[0], name, len(blob)
         if names:
             log.warning("shard %s: partition %s has no usable snapshot", self.shard_id, partition)
-        return self.parts.make(partition), "", 0
+        return None, "", 0
 
     async def _stream_ends(self, js: JetStreamContext, partitions: Sequence[int]) -> dict[int, int]:
         """The last stream sequence of each partition right now (0 for an empty one)."""
@@ -276,13 +316,13 @@ class ShardActor:
         """Drop the targets reached; leave recovery once none is left."""
         if self._targets is None:
             return
-        positions = self.parts.positions
+        positions = self.shard.positions
         self._targets = {
             p: end for p, end in self._targets.items() if p in positions and positions[p] < end
         }
         if not self._targets and "caught_up_at" not in self.recovery:
             self.recovery["caught_up_at"] = time.time()
-            self.recovery["replayed_messages"] = self.parts.applied_messages
+            self.recovery["replayed_messages"] = self.shard.applied_messages
 
     @property
     def recovering(self) -> bool:
@@ -296,7 +336,7 @@ class ShardActor:
         if self._targets is None:
             detail = "restoring the newest snapshots"
         else:
-            positions = self.parts.positions
+            positions = self.shard.positions
             behind = sum(max(0, end - positions.get(p, 0)) for p, end in self._targets.items())
             detail = f"replaying its partitions ({behind} stream sequences to go)"
         raise ShardRecovering(self.shard_id, detail)
@@ -307,18 +347,28 @@ class ShardActor:
 
     async def _consume(self) -> None:
         assert self._reader is not None and self._dead_letters is not None
+        last_step = 0.0
         while True:
+            await self._reader.gather(STEP_BYTES, last_step + STEP_GATHER_S - time.monotonic())
             if self._held_dead_letters:
                 await self._publish_dead_letters()
                 if len(self._held_dead_letters) >= MAX_HELD_DEAD_LETTERS:
                     await asyncio.sleep(START_RETRY_S)  # NATS is down: wait, hold no more
                     continue
-            deliveries = await self._reader.take(self.max_messages_per_apply, timeout_s=0.5)
+            # While events wait for the aggregates, wake up in time to fold them.
+            wait_s = FOLD_WAKE_S if self.shard.pending_events else 0.5
+            deliveries = await self._reader.take(
+                self.max_messages_per_apply, timeout_s=wait_s, max_bytes=MAX_BYTES_PER_APPLY
+            )
             self._metrics.record_lag(self._reader.pending_by_partition())
             if not deliveries:
+                self.shard.fold_due()
                 continue
+            self.work_messages += len(deliveries)
+            last_step = time.monotonic()
             started = time.perf_counter()
-            result = self.parts.apply(deliveries)
+            result = self.shard.apply(deliveries)
+            self.shard.fold_due()
             self._metrics.record_apply(
                 result.applied,
                 time.perf_counter() - started,
@@ -363,21 +413,35 @@ class ShardActor:
                 f"shard {self.shard_id}", "snapshots wait for NATS to take dead letters", 2.0
             )
 
-    async def _save_partition(self, state: Shard, created_ms: int) -> tuple[str, int]:
-        """Snapshot one partition's state, store it, prune its old snapshots; name and size."""
+    async def _save(self, states: list[dict[str, Any]], created_ms: int) -> list[tuple[str, int]]:
+        """Encode (in a thread), store and prune exported partition states; names and sizes."""
         assert self._store is not None
-        (partition,) = state.partitions
+        saved = []
+        for state in states:
+            partition, position = int(state["partition"]), int(state["position"])
+            _, blob = await asyncio.to_thread(
+                encode_partitions, self.shard_id, self.shard.fingerprint, created_ms, [state]
+            )
+            name = snapshot_name(self.checkpoints.scope, partition, position, created_ms)
+            await self._store.save(name, blob)
+            self._snapshotted[partition] = position
+            await prune(self._store, self.checkpoints.scope, partition, self.checkpoints.keep)
+            saved.append((name, len(blob)))
+        return saved
+
+    def _cut(self, partitions: Sequence[int]) -> list[dict[str, Any]]:
+        """Export ``partitions`` now: the synchronous part of a snapshot (a consistent cut)."""
         self._refuse_while_holding()  # checked at the cut: a publish may have failed since
-        position = state.positions[partition]
-        _, blob = state.snapshot(created_ms)  # synchronous: a consistent cut
-        name = snapshot_name(self.checkpoints.scope, partition, position, created_ms)
-        await self._store.save(name, blob)
-        self._snapshotted[partition] = position
-        await prune(self._store, self.checkpoints.scope, partition, self.checkpoints.keep)
-        return name, len(blob)
+        started = time.perf_counter()
+        states = self.shard.exports(partitions)
+        self.snapshot_pause_ms.add((time.perf_counter() - started) * 1000)
+        return states
 
     async def checkpoint(self, changed_only: bool = False) -> dict[str, Any]:
         """Snapshot every owned partition (``changed_only``: those that moved on) now.
+
+        One synchronous cut exports the partitions (applying pauses only for
+        that); encoding and storing run while the shard goes on.
 
         Raises:
             UnavailableError: dead letters still wait for NATS (the snapshot
@@ -387,25 +451,22 @@ class ShardActor:
         async with self._checkpointing:
             started = time.perf_counter()
             created_ms = int(time.time() * 1000)
-            states = [
-                (p, s)
-                for p, s in sorted(self.parts.owned.items())
-                if not changed_only or self._snapshotted.get(p) != s.positions[p]
+            moved = [
+                p
+                for p, position in sorted(self.shard.positions.items())
+                if not changed_only or self._snapshotted.get(p) != position
             ]
-            if not states and self._last_checkpoint is not None:
+            if not moved and self._last_checkpoint is not None:
                 return dict(self._last_checkpoint)
-            names, total = [], 0
-            for _, state in states:
-                name, size = await self._save_partition(state, created_ms)
-                names.append(name)
-                total += size
+            saved = await self._save(self._cut(moved), created_ms)
             self._last_checkpoint = {
-                "name": names[-1] if names else None,
-                "partitions": len(names),
+                "name": saved[-1][0] if saved else None,
+                "partitions": len(saved),
                 "created_ms": created_ms,
-                "positions": self.parts.positions,
-                "bytes": total,
+                "positions": dict(self.shard.positions),
+                "bytes": sum(size for _, size in saved),
                 "took_s": round(time.perf_counter() - started, 3),
+                "pause_ms": self.snapshot_pause_ms.percentiles().get("max"),
             }
             return dict(self._last_checkpoint)
 
@@ -487,21 +548,24 @@ class ShardActor:
         assert self._reader is not None
         async with self._moving, self._checkpointing:
             created_ms = int(time.time() * 1000)
-            going = [p for p in self.parts.partitions if new.owners[p] != self.shard_id]
-            states = {p: self.parts.release(p) for p in going}  # one cut for all of them
+            going = [p for p in self.shard.partitions if new.owners[p] != self.shard_id]
+            for p in going:  # one cut for all of them
+                self.shard.release(p)
+            states = self._cut(going)
             for p in going:  # nothing of them is taken (and skipped) meanwhile
                 await self._reader.remove(p)
             try:
-                for p, state in states.items():
-                    name, size = await self._save_partition(state, created_ms)
-                    position = state.positions[p]
-                    target = max(position, (self._targets or {}).get(p, 0))
-                    out[p] = {"name": name, "position": position, "target": target, "bytes": size}
+                saved = await self._save(states, created_ms)
             except Exception:
-                for p, state in states.items():  # not handed over: own and read them again
-                    self.parts.own(state)
-                    await self._reader.add(p, state.positions[p])
+                for p in going:  # not handed over: own and read them again
+                    position = self.shard.released[p]
+                    self.shard.own_again(p, position)
+                    await self._reader.add(p, position)
                 raise
+            for p, (name, size) in zip(going, saved, strict=True):
+                position = self.shard.released[p]
+                target = max(position, (self._targets or {}).get(p, 0))
+                out[p] = {"name": name, "position": position, "target": target, "bytes": size}
             self.layout = new
             for p in going:
                 if self._targets:
@@ -534,28 +598,32 @@ class ShardActor:
         self, new: Layout, handoffs: dict[int, dict[str, Any]]
     ) -> dict[int, int]:
         """Own what ``new`` gives this shard and it does not own (``_moving`` held)."""
-        coming = [p for p in new.partitions_of(self.shard_id) if p not in self.parts.owned]
+        coming = [p for p in new.partitions_of(self.shard_id) if p not in self.shard.positions]
         names = await self._snapshot_names() if coming else {}
         assert self._reader is not None and self._js is not None
         adopted: dict[int, int] = {}
 
         def keep(p: int) -> bool:  # handed back before it was forgotten, and as far on
-            kept, handoff = self.parts.released.get(p), handoffs.get(p)
+            kept, handoff = self.shard.released.get(p), handoffs.get(p)
             if kept is None:
                 return False
-            return handoff is None or kept.positions[p] >= handoff["position"]
+            return handoff is None or kept >= handoff["position"]
 
         # Names sort by position: a hand-off snapshot is the furthest on.
         loaded = await self._load_many([p for p in coming if not keep(p)], names)
         for p in coming:
             handoff = handoffs.get(p)
-            state = self.parts.released[p] if keep(p) else loaded[p][0]
             if handoff is not None:
                 target = int(handoff["target"])
             else:  # its old owner died or refused: replay to the stream's end first
                 target = (await self._stream_ends(self._js, [p]))[p]
-            self.parts.own(state)
-            position = state.positions[p]
+            if keep(p):
+                self.shard.own_again(p, self.shard.released[p])
+            else:
+                if p in self.shard.released:  # an older copy than the one loaded
+                    self.shard.forget(p)
+                self._own(p, loaded[p][0])
+            position = self.shard.positions[p]
             if target > position:
                 self._targets = {**(self._targets or {}), p: target}
             await self._reader.add(p, position)
@@ -579,14 +647,14 @@ class ShardActor:
         assert self._reader is not None
         async with self._moving:
             mine = set(new.partitions_of(self.shard_id))
-            for p in [p for p in self.parts.partitions if p not in mine]:
-                self.parts.release(p)
+            for p in [p for p in self.shard.partitions if p not in mine]:
+                self.shard.release(p)
                 await self._reader.remove(p)
                 if self._targets:
                     self._targets.pop(p, None)
-            gone = [p for p in self.parts.released if p not in mine]
+            gone = [p for p in self.shard.released if p not in mine]
             for p in gone:
-                self.parts.forget(p)
+                self.shard.forget(p)
             await self._adopt_missing(new, {})
             self.layout = self.settled_layout = new
         return gone
@@ -603,8 +671,8 @@ class ShardActor:
         return (
             self.settled_layout is not None
             and self.settled_layout.version >= layout.version
-            and set(self.parts.owned) == set(layout.partitions_of(self.shard_id))
-            and not self.parts.released
+            and set(self.shard.positions) == set(layout.partitions_of(self.shard_id))
+            and not self.shard.released
         )
 
     async def _follow_layout(self) -> None:
@@ -648,45 +716,50 @@ class ShardActor:
     async def users(self, limit: int) -> list[str]:
         """Up to ``limit`` ids of users this shard holds."""
         self._ready()
-        return self.parts.user_ids(limit)
+        return self.shard.user_ids(limit)
 
     async def profiles(self, user_ids: Sequence[str]) -> list[dict[str, Any] | None]:
         """Live profiles for ``user_ids``, None for unknown users."""
         self._ready()
-        return self.parts.profiles(user_ids)
+        return self.shard.profiles(user_ids)
 
     async def user_rows(self, user_ids: Sequence[str]) -> UserRows:
         """Model-feature state of ``user_ids``: one call per shard per request batch."""
         self._ready()
-        return self.parts.user_rows(user_ids)
+        return self.shard.user_rows(user_ids)
 
     async def seen(self, pairs: Sequence[tuple[str, Sequence[str]]]) -> list[list[bool]]:
         """Which candidate items each user has touched (see ``Shard.seen``)."""
         self._ready()
-        return self.parts.seen(pairs)
+        return self.shard.seen(pairs)
 
     async def item_partials(
         self, top_n: int, known: dict[int, int | None] | None = None
     ) -> dict[int, tuple[dict[str, Any] | None, bool]]:
-        """Item partial of each partition held (see ``PartitionSet.item_partials``)."""
+        """Item partial of each partition held, and whether it is owned (else released).
+
+        Released partitions answer too: between two owners a partition still counts.
+        """
         self._ready()
-        return self.parts.item_partials(top_n, known)
+        owned = self.shard.positions
+        return {p: (v, p in owned) for p, v in self.shard.item_partials(top_n, known).items()}
 
     async def insights_partials(self) -> dict[int, tuple[dict[str, Any], bool]]:
-        """Insights partials of each partition held, for the merge."""
+        """Insights partials of each partition held (as far as folded), and whether owned."""
         self._ready()
-        return self.parts.insights_partials()
+        owned = self.shard.positions
+        return {p: (self.shard.insights_partials(p), p in owned) for p in self.shard.held}
 
     async def counters(self) -> dict[str, Any]:
         """Cheap progress counters (no NATS round trips), for polling."""
         stats = self._nc.stats if self._nc is not None else {}
         return {
             "pid": os.getpid(),
-            "applied_events": self.parts.applied_events,
-            "applied_messages": self.parts.applied_messages,
-            "work_messages": self.parts.work_messages,
-            "users": self.parts.users,
-            "partitions": self.parts.partitions,
+            "applied_events": self.shard.applied_events,
+            "applied_messages": self.shard.applied_messages,
+            "work_messages": self.work_messages,
+            "users": len(self.shard.table),
+            "partitions": self.shard.partitions,
             "layout_version": self.layout.version if self.layout is not None else 0,
             "reconnects": int(stats.get("reconnects", 0)),
             "in_msgs": int(stats.get("in_msgs", 0)),
@@ -695,23 +768,31 @@ class ShardActor:
             "recovering": self.recovering,
             "recovery": dict(self.recovery),
             "checkpoint": (self._last_checkpoint or {}).get("name"),
-            "busy_s": self.parts.busy_s,
+            "busy_s": self.shard.busy_s,
             "backlog": (
                 sum(self._reader.pending_by_partition().values()) + self._reader.buffered
                 if self._reader
                 else 0
             ),
             "started_at": self.started_at,
-            "positions": self.parts.positions,
+            "positions": self.shard.positions,
+            "pending_fold_events": self.shard.pending_events,
+            "insights_lag_ms": self.shard.insights_lag_ms.percentiles(),
+            "snapshot_pause_ms": self.snapshot_pause_ms.percentiles(),
         }
 
     async def freshness_ring(self) -> tuple[int, np.ndarray]:
         """The raw store-to-applied delays (ms) of the latest messages; see Shard."""
-        return self.parts.freshness_ring()
+        return self.shard.freshness_ring()
+
+    async def insights_lag_ring(self) -> tuple[int, np.ndarray]:
+        """The raw apply-to-fold delays (ms) of the latest folds; see Shard."""
+        return self.shard.insights_lag_ms.raw()
 
     async def status(self) -> dict[str, Any]:
         """Counters, positions and per-partition lag of this shard."""
-        status = self.parts.status()
+        status = self.shard.status()
+        status["snapshot_pause_ms"] = self.snapshot_pause_ms.percentiles()
         if self._reader is not None:
             status["lag"] = await self._reader.lag()
             status["buffered_messages"] = self._reader.buffered

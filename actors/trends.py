@@ -40,6 +40,7 @@ import numpy as np
 
 from actors.batch import EventBatch
 from actors.events import EventType
+from actors.folded import Folded
 from actors.sketches import SketchError, SpaceSaving
 
 HOUR_MS = 3_600_000
@@ -328,3 +329,218 @@ def _decay(sketches: dict[str, SpaceSaving], half_lives: float) -> None:
             sketch.decay(factor)
         else:
             sketches[dim] = SpaceSaving(sketch.capacity)
+
+
+_DIM_SHIFT = 40  # fold keys: (partition * 2 + dimension) << 40 | item or category id
+_FADED = 1e-9  # a count below this in both windows is gone: its slot is freed
+
+
+class TrendFolds:
+    """Trends of a shard's partitions: exact decayed counts per (partition, item or category).
+
+    The fold side of :class:`TrendAggregate`: every partition has its own
+    reference time and counts, kept in flat arrays (one scatter per fold for
+    all partitions) instead of a Space-Saving sketch per partition, and
+    :meth:`partial` writes a partition's :meth:`TrendAggregate.to_dict` (its
+    top ``capacity`` keys, exact, so with zero error) for the merge. Counts are
+    kept as of each partition's reference time and rescaled when it moves.
+    """
+
+    def __init__(self, config: TrendConfig | None = None) -> None:
+        self.config = config or TrendConfig()
+        self._weights = self.config.weight_table()
+        self.ref: dict[int, int] = {}  # partition -> reference time (newest event)
+        self.origin: dict[int, int] = {}  # partition -> earliest event time
+        self._totals: dict[tuple[int, int], list[float]] = {}  # (partition, dim) -> short, long
+        self._slots: dict[tuple[int, str], int] = {}  # (partition * 2 + dim, name) -> slot
+        self._owner = np.zeros(0, dtype=np.int64)  # slot -> partition * 2 + dim, -1 free
+        self._name: list[str | None] = []
+        self._short = np.zeros(0, dtype=np.float64)
+        self._long = np.zeros(0, dtype=np.float64)
+        self._free: list[int] = []
+        self._cache: dict[int, dict[str, Any]] = {}
+
+    def fold(self, f: Folded) -> None:
+        """Fold events in; events without an item (or category) skip that dimension."""
+        if not len(f):
+            return
+        c = self.config
+        parts = f.partition
+        touched = np.unique(parts)
+        top = int(touched.max()) + 1
+        newest = np.full(top, -(2**62), dtype=np.int64)
+        oldest = np.full(top, 2**62, dtype=np.int64)
+        np.maximum.at(newest, parts, f.ts)
+        np.minimum.at(oldest, parts, f.ts)
+        ref = np.zeros(top, dtype=np.int64)
+        moved: dict[int, int] = {}
+        for p in touched.tolist():
+            old = self.ref.get(p)
+            new = int(newest[p]) if old is None else max(old, int(newest[p]))
+            if old is not None and new > old:
+                moved[p] = new - old
+            self.ref[p] = ref[p] = new
+            lo = int(oldest[p])
+            self.origin[p] = lo if p not in self.origin else min(self.origin[p], lo)
+            self._cache.pop(p, None)
+        if moved:
+            self._decay(moved)
+        w = self._weights[f.type.astype(np.intp)]
+        age = (ref[parts] - f.ts).astype(np.float64)
+        w_short = w * np.exp2(-age / c.half_life_ms)
+        w_long = w * np.exp2(-age / c.baseline_half_life_ms)
+        for dim, ids, names in ((0, f.item, f.item_names), (1, f.category, f.category_names)):
+            counted = np.flatnonzero((w > 0) & (ids >= 0))
+            if not counted.size:
+                continue
+            keys = ((parts[counted] * 2 + dim) << _DIM_SHIFT) | ids[counted]
+            unique, inverse = np.unique(keys, return_inverse=True)
+            mask = (1 << _DIM_SHIFT) - 1
+            slots = np.array(
+                [self._slot(k >> _DIM_SHIFT, names[k & mask]) for k in unique.tolist()],
+                dtype=np.int64,
+            )[inverse]
+            short, long = w_short[counted], w_long[counted]
+            np.add.at(self._short, slots, short)
+            np.add.at(self._long, slots, long)
+            held, at = np.unique(parts[counted], return_inverse=True)
+            sums_s = np.bincount(at, weights=short).tolist()
+            sums_l = np.bincount(at, weights=long).tolist()
+            for p, a, b in zip(held.tolist(), sums_s, sums_l, strict=True):
+                totals = self._totals.setdefault((p, dim), [0.0, 0.0])
+                totals[0] += a
+                totals[1] += b
+
+    def _slot(self, owner: int, name: str) -> int:
+        slot = self._slots.get((owner, name))
+        if slot is None:
+            if not self._free:
+                self._grow()
+            slot = self._slots[(owner, name)] = self._free.pop()
+            self._owner[slot], self._name[slot] = owner, name
+        return slot
+
+    def _grow(self) -> None:
+        have = len(self._owner)
+        size = max(1024, 2 * have)
+        self._owner = np.concatenate([self._owner, np.full(size - have, -1, dtype=np.int64)])
+        self._short = np.concatenate([self._short, np.zeros(size - have)])
+        self._long = np.concatenate([self._long, np.zeros(size - have)])
+        self._name.extend([None] * (size - have))
+        self._free.extend(range(size - 1, have - 1, -1))
+
+    def _release(self, slots: np.ndarray) -> None:
+        for slot in slots.tolist():
+            name = self._name[slot]
+            assert name is not None
+            del self._slots[(int(self._owner[slot]), name)]
+            self._owner[slot], self._name[slot] = -1, None
+            self._free.append(slot)
+        self._short[slots] = 0.0
+        self._long[slots] = 0.0
+
+    def _decay(self, moved: dict[int, int]) -> None:
+        """Rescale the counts of partitions whose reference time moved by ``moved[p]`` ms."""
+        c = self.config
+        dt = np.zeros(max(moved) + 1, dtype=np.float64)
+        dt[list(moved)] = list(moved.values())
+        part = self._owner >> 1
+        steps = np.where((part >= 0) & (part < len(dt)), dt[np.clip(part, 0, len(dt) - 1)], 0.0)
+        self._short *= np.exp2(-steps / c.half_life_ms)
+        self._long *= np.exp2(-steps / c.baseline_half_life_ms)
+        for (p, _), totals in self._totals.items():
+            if p in moved:
+                totals[0] *= 2.0 ** (-moved[p] / c.half_life_ms)
+                totals[1] *= 2.0 ** (-moved[p] / c.baseline_half_life_ms)
+        faded = (self._owner >= 0) & (self._long < _FADED) & (self._short < _FADED)
+        if faded.any():
+            self._release(np.flatnonzero(faded))
+
+    def partitions(self) -> list[int]:
+        """Partitions with trend state."""
+        return sorted(self.ref)
+
+    def partial(self, partition: int) -> dict[str, Any]:
+        """A partition's :meth:`TrendAggregate.to_dict` (kept until the partition changes)."""
+        cached = self._cache.get(partition)
+        if cached is None:
+            cached = self._cache[partition] = self._partial(partition)
+        return cached
+
+    def aggregate(self, partition: int) -> TrendAggregate:
+        """A partition's trends as a :class:`TrendAggregate`."""
+        return TrendAggregate.from_dict(self.partial(partition))
+
+    def _partial(self, partition: int) -> dict[str, Any]:
+        c = self.config
+        out: dict[str, Any] = {
+            "version": 1,
+            "config": c.to_dict(),
+            "ref_ms": self.ref.get(partition),
+            "origin_ms": self.origin.get(partition),
+            "short": {},
+            "long": {},
+        }
+        for dim, name in enumerate(_DIMENSIONS):
+            slots = np.flatnonzero(self._owner == partition * 2 + dim)
+            totals = self._totals.get((partition, dim), [0.0, 0.0])
+            for window, counts, capacity, total in (
+                ("short", self._short, c.capacity, totals[0]),
+                ("long", self._long, c.baseline_capacity, totals[1]),
+            ):
+                live = slots[counts[slots] > 0]
+                names = [self._name[s] for s in live.tolist()]
+                rows = sorted(zip(names, counts[live].tolist(), strict=True), key=_busiest)
+                out[window][name] = {
+                    "version": 1,
+                    "capacity": capacity,
+                    "total": total,
+                    "items": [[k, v, 0.0] for k, v in rows[:capacity]],
+                }
+        return out
+
+    def export(self, partition: int) -> dict[str, Any]:
+        """A partition's trends as plain data (see :meth:`insert`)."""
+        dims = []
+        for dim in range(len(_DIMENSIONS)):
+            slots = np.flatnonzero(self._owner == partition * 2 + dim)
+            slots = slots[sorted(range(len(slots)), key=lambda i: self._name[slots[i]] or "")]
+            dims.append(
+                {
+                    "names": [self._name[s] for s in slots.tolist()],
+                    "short": self._short[slots],
+                    "long": self._long[slots],
+                    "totals": list(self._totals.get((partition, dim), [0.0, 0.0])),
+                }
+            )
+        return {"ref": self.ref.get(partition), "origin": self.origin.get(partition), "dims": dims}
+
+    def insert(self, partition: int, data: dict[str, Any]) -> None:
+        """Take over a partition exported by :meth:`export` (not held here)."""
+        if data["ref"] is not None:
+            self.ref[partition] = int(data["ref"])
+        if data["origin"] is not None:
+            self.origin[partition] = int(data["origin"])
+        for dim, held in enumerate(data["dims"]):
+            slots = [self._slot(partition * 2 + dim, name) for name in held["names"]]
+            self._short[slots] = held["short"]
+            self._long[slots] = held["long"]
+            self._totals[(partition, dim)] = [float(x) for x in held["totals"]]
+        self._cache.pop(partition, None)
+
+    def forget(self, partition: int) -> None:
+        """Drop a partition."""
+        for dim in range(len(_DIMENSIONS)):
+            self._release(np.flatnonzero(self._owner == partition * 2 + dim))
+            self._totals.pop((partition, dim), None)
+        self.ref.pop(partition, None)
+        self.origin.pop(partition, None)
+        self._cache.pop(partition, None)
+
+    def nbytes(self) -> int:
+        """Bytes of the count arrays."""
+        return self._owner.nbytes + self._short.nbytes + self._long.nbytes
+
+
+def _busiest(row: tuple[str, float]) -> tuple[float, str]:
+    return -row[1], row[0]

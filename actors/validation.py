@@ -59,6 +59,7 @@ class RejectReason(str, Enum):
     BAD_TIMESTAMP = "bad_timestamp"
     BAD_VALUE = "bad_value"
     OVERSIZED = "oversized"
+    WRONG_PARTITION = "wrong_partition"
 
 
 @dataclass(frozen=True)
@@ -221,7 +222,7 @@ def check_batch(batch: EventBatch, policy: ValidationPolicy, at_ms: int | None =
     rejected = []
     for i in np.flatnonzero(bad).tolist():
         reason, detail = next((r, d) for mask, r, d in reasons if mask[i])
-        rejected.append(Rejection(i, reason, detail, _row_bytes(batch, i)))
+        rejected.append(Rejection(i, reason, detail, row_bytes(batch, i)))
     return Checked(batch.take(np.flatnonzero(~bad)), rejected)
 
 
@@ -269,7 +270,7 @@ def _scalar_map(mapping: Any) -> bool:
     return True
 
 
-def _row_bytes(batch: EventBatch, i: int) -> bytes:
+def row_bytes(batch: EventBatch, i: int) -> bytes:
     """Row ``i`` as JSON; a map that orjson cannot write (a hand-made batch) is replaced."""
     row = batch.event_dict(i)
     try:

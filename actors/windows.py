@@ -12,16 +12,23 @@ Which events are late depends only on the events of a partition and their
 order, not on how the stream is cut into batches; events that arrive out of
 order by less than the allowed lateness are never late, so any such shuffle
 gives the same numbers as in-order arrival (aggregates are order-free sums).
+
+Buckets are kept per partition (:class:`BucketSlots`), so a partition's windows
+can move to another shard, while one fold of many partitions' events costs a
+few numpy calls per granularity.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections import Counter
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Generic, TypeVar
+from typing import Any
 
 import numpy as np
+
+from actors.sketches import HyperLogLog
+from actors.state import _segmented_cummax
 
 
 class Granularity(str, Enum):
@@ -89,21 +96,40 @@ class Watermarks:
         self._newest: dict[int, int] = {}
 
     def late_mask(self, partition: int, ts_ms: np.ndarray) -> np.ndarray:
-        """Mark late events of one partition's batch (in arrival order) and advance.
+        """Mark late events of one partition's batch (in arrival order) and advance."""
+        ts = np.asarray(ts_ms, dtype=np.int64)
+        return self.late(np.full(len(ts), partition, dtype=np.int64), ts)
+
+    def late(self, partitions: np.ndarray, ts_ms: np.ndarray) -> np.ndarray:
+        """Mark late events of a batch (each partition's in arrival order) and advance.
 
         An event is late when it is older than the newest event seen before it
-        on the partition minus the allowed lateness, so the answer does not
-        depend on where batches are cut.
+        on its partition minus the allowed lateness, so the answer does not
+        depend on where batches are cut, nor on which partitions share one.
         """
         ts = np.asarray(ts_ms, dtype=np.int64)
-        if ts.size == 0:
+        n = len(ts)
+        if n == 0:
             return np.zeros(0, dtype=bool)
-        newest = self._newest.get(partition, int(ts[0]))
-        before = np.empty_like(ts)
-        before[0] = newest
-        before[1:] = np.maximum(np.maximum.accumulate(ts)[:-1], newest)
-        self._newest[partition] = max(newest, int(ts.max()))
-        return ts < before - self.allowed_lateness_ms
+        order = np.argsort(partitions, kind="stable")
+        parts, t = np.asarray(partitions, dtype=np.int64)[order], ts[order]
+        head = np.r_[True, parts[1:] != parts[:-1]]
+        starts = np.flatnonzero(head)
+        gid = np.cumsum(head) - 1
+        keys = parts[starts].tolist()
+        prior = np.array(
+            [self._newest.get(p, f) for p, f in zip(keys, t[starts].tolist(), strict=True)],
+            dtype=np.int64,
+        )
+        before = np.empty(n, dtype=np.int64)
+        before[1:] = _segmented_cummax(t, gid)[:-1]
+        before[starts] = prior  # a partition's first event meets only what came before the batch
+        before = np.maximum(before, prior[gid])
+        newest = np.maximum(prior, np.maximum.reduceat(t, starts))
+        self._newest.update(zip(keys, newest.tolist(), strict=True))
+        late = np.empty(n, dtype=bool)
+        late[order] = t < before - self.allowed_lateness_ms
+        return late
 
     def watermark(self, partition: int) -> int | None:
         """The partition's watermark (epoch ms), None before its first event."""
@@ -114,66 +140,265 @@ class Watermarks:
         """Watermarks of every partition seen so far."""
         return {p: t - self.allowed_lateness_ms for p, t in self._newest.items()}
 
+    def export(self, partition: int) -> int | None:
+        """A partition's newest event time (see :meth:`insert`)."""
+        return self._newest.get(partition)
 
-A = TypeVar("A")
+    def insert(self, partition: int, newest: int | None) -> None:
+        """Take over a partition's newest event time."""
+        if newest is not None:
+            self._newest[partition] = int(newest)
+
+    def forget(self, partition: int) -> None:
+        """Drop a partition."""
+        self._newest.pop(partition, None)
 
 
-class BucketStore(Generic[A]):
-    """Aggregates keyed by (granularity, bucket start), pruned to the retention.
+GRANULARITIES: tuple[Granularity, ...] = tuple(Granularity)
+_KEY_SHIFT = 42  # bucket numbers (start // width) stay far below 2**42
 
-    The store only routes events to buckets; the caller folds each group in,
-    so that it can reduce a whole batch with a few numpy calls per granularity.
+
+class BucketSlots:
+    """Sums, distinct-user sketches and top-id counters per (partition, granularity, start).
+
+    Each bucket has a *slot*: a row of every column array, of the register
+    matrix and of the counter list. A fold routes all its events at once
+    (:meth:`route`), then adds each column with one ``bincount``
+    (:meth:`add`), the users with one scatter (:meth:`add_users`) and ids with
+    one ``unique`` (:meth:`count`). A partition keeps its newest
+    ``retention[g]`` buckets per granularity (:meth:`prune`, after a fold).
+
+    Args:
+        retention: buckets kept per partition and granularity.
+        columns: int64 column name -> width (values per bucket).
+        precision: HyperLogLog precision of the users sketch (None: no sketch).
+        counted: names of the bounded id counters per bucket.
+        max_tracked: ids a counter holds before it is trimmed to its busiest half.
     """
 
-    def __init__(self, factory: Callable[[], A], retention: dict[Granularity, int]) -> None:
-        self._factory = factory
-        self._retention = retention
-        self.buckets: dict[Granularity, dict[int, A]] = {g: {} for g in Granularity}
+    def __init__(
+        self,
+        retention: dict[Granularity, int],
+        columns: dict[str, int],
+        precision: int | None = None,
+        counted: tuple[str, ...] = (),
+        max_tracked: int = 2000,
+    ) -> None:
+        self.retention = retention
+        self.widths = dict(columns)
+        self.precision = precision
+        self.counted = counted
+        self.max_tracked = max_tracked
+        self._m = 1 << precision if precision else 0
+        self._cap = 0
+        self.columns: dict[str, np.ndarray] = {}
+        self.registers = np.zeros((0, self._m), dtype=np.uint8)
+        self.counters: dict[str, list[Counter[str] | None]] = {name: [] for name in counted}
+        self._slot: dict[int, int] = {}  # packed (partition, granularity, bucket) -> slot
+        self._index: dict[int, dict[int, dict[int, int]]] = {}  # partition -> g -> start -> slot
+        self._free: list[int] = []
+        self._grown: set[tuple[int, int]] = set()  # (partition, g) given buckets this fold
+        self.changed: set[int] = set()  # slots changed since the owner last cleared it
+        self._grow(64)
 
-    def route(self, ts_ms: np.ndarray) -> Iterator[Routed[A]]:
-        """Group events by bucket, once per granularity; prunes after each is folded in.
+    def route(self, partitions: np.ndarray, ts: np.ndarray) -> np.ndarray:
+        """The slot of every event in every granularity: int64[len(GRANULARITIES), n]."""
+        n = len(ts)
+        out = np.empty((len(GRANULARITIES), n), dtype=np.int64)
+        if not n:
+            return out
+        parts = np.asarray(partitions, dtype=np.int64)
+        for gi, g in enumerate(GRANULARITIES):
+            keys = ((parts * len(GRANULARITIES) + gi) << _KEY_SHIFT) | (ts // g.width_ms)
+            unique, inverse = np.unique(keys, return_inverse=True)
+            get = self._slot.get
+            slots = np.fromiter((get(k, -1) for k in unique.tolist()), np.int64, len(unique))
+            for i in np.flatnonzero(slots < 0).tolist():
+                slots[i] = self._new_slot(int(unique[i]))
+            out[gi] = slots[inverse]
+        self.changed.update(np.unique(out).tolist())
+        return out
 
-        Yields:
-            Per granularity: the bucket aggregates (created when missing), the
-            event positions sorted by bucket (arrival order kept within one),
-            and the bounds of each bucket's run in that order.
-        """
-        if len(ts_ms) == 0:
+    def _new_slot(self, key: int) -> int:
+        if not self._free:
+            self._grow(2 * self._cap)
+        slot = self._free.pop()
+        self._slot[key] = slot
+        pg, bucket = key >> _KEY_SHIFT, key & ((1 << _KEY_SHIFT) - 1)
+        partition, gi = divmod(pg, len(GRANULARITIES))
+        start = bucket * GRANULARITIES[gi].width_ms
+        self._index.setdefault(partition, {}).setdefault(gi, {})[start] = slot
+        self._grown.add((partition, gi))
+        return slot
+
+    def add(
+        self,
+        column: str,
+        slots: np.ndarray,
+        values: np.ndarray | None = None,
+        sub: np.ndarray | None = None,
+    ) -> None:
+        """Add ``values`` (1 each when None) into ``column`` at ``slots`` (and ``sub`` in width)."""
+        if not slots.size:
             return
-        for granularity, buckets in self.buckets.items():
-            keys = bucket_starts(ts_ms, granularity)
-            order = np.argsort(keys, kind="stable")
-            sorted_keys = keys[order]
-            cuts = np.flatnonzero(sorted_keys[1:] != sorted_keys[:-1]) + 1
-            bounds = np.concatenate(([0], cuts, [len(order)]))
-            aggregates = []
-            for start in sorted_keys[bounds[:-1]].tolist():
-                aggregate = buckets.get(start)
-                if aggregate is None:
-                    aggregate = buckets[start] = self._factory()
-                aggregates.append(aggregate)
-            yield Routed(aggregates, order, bounds)
-            self._prune(granularity)
+        target = self.columns[column]
+        width = target.shape[1]
+        flat = slots * width + (0 if sub is None else sub)
+        sums = np.bincount(flat, weights=values, minlength=target.size)
+        target += sums.reshape(target.shape).astype(np.int64)
 
-    def items(self) -> Iterator[tuple[Granularity, int, A]]:
-        """Every (granularity, start, aggregate) held."""
-        for granularity, buckets in self.buckets.items():
-            for start, aggregate in buckets.items():
-                yield granularity, start, aggregate
+    def add_users(self, slots: np.ndarray, hashes: np.ndarray) -> None:
+        """Add users (their stable hashes) to the sketches of ``slots``, one scatter for all."""
+        if not slots.size:
+            return
+        idx, rank = hll_slots(hashes, self.precision or 0)
+        np.maximum.at(self.registers.reshape(-1), slots * self._m + idx, rank)
 
-    def _prune(self, granularity: Granularity) -> None:
-        """Drop the oldest buckets beyond the retention (the bound that keeps memory flat)."""
-        buckets = self.buckets[granularity]
-        excess = len(buckets) - self._retention[granularity]
-        if excess > 0:
-            for start in sorted(buckets)[:excess]:
-                del buckets[start]
+    def count(self, name: str, slots: np.ndarray, codes: np.ndarray, names: list[str]) -> None:
+        """Count ids (``codes`` >= 0 into ``names``) per slot, in the bounded counters."""
+        has = codes >= 0
+        if not has.any():
+            return
+        keys = (slots[has] << 32) | codes[has]
+        unique, counts = np.unique(keys, return_counts=True)
+        slot_of, code_of = (unique >> 32).tolist(), (unique & 0xFFFFFFFF).tolist()
+        counters = self.counters[name]
+        bounds = np.flatnonzero(np.diff(unique >> 32)) + 1
+        for lo, hi in zip([0, *bounds.tolist()], [*bounds.tolist(), len(unique)], strict=True):
+            counter = counters[slot_of[lo]]
+            if counter is None:
+                counter = counters[slot_of[lo]] = Counter()
+            ids = [names[c] for c in code_of[lo:hi]]
+            counter.update(dict(zip(ids, counts[lo:hi].tolist(), strict=True)))
+            if len(counter) > self.max_tracked:
+                kept = _busiest(counter, self.max_tracked // 2)
+                counter.clear()
+                counter.update(kept)
+
+    def prune(self) -> None:
+        """Drop each partition's oldest buckets beyond the retention (memory stays flat)."""
+        for partition, gi in self._grown:
+            starts = self._index[partition][gi]
+            excess = len(starts) - self.retention[GRANULARITIES[gi]]
+            for start in sorted(starts)[: max(0, excess)]:
+                self._drop(partition, gi, start)
+        self._grown.clear()
+
+    def _drop(self, partition: int, gi: int, start: int) -> None:
+        slot = self._index[partition][gi].pop(start)
+        del self._slot[self._key(partition, gi, start)]
+        self._clear(slot)
+        self._free.append(slot)
+
+    @staticmethod
+    def _key(partition: int, gi: int, start: int) -> int:
+        width = GRANULARITIES[gi].width_ms
+        return ((partition * len(GRANULARITIES) + gi) << _KEY_SHIFT) | (start // width)
+
+    def buckets(self, partition: int) -> dict[Granularity, dict[int, int]]:
+        """A partition's buckets: granularity -> start -> slot."""
+        held = self._index.get(partition, {})
+        return {g: dict(held.get(gi, {})) for gi, g in enumerate(GRANULARITIES)}
+
+    def partitions(self) -> list[int]:
+        """Partitions holding at least one bucket."""
+        return sorted(p for p, held in self._index.items() if any(held.values()))
+
+    def sketch(self, slot: int) -> bytes:
+        """The users sketch of one slot, as :meth:`HyperLogLog.to_bytes` writes it."""
+        return hll_bytes(self.registers[slot], self.precision or 0)
+
+    def top(self, name: str, slot: int, n: int) -> dict[str, int]:
+        """The ``n`` busiest ids of one slot's counter."""
+        counter = self.counters[name][slot]
+        return _busiest(counter, n) if counter else {}
+
+    def export(self, partition: int) -> dict[str, Any]:
+        """A partition's buckets as plain data (see :meth:`insert`)."""
+        where = [
+            (gi, start, slot)
+            for gi, starts in sorted(self._index.get(partition, {}).items())
+            for start, slot in sorted(starts.items())
+        ]
+        slots = np.array([slot for _, _, slot in where], dtype=np.int64)
+        return {
+            "granularity": [gi for gi, _, _ in where],
+            "start": [start for _, start, _ in where],
+            "columns": {name: column[slots] for name, column in self.columns.items()},
+            "registers": self.registers[slots],
+            "counters": {
+                name: [dict(c) if (c := counters[s]) else {} for s in slots.tolist()]
+                for name, counters in self.counters.items()
+            },
+        }
+
+    def insert(self, partition: int, data: dict[str, Any]) -> None:
+        """Take over a partition exported by :meth:`export` (not held here)."""
+        slots = np.array(
+            [
+                self._new_slot(self._key(partition, int(gi), int(start)))
+                for gi, start in zip(data["granularity"], data["start"], strict=True)
+            ],
+            dtype=np.int64,
+        )
+        for name, column in self.columns.items():
+            column[slots] = data["columns"][name]
+        self.registers[slots] = data["registers"]
+        for name, counters in self.counters.items():
+            for slot, counts in zip(slots.tolist(), data["counters"][name], strict=True):
+                counters[slot] = Counter(counts) if counts else None
+        self.changed.update(slots.tolist())
+
+    def forget(self, partition: int) -> None:
+        """Drop a partition's buckets."""
+        for gi, starts in list(self._index.get(partition, {}).items()):
+            for start in list(starts):
+                self._drop(partition, gi, start)
+        self._index.pop(partition, None)
+
+    def _clear(self, slot: int) -> None:
+        for column in self.columns.values():
+            column[slot] = 0
+        self.registers[slot] = 0
+        for counters in self.counters.values():
+            counters[slot] = None
+        self.changed.add(slot)
+
+    def _grow(self, cap: int) -> None:
+        old = self._cap
+        for name, width in self.widths.items():
+            grown = np.zeros((cap, width), dtype=np.int64)
+            if old:
+                grown[:old] = self.columns[name]
+            self.columns[name] = grown
+        registers = np.zeros((cap, self._m), dtype=np.uint8)
+        registers[:old] = self.registers
+        self.registers = registers
+        for counters in self.counters.values():
+            counters.extend([None] * (cap - old))
+        self._free.extend(range(cap - 1, old - 1, -1))  # lowest slots first
+        self._cap = cap
+
+    def nbytes(self) -> int:
+        """Bytes of the column and register arrays."""
+        return sum(c.nbytes for c in self.columns.values()) + self.registers.nbytes
 
 
-@dataclass(frozen=True)
-class Routed(Generic[A]):
-    """Events of one batch grouped by bucket, for one granularity (see BucketStore.route)."""
+def _busiest(counter: Counter[str], n: int) -> dict[str, int]:
+    """The ``n`` largest counts, ties by id: the same whatever order ids were counted in."""
+    return dict(sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))[:n])
 
-    aggregates: list[A]
-    order: np.ndarray
-    bounds: np.ndarray
+
+def hll_slots(hashes: np.ndarray, precision: int) -> tuple[np.ndarray, np.ndarray]:
+    """Register index and rank of each hash, exactly as ``HyperLogLog.add_hashes`` does."""
+    h = np.asarray(hashes, dtype=np.uint64)
+    tail = 64 - precision
+    idx = (h >> np.uint64(tail)).astype(np.int64)
+    rest = (h & np.uint64((1 << tail) - 1)) | np.uint64(1 << tail)
+    rank = np.frexp((rest & (~rest + np.uint64(1))).astype(np.float64))[1].astype(np.uint8)
+    return idx, rank
+
+
+def hll_bytes(registers: np.ndarray, precision: int) -> bytes:
+    """Registers as :meth:`HyperLogLog.to_bytes` writes them (so merges read them back)."""
+    return HyperLogLog._MAGIC + bytes([precision]) + registers.tobytes()

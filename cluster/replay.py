@@ -26,7 +26,7 @@ from nats.errors import Error as NatsError
 from actors.errors import AudienceError, UnavailableError
 from actors.nats_auth import NatsAuthError, NatsCredentials, redact_url
 from actors.nats_auth import connect as nats_connect
-from actors.producer import Producer
+from actors.producer import DEFAULT_LINGER_MS, Producer
 from actors.validation import ValidationPolicy
 from cluster.settings import Settings
 from models.history import frame_to_batch, holdout_last, read_history, read_ratings
@@ -83,7 +83,7 @@ async def replay_history(
     *,
     speed: float = 0.0,
     max_batch: int = 1000,
-    linger_ms: float = 5.0,
+    linger_ms: float = DEFAULT_LINGER_MS,
     policy: ValidationPolicy | None = None,
     progress: Progress | None = None,
     chunk_events: int = CHUNK_EVENTS,

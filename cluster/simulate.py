@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from actors.nats_auth import NatsCredentials
 from actors.nats_auth import connect as nats_connect
-from actors.producer import Producer
+from actors.producer import DEFAULT_LINGER_MS, Producer
 from actors.simulator import Simulator
 from actors.validation import ValidationPolicy, now_ms
 
@@ -39,7 +39,7 @@ async def publish_simulation(
     start_ms: int | None = None,
     time_scale: float = 1.0,
     max_batch: int = 1000,
-    linger_ms: float = 5.0,
+    linger_ms: float = DEFAULT_LINGER_MS,
     policy: ValidationPolicy | None = None,
     stop: asyncio.Event | None = None,
     credentials: NatsCredentials | None = None,

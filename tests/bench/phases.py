@@ -24,7 +24,6 @@ import ray
 
 from actors.jetstream import StreamNames, ensure_streams
 from actors.pool import PoolSpec, ShardPool
-from actors.shard import FRESHNESS_SAMPLES
 from cluster.nats_server import EmbeddedNats
 from tests.bench.machine import CpuMeter, wait_for_quiet
 from tests.bench.publisher import PublisherProcess, PublishPlan
@@ -34,9 +33,10 @@ from tests.bench.publisher import PublisherProcess, PublishPlan
 class PoolShape:
     """The pipeline under test."""
 
-    partitions: int = 64
+    partitions: int = 16
     shards: int = 2
     shard_cpus: float = 0.5
+    insights: bool = True  # off: the profile-only mode
 
 
 class Stage:
@@ -61,7 +61,7 @@ class Stage:
             shard_cpus=self.shape.shard_cpus,
             name=f"bench-{self.name}",
         )
-        self.pool = ShardPool.create(spec)
+        self.pool = ShardPool.create(spec, insights=self.shape.insights)
         return self
 
     async def call(self, method: str) -> list[Any]:
@@ -215,29 +215,46 @@ async def ingest(
 
 
 class _Ring:
-    """New samples of one shard's freshness ring since the last read."""
+    """New samples of one shard's ring (freshness, insights lag) since the last read."""
 
     def __init__(self) -> None:
         self.seen = 0
         self.lost = 0
 
     def new(self, count: int, ring: np.ndarray) -> np.ndarray:
+        size = len(ring)
         fresh, self.seen = count - self.seen, count
-        if fresh >= FRESHNESS_SAMPLES:
-            self.lost += fresh - FRESHNESS_SAMPLES
+        if fresh >= size:
+            self.lost += fresh - size
             return ring.copy()
-        return ring[np.arange(count - fresh, count) % FRESHNESS_SAMPLES]
+        return ring[np.arange(count - fresh, count) % size]
 
 
 async def freshness(
-    folder: Path, shape: PoolShape, plan: PublishPlan, warmup_s: float, poll_s: float = 0.25
+    folder: Path,
+    shape: PoolShape,
+    plan: PublishPlan,
+    warmup_s: float,
+    poll_s: float = 0.25,
+    name: str = "freshness",
+    snapshots: int = 2,
 ) -> dict[str, Any]:
-    """Publish at a fixed rate; store->applied delay per message after the warm-up."""
-    stage = await Stage(folder, "freshness", shape).start()
+    """Publish at a fixed rate; store->applied delay per message after the warm-up.
+
+    Also the apply-to-fold delay of the insight aggregates (insights lag), and
+    ``snapshots`` checkpoints of every shard taken on the way (spread over the
+    run after the warm-up), with the longest time applying paused for one.
+    """
+    stage = await Stage(folder, name, shape).start()
     plan = replace(plan, nats_url=stage.server.url)
     child = PublisherProcess(plan)
     rings = [_Ring() for _ in range(shape.shards)]
+    lag_rings = [_Ring() for _ in range(shape.shards)]
     kept: list[np.ndarray] = []
+    lags: list[np.ndarray] = []
+    span = plan.workload.duration_s - warmup_s
+    snapshot_at = [warmup_s + span * (k + 1) / (snapshots + 1) for k in range(snapshots)]
+    taken: list[dict[str, Any]] = []
     try:
         expected = await child.ready()
         cpu = await _meter(stage, child)
@@ -250,21 +267,33 @@ async def freshness(
         while progress.running(child.poll_done()):
             await asyncio.sleep(poll_s)
             reads = await stage.call("freshness_ring")
-            warm = time.perf_counter() - started >= warmup_s
+            lag_reads = await stage.call("insights_lag_ring")
+            elapsed = time.perf_counter() - started
+            warm = elapsed >= warmup_s
             for ring, (count, samples) in zip(rings, reads, strict=True):
                 new = ring.new(count, samples)
                 if warm:
                     kept.append(new)
+            for ring, (count, samples) in zip(lag_rings, lag_reads, strict=True):
+                new = ring.new(count, samples)
+                if warm:
+                    lags.append(new)
+            if snapshot_at and elapsed >= snapshot_at[0]:
+                snapshot_at.pop(0)
+                taken.append({"at_s": round(elapsed, 2), "shards": await stage.call("checkpoint")})
             progress.update(sum(c["applied_events"] for c in await stage.counters()))
         cpu_s = cpu.stop()
         await _publisher_done(child, deadline)
         health = await _health(stage)
+        pauses = [c["snapshot_pause_ms"]["max"] for c in await stage.counters()]
     finally:
         child.close()
         stage.stop()
     done = child.done or {}
     status = health["status"]
     store_to_applied = np.concatenate(kept) if kept else np.zeros(0)
+    insights_lag = np.concatenate(lags) if lags else np.zeros(0)
+    messages = sum(s["applied_messages"] for s in status)
     acks = np.array([ms for t, ms in done.get("ack_samples", []) if t >= warmup_s])
     return {
         "rate_target": plan.workload.rate,
@@ -278,12 +307,16 @@ async def freshness(
         "linger_ms": plan.linger_ms,
         "chunk_ms": plan.workload.chunk_s * 1000,
         "warmup_s": warmup_s,
-        "messages": sum(s["applied_messages"] for s in status),
+        "messages": messages,
+        "events_per_message": progress.applied / messages if messages else None,
         "samples": len(store_to_applied),
         "samples_lost": sum(r.lost for r in rings),
         "store_to_applied_ms": _percentiles(store_to_applied),
         "send_to_ack_ms": _percentiles(acks),
         "publish_to_visible_est_ms": _percentiles(_sum_of_independent(acks, store_to_applied)),
+        "insights_lag_ms": _percentiles(insights_lag),
+        "snapshots": taken,
+        "snapshot_apply_pause_max_ms": max((p for p in pauses if p is not None), default=None),
         "status_at_end_ms": [s["freshness_ms"] for s in status],
         "lag_messages_at_end": health["lag_messages"],
         "shard_connections": health["connections"],
@@ -311,3 +344,50 @@ def init_ray(cpus: int) -> None:
         logging_level=logging.WARNING,
         log_to_driver=False,
     )
+
+
+async def steady_cpu(folder: Path, shape: PoolShape, plan: PublishPlan, warmup_s: float) -> dict:
+    """Publish at a low steady rate; the shards' CPU time per event once warm.
+
+    The shards' CPU is read from ``/proc`` through the meter over the window after
+    the warm-up, and divided by the events they applied in that window.
+    """
+    stage = await Stage(folder, "steady", shape).start()
+    plan = replace(plan, nats_url=stage.server.url)
+    child = PublisherProcess(plan)
+    try:
+        expected = await child.ready()
+        cpu = await _meter(stage, child)
+        wait_for_quiet()
+        started = time.perf_counter()
+        child.go()
+        await asyncio.sleep(warmup_s)
+        before = sum(c["applied_events"] for c in await stage.counters())
+        cpu.start()
+        deadline = started + plan.workload.duration_s
+        while time.perf_counter() < deadline - 0.5:
+            await asyncio.sleep(0.5)
+        cpu_s = cpu.stop()
+        counters = await stage.counters()
+        applied = sum(c["applied_events"] for c in counters) - before
+        messages = sum(c["applied_messages"] for c in counters)
+        await _publisher_done(child, deadline + 60)
+    finally:
+        child.close()
+        stage.stop()
+    shards = sum(v for k, v in cpu_s.items() if k.startswith("shard_"))
+    return {
+        "rate_target": plan.workload.rate,
+        "events": expected,
+        "window_s": cpu_s["wall_s"],
+        "window_events": applied,
+        "events_per_message": sum(c["applied_events"] for c in counters) / messages
+        if messages
+        else None,
+        "linger_ms": plan.linger_ms,
+        "shard_cpu_s": round(shards, 3),
+        "shard_cpu_us_per_event": shards / applied * 1e6 if applied else None,
+        "nats_cpu_us_per_event": cpu_s["nats_server"] / applied * 1e6 if applied else None,
+        "publisher_cpu_us_per_event": cpu_s["publisher"] / applied * 1e6 if applied else None,
+        "cpu_s": cpu_s,
+    }

@@ -37,7 +37,11 @@ def observed(shard: Shard, users: list[str]) -> dict[str, Any]:
         "segments": {
             name: segment["size"] for name, segment in partials["segments"]["segments"].items()
         },
-        "items": {k: v for k, v in (shard.item_partial(50) or {}).items() if k != "version"},
+        # Versions count apply steps, which depend on how the stream was cut.
+        "items": {
+            p: {k: v for k, v in (partial or {}).items() if k != "version"}
+            for p, partial in shard.item_partials(50).items()
+        },
         "positions": dict(shard.positions),
         "applied": shard.applied_events,
         "duplicates": shard.dedup.duplicates,

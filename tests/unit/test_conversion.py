@@ -184,8 +184,15 @@ def test_a_deleted_user_row_reused_by_a_new_user_starts_with_no_attempt() -> Non
     view = batch_of([("eve", VIEW, T, None)])
     delete = batch_of([("eve", "user_deleted", T + MIN, None)])
     cart = batch_of([("fay", CART, T + 2 * MIN, None)])
-    shard = shard_with(view, delete, cart)
+    waiting = shard_with(view, delete, cart)  # eve's row waits for the fold of her events
+    assert waiting.table.rows_of(["fay"]).tolist() == [1]
+    shard = shard_with(view, delete)
+    shard.fold_insights()
+    shard.apply([Delivery(0, 3, 0, 0, encode(cart))])
     assert shard.table.rows_of(["fay"]).tolist() == [0]  # eve's row, reused
+    for answer in (waiting, shard):
+        hours = answer.insights_partials()["conversion"]["buckets"]["hour"]
+        assert [b["steps"] for b in hours.values()] == [[1, 0, 0]]
     hours = shard.insights_partials()["conversion"]["buckets"]["hour"]
     assert [b["steps"] for b in hours.values()] == [[1, 0, 0]]
 

@@ -177,7 +177,7 @@ def test_the_shard_feeds_each_delivery_with_its_partition_to_the_windows() -> No
     shard.apply([Delivery(0, 1, 0, 0, encode(new)), Delivery(1, 2, 0, 0, encode(old))])
     shard.fold_insights()
     assert shard.engagement.late_corrected == 0  # partition 1 has its own watermark
-    late = batch_of(("bob", "like", T, {}))  # another event, late on partition 0
+    late = batch_of(("cy", "like", T, {}))  # another event, late on partition 0
     shard.apply([Delivery(0, 3, 0, 0, encode(late))])
     assert shard.engagement.late_corrected == 0  # applied to state, not yet folded
     shard.fold_insights()

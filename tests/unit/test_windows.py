@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from actors.windows import BucketStore, Granularity, Watermarks, bucket_starts
+from actors.windows import BucketSlots, Granularity, Watermarks, bucket_starts
 
 T = 1_709_251_200_000  # 2024-03-01T00:00:00Z
 
@@ -50,29 +50,57 @@ def test_a_shuffle_within_the_lateness_has_no_late_events() -> None:
     assert not Watermarks(60_000).late_mask(0, ts).any()
 
 
-class Counting:
-    def __init__(self) -> None:
-        self.n = 0
+def test_watermarks_of_mixed_partitions_equal_each_partition_on_its_own() -> None:
+    rng = np.random.default_rng(5)
+    parts = rng.integers(0, 4, 800)
+    ts = T + rng.integers(0, 100_000, 800)
+    together = Watermarks(20_000)
+    mixed = np.concatenate(
+        [together.late(parts[a : a + 100], ts[a : a + 100]) for a in range(0, 800, 100)]
+    )
+    for p in range(4):
+        alone = Watermarks(20_000).late_mask(p, ts[parts == p])
+        assert mixed[parts == p].tolist() == alone.tolist()
+    assert mixed.any()
 
 
-def test_a_store_routes_events_to_buckets_and_keeps_only_the_newest() -> None:
+def test_slots_route_events_per_partition_and_keep_only_the_newest_buckets() -> None:
     retention = {Granularity.MINUTE: 3, Granularity.HOUR: 2, Granularity.DAY: 1}
-    store: BucketStore[Counting] = BucketStore(Counting, retention)
+    slots = BucketSlots(retention, {"n": 1})
     ts = T + np.arange(10) * 30 * 60_000  # every 30 minutes over 4.5 hours
-    for routed in store.route(ts[::-1]):
-        for g, counting in enumerate(routed.aggregates):
-            counting.n += int(routed.bounds[g + 1] - routed.bounds[g])
-    assert sorted(store.buckets[Granularity.MINUTE]) == [T + k * 1_800_000 for k in (7, 8, 9)]
-    assert sorted(store.buckets[Granularity.HOUR]) == [T + 3 * 3_600_000, T + 4 * 3_600_000]
-    assert {s: c.n for s, c in store.buckets[Granularity.HOUR].items()} == {
-        T + 3 * 3_600_000: 2,
-        T + 4 * 3_600_000: 2,
+    for partition in (0, 1):
+        routed = slots.route(np.full(10, partition), ts[::-1])
+        slots.add("n", routed.reshape(-1))
+        slots.prune()
+    for partition in (0, 1):
+        held = slots.buckets(partition)
+        assert sorted(held[Granularity.MINUTE]) == [T + k * 1_800_000 for k in (7, 8, 9)]
+        hours = {s: int(slots.columns["n"][slot, 0]) for s, slot in held[Granularity.HOUR].items()}
+        assert hours == {T + 3 * 3_600_000: 2, T + 4 * 3_600_000: 2}
+        (day,) = held[Granularity.DAY].values()
+        assert slots.columns["n"][day, 0] == 10
+
+
+def test_a_partitions_buckets_move_to_other_slots_unchanged() -> None:
+    retention = {g: 10 for g in Granularity}
+    old = BucketSlots(retention, {"n": 2}, precision=4, counted=("ids",))
+    ts = T + np.arange(6) * 20 * 60_000
+    routed = old.route(np.full(6, 3), ts).reshape(-1)
+    old.add("n", routed, sub=np.tile([0, 1, 1, 0, 1, 1], 3))
+    old.add_users(routed, np.arange(18, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+    old.count("ids", routed, np.tile([0, 1, 0, -1, 1, 1], 3), ["a", "b"])
+    new = BucketSlots(retention, {"n": 2}, precision=4, counted=("ids",))
+    new.route(np.array([5]), np.array([T]))  # the new owner holds another partition already
+    new.insert(3, old.export(3))
+    old_held, new_held = old.buckets(3), new.buckets(3)
+    assert {g: sorted(b) for g, b in old_held.items()} == {
+        g: sorted(b) for g, b in new_held.items()
     }
-    assert [c.n for c in store.buckets[Granularity.DAY].values()] == [10]
-
-
-def test_routing_keeps_arrival_order_within_a_bucket() -> None:
-    store: BucketStore[Counting] = BucketStore(Counting, {g: 10 for g in Granularity})
-    ts = np.array([T + 3_600_000, T + 5, T + 3_600_001, T + 1])
-    minute = next(iter(store.route(ts)))  # granularities come minute first
-    assert minute.order.tolist() == [1, 3, 0, 2] and minute.bounds.tolist() == [0, 2, 4]
+    for g, starts in old_held.items():
+        for start, slot in starts.items():
+            other = new_held[g][start]
+            assert old.columns["n"][slot].tolist() == new.columns["n"][other].tolist()
+            assert old.sketch(slot) == new.sketch(other)
+            assert old.top("ids", slot, 5) == new.top("ids", other, 5)
+    old.forget(3)
+    assert old.partitions() == [] and new.partitions() == [3, 5]
