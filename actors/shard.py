@@ -233,7 +233,7 @@ class Shard:
             _PARTITION_FORMAT,
         )
         # Rows a deletion frees wait until the fold has seen the events before it.
-        self.table = UserStateTable(rules or StateRules(), hold_deleted_rows=True)
+        self.table = UserStateTable(rules or StateRules(), hold_deleted_rows=insights)
         self.items = ItemGraph(items)
         self.dedup = EventDeduper(dedup)
         self.engagement = EngagementWindows(windows)
@@ -445,7 +445,9 @@ class Shard:
         deleted = deleted[deleted >= 0]
         parts = self.table.partitions_of_rows(deleted)
         self.table.apply(deletion, partitions[n - 1 :])  # the rows wait for the fold below
-        if deleted.size and self.insights:
+        if not self.insights:
+            return  # the rows are free at once: no aggregate is keyed by them
+        if deleted.size:
             self.segments.update(self.table, deleted, parts)
         self._pending.append(
             _Applied(
@@ -467,14 +469,15 @@ class Shard:
             return
         self.table.apply(batch, partitions)
         self.items.observe(self.table, batch, partitions)
-        rows = self.table.rows_of(batch.user_id)
         touched, at = np.unique(partitions, return_inverse=True)
         newest = np.full(len(touched), -(2**62), dtype=np.int64)
         np.maximum.at(newest, at, batch.ts)
         self.segments.advance(touched, newest)  # each partition's "now", also without insights
         self._unrefreshed = True
-        if self.insights:
-            self.segments.update(self.table, np.unique(rows))
+        if not self.insights:
+            return  # profile-only: nothing to fold
+        rows = self.table.rows_of(batch.user_id)
+        self.segments.update(self.table, np.unique(rows))
         self._pending.append(
             _Applied(
                 batch,

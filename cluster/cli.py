@@ -682,7 +682,10 @@ def _ranges(partitions: list[int]) -> str:
 
 def format_status(status: dict[str, Any]) -> str:
     """A readable summary of ``GET /v1/status``."""
-    lines = ["shard  users      applied    rejected  partitions  lag  fresh p50/p99 ms  snapshot"]
+    lines = [
+        "shard  users      applied    rejected  partitions  lag  fresh p50/p99 ms  "
+        "insights lag ms  snapshot"
+    ]
     for s in status["shards"]:
         if "partitions" not in s:  # dead or restarting: only that is known
             lines.append(f"{s['shard']:>5}  recovering: {s.get('detail', '')}")
@@ -691,11 +694,13 @@ def format_status(status: dict[str, Any]) -> str:
         fresh = s.get("freshness_ms", {})
         p50, p99 = fresh.get("p50"), fresh.get("p99")
         fresh_text = f"{p50:.1f}/{p99:.1f}" if p50 is not None and p99 is not None else "-"
+        folded = (s.get("insights_lag_ms") or {}).get("p99")
+        folded_text = "-" if folded is None else f"{folded:.0f}"
         span = _ranges(s["partitions"])
         lines.append(
             f"{s['shard']:>5}  {s['users']:>9}  {s['applied_events']:>9}  "
             f"{sum(s['rejected'].values()):>8}  {span:>10}  {lag:>3}  {fresh_text:>16}  "
-            f"{_snapshot_text(s)}"
+            f"{folded_text:>15}  {_snapshot_text(s)}"
         )
     lagging = {p: n for p, n in status["lag"].items() if n}
     lines.append("lag per partition: " + (json.dumps(lagging) if lagging else "none"))

@@ -263,6 +263,7 @@ def serve_app_of(
         max_body_bytes=settings.max_body_bytes,
         max_json_body_bytes=settings.max_json_body_bytes,
         max_events_per_request=settings.max_events_per_request,
+        insights=settings.insights,
     )
     models = (
         ModelsConfig(
@@ -366,6 +367,7 @@ def start_shards(
         windows=windows_of(settings),
         funnel=funnel_of(settings),
         detached=detached,
+        insights=settings.insights,
     )
     lifetime = {"lifetime": "detached", "get_if_exists": True} if detached else {}
     controller = ScalingController.options(  # type: ignore[attr-defined]

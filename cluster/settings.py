@@ -302,6 +302,12 @@ class Settings(BaseSettings):
     serve_models: bool = Field(
         default=True, description="Serve the churn and personalization models (Ray Serve)."
     )
+    insights: bool = Field(
+        default=True,
+        description="Keep the insight aggregates (engagement, conversion, retention, trends, "
+        "segments). false: profile-only mode, per-user state, items and model features only, "
+        "for less CPU per event; the /v1/insights routes then answer 404.",
+    )
     registry_dir: Path | None = Field(
         default=None,
         description="Model registry folder; default: <data_dir>/models.",

@@ -64,7 +64,7 @@ from models.registry import ModelRegistry
 from serving import dashboard
 from serving.alerts import AlertCenter, AlertsConfig
 from serving.auth import KeyRecord, Scope
-from serving.errors import install_error_handlers
+from serving.errors import InsightsOff, install_error_handlers
 from serving.guard import AuthConfig, Forbidden, Guard, Unauthenticated
 from serving.inbound_config import InboundSources
 from serving.inbound_webhooks import InboundWebhooks
@@ -102,6 +102,16 @@ app = FastAPI(
     description="Real-time audience insights: ingest events, read live per-user state.",
 )
 install_error_handlers(app)
+
+
+def _worst(rings: Any) -> dict[str, float | None]:
+    """The largest of each percentile over shards' rings (the shard furthest behind)."""
+    out: dict[str, float | None] = {"p50": None, "p99": None, "max": None}
+    for ring in rings:
+        for key, value in (ring or {}).items():
+            if value is not None and key in out:
+                out[key] = max(value, out[key] or 0.0)
+    return out
 
 
 def _api_latency(request: Request) -> LatencyRing:
@@ -198,6 +208,7 @@ class GatewayConfig:
     max_events_per_request: int = 10_000
     windows: WindowConfig = field(default_factory=WindowConfig)
     insights_merge_every_s: float = 1.0
+    insights: bool = True  # off: the shards keep no insight aggregates (profile-only mode)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     registry: str | None = None
     webhooks: InboundSources = field(default_factory=InboundSources)  # inbound sources
@@ -527,6 +538,8 @@ class ApiGateway:
 
     async def _merged_insights(self) -> tuple[float, Insights]:
         """The cached merge of the shards' partials; starts the merge timer on first use."""
+        if not self.config.insights:
+            raise InsightsOff()
         if self._merge_task is None:
             self._merge_task = asyncio.create_task(self._merge_forever())
         if self._merged is None:
@@ -819,6 +832,7 @@ class ApiGateway:
             "autoscaling": await self._autoscaling(),
             "retention_warnings": retention,
             "api_latency_ms": _api_latency(request).percentiles(),
+            "insights_lag_ms": _worst(s.get("insights_lag_ms") for s in shards),
             "inbound_webhooks": self.inbound.answer(),
         }
 

@@ -22,8 +22,22 @@ from serving.limits import retry_after
 log = logging.getLogger(__name__)
 
 
+class InsightsOff(AudienceError):
+    """The platform runs in profile-only mode: no insight aggregates to answer from."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "insights are off (profile-only mode, AUDIENCE_INSIGHTS=false): the shards keep "
+            "per-user state and features only"
+        )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the project's exception -> status code mapping on ``app``."""
+
+    @app.exception_handler(InsightsOff)
+    async def _insights_off(request: Request, exc: InsightsOff) -> JSONResponse:
+        return JSONResponse({"detail": str(exc), "reason": "insights_off"}, status_code=404)
 
     @app.exception_handler(UnavailableError)
     async def _unavailable(request: Request, exc: UnavailableError) -> JSONResponse:

@@ -9,6 +9,7 @@ import orjson
 import pytest
 
 from actors.state import iso_ms
+from cluster.cli import format_status
 from tests.support.events import event, random_batch
 from tests.support.waiting import wait_until
 
@@ -106,6 +107,20 @@ def test_status_reports_shards_lag_and_dead_letters(api: httpx.Client) -> None:
     assert all(s["consuming"] for s in status["shards"])
     assert status["api_latency_ms"]["p99"] > 0  # this replica served requests before
     assert any(s["apply_ms"]["p99"] for s in status["shards"])
+
+
+def test_status_says_how_far_the_aggregates_are_behind_the_profiles(api: httpx.Client) -> None:
+    api.post("/v1/events", json=[event("api-lag", "click")])
+
+    def folded() -> dict | None:  # the event's step was folded into the aggregates
+        status = api.get("/v1/status").json()
+        return status if status["insights_lag_ms"]["p99"] is not None else None
+
+    status = wait_until(folded)
+    worst = max(s["insights_lag_ms"]["p99"] or 0 for s in status["shards"])
+    assert status["insights_lag_ms"]["p99"] == worst > 0
+    assert "insights lag ms" in format_status(status)
+    assert all(s["pending_fold_events"] >= 0 for s in status["shards"])
 
 
 def test_counts_after_many_posts_equal_the_ground_truth_of_the_events(api: httpx.Client) -> None:

@@ -116,3 +116,24 @@ def test_rejections_are_keyed_by_stream_position_however_the_deliveries_are_grou
     one_by_one = [r for d in deliveries for r in Shard(0, [1]).apply([d]).rejected]
     assert sorted(r.key or "" for r in together) == ["1.5", "1.6.3", "1.6.7"]
     assert sorted(r.key or "" for r in one_by_one) == ["1.5", "1.6.3", "1.6.7"]
+
+
+def test_a_profile_only_shard_keeps_profiles_and_no_insight_aggregates() -> None:
+    batch = random_batch(3000, 100, seed=9)
+    full, profiles_only = Shard(0, range(4)), Shard(0, range(4), insights=False)
+    for shard in (full, profiles_only):
+        shard.apply(deliveries_of(batch, 4))
+    assert profiles_only.pending_events == 0 < full.pending_events  # nothing waits for a fold
+    for shard in (full, profiles_only):
+        shard.fold_insights()
+    users = sorted(set(batch.user_id))
+    strip = [{k: v for k, v in (p or {}).items() if k != "segments"} for p in full.profiles(users)]
+    assert [
+        {k: v for k, v in (p or {}).items() if k != "segments"}
+        for p in profiles_only.profiles(users)
+    ] == strip
+    assert full.engagement.partitions() and not profiles_only.engagement.partitions()
+    moved = Shard(1, [], insights=False)
+    moved.insert(profiles_only.export(2))
+    user = next(u for u in users if moved.table.rows_of([u])[0] >= 0)
+    assert moved.profiles([user])[0]["counts"] == full.profiles([user])[0]["counts"]
