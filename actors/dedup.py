@@ -147,9 +147,10 @@ class EventDeduper:
             return
         self._add_run(keys, buckets)  # keys came sorted from np.unique
         low = int(buckets.min())
-        span = int(buckets.max()) - low + 1
-        pairs, counts = np.unique(parts * span + (buckets - low), return_counts=True)
-        for pair, count in zip(pairs.tolist(), counts.tolist(), strict=True):
+        span = int(buckets.max()) - low + 1  # a step spans a bucket or two
+        counts = np.bincount(parts * span + (buckets - low))
+        pairs = np.flatnonzero(counts)
+        for pair, count in zip(pairs.tolist(), counts[pairs].tolist(), strict=True):
             p, bucket = divmod(pair, span)
             state = self._partition(p)
             assert state.counts is not None
@@ -179,10 +180,9 @@ class EventDeduper:
 
     def _add_run(self, keys: np.ndarray, buckets: np.ndarray) -> None:
         while self._keys and len(self._keys[-1]) <= 4 * len(keys):
-            keys = np.concatenate([self._keys.pop(), keys])
-            buckets = np.concatenate([self._buckets.pop(), buckets])
-            order = np.argsort(keys, kind="stable")
-            keys, buckets = keys[order], buckets[order]
+            older, older_buckets = self._keys.pop(), self._buckets.pop()
+            at = np.searchsorted(older, keys)  # a linear merge of two sorted runs
+            keys, buckets = np.insert(older, at, keys), np.insert(older_buckets, at, buckets)
             alive = buckets >= self._floors[(keys & _PART_MASK).astype(np.int64)]
             if not alive.all():
                 keys, buckets = keys[alive], buckets[alive]

@@ -103,7 +103,11 @@ class ItemGraph:
         return sum(self.versions.values())
 
     def observe(
-        self, table: UserStateTable, batch: EventBatch, partitions: np.ndarray | None = None
+        self,
+        table: UserStateTable,
+        batch: EventBatch,
+        partitions: np.ndarray | None = None,
+        auto_flush: bool = True,
     ) -> None:
         """Take in ``batch``, which ``table`` just applied (its ``last_*`` fields).
 
@@ -111,7 +115,8 @@ class ItemGraph:
         is deferred to :meth:`flush` (by :meth:`partial`, or the shard's fold):
         many small apply steps then cost a few large numpy calls, not many small
         ones on the freshness path. What is kept are references to arrays that
-        the table replaces on its next apply, not views of its state.
+        the table replaces on its next apply, not views of its state. Without
+        ``auto_flush`` the caller flushes when :meth:`due` (a shard, off its apply path).
         """
         parts = np.zeros(len(batch), np.int64) if partitions is None else partitions
         codes = table.last_item_codes
@@ -135,8 +140,12 @@ class ItemGraph:
         for p in np.unique(parts).tolist():
             self.versions[p] = self.versions.get(p, 0) + 1
         self._pending_events += len(batch)
-        if self._pending_events >= self.config.flush_every:
+        if auto_flush and self.due():
             self.flush()
+
+    def due(self) -> bool:
+        """Whether ``flush_every`` observed events wait for :meth:`flush`."""
+        return self._pending_events >= self.config.flush_every
 
     def flush(self) -> None:
         """Fold what :meth:`observe` deferred into the item stats and the pair buffer."""

@@ -375,7 +375,8 @@ class Shard:
             keep = np.ones(len(of_partition), dtype=bool)
             keep[[r.index for r in rejected]] = False
             of_partition, stored = of_partition[keep], stored[keep]
-        elsewhere = self._wrong_partition(batch, of_partition)
+        rows = self.table.rows_of(batch.user_id)  # looked up once for the whole step
+        elsewhere = self._wrong_partition(batch, of_partition, rows)
         if elsewhere.size:
             total = len(of_partition) + len(rejected)
             origin = np.delete(np.arange(total), [r.index for r in rejected])  # input index
@@ -387,6 +388,7 @@ class Shard:
                 )
             kept = np.delete(np.arange(len(batch)), elsewhere)
             batch, of_partition, stored = batch.take(kept), of_partition[kept], stored[kept]
+            rows = rows[kept]
         if rejected:
             keyed = _keyed(rejected, taken, sizes)
             result.rejected.extend(keyed)
@@ -396,20 +398,24 @@ class Shard:
         fresh = self.dedup.fresh(batch.event_id, stored, of_partition)
         if not fresh.all():  # the same event_id again: applied once
             at = np.flatnonzero(fresh)
-            batch, of_partition = batch.take(at), of_partition[at]
+            batch, of_partition, rows = batch.take(at), of_partition[at], rows[at]
         for p, n in zip(*np.unique(of_partition, return_counts=True), strict=True):
             self._counters[int(p)].applied_events += int(n)
-        for start, stop in _steps_ending_at_deletions(batch):
-            self._apply_step(batch.slice(start, stop), of_partition[start:stop])
+        for k, (start, stop) in enumerate(_steps_ending_at_deletions(batch)):
+            # After a deletion the rows looked up before it may be stale: look again.
+            known = rows[start:stop] if k == 0 else None
+            self._apply_step(batch.slice(start, stop), of_partition[start:stop], known)
         return len(batch)
 
-    def _wrong_partition(self, batch: EventBatch, partitions: np.ndarray) -> np.ndarray:
+    def _wrong_partition(
+        self, batch: EventBatch, partitions: np.ndarray, rows: np.ndarray
+    ) -> np.ndarray:
         """Events whose user lives in another partition than the one they came on.
 
-        A held user's partition is its row's; a new user's is its id's (when P
-        is known), else the partition of its first event in the step.
+        A held user's partition is its row's (``rows``: the table's); a new
+        user's is its id's (when P is known), else the partition of its first
+        event in the step.
         """
-        rows = self.table.rows_of(batch.user_id)
         held = rows >= 0
         bad = np.zeros(len(batch), dtype=bool)
         if held.any():
@@ -428,7 +434,9 @@ class Shard:
             bad[new] = home != partitions[new]
         return np.flatnonzero(bad)
 
-    def _apply_step(self, batch: EventBatch, partitions: np.ndarray) -> None:
+    def _apply_step(
+        self, batch: EventBatch, partitions: np.ndarray, rows: np.ndarray | None = None
+    ) -> None:
         """Apply checked, fresh events; a step holds at most one deletion, as its last event.
 
         The events before a deletion count in the aggregates like any activity
@@ -437,9 +445,11 @@ class Shard:
         """
         n = len(batch)
         if batch.type[-1] != _DELETED:
-            self._apply_activity(batch, partitions)
+            self._apply_activity(batch, partitions, rows)
             return
-        self._apply_activity(batch.slice(0, n - 1), partitions[: n - 1])
+        self._apply_activity(
+            batch.slice(0, n - 1), partitions[: n - 1], None if rows is None else rows[: n - 1]
+        )
         deletion = batch.slice(n - 1, n)
         deleted = self.table.rows_of(deletion.user_id)
         deleted = deleted[deleted >= 0]
@@ -463,12 +473,14 @@ class Shard:
             )
         )
 
-    def _apply_activity(self, batch: EventBatch, partitions: np.ndarray) -> None:
+    def _apply_activity(
+        self, batch: EventBatch, partitions: np.ndarray, rows: np.ndarray | None = None
+    ) -> None:
         """Apply events that delete nobody to the table and everything that follows it."""
         if not len(batch):
             return
-        self.table.apply(batch, partitions)
-        self.items.observe(self.table, batch, partitions)
+        self.table.apply(batch, partitions, rows)
+        self.items.observe(self.table, batch, partitions, auto_flush=False)  # see fold_due
         touched, at = np.unique(partitions, return_inverse=True)
         newest = np.full(len(touched), -(2**62), dtype=np.int64)
         np.maximum.at(newest, at, batch.ts)
@@ -476,7 +488,7 @@ class Shard:
         self._unrefreshed = True
         if not self.insights:
             return  # profile-only: nothing to fold
-        rows = self.table.rows_of(batch.user_id)
+        rows = self.table.last_rows
         self.segments.update(self.table, np.unique(rows))
         self._pending.append(
             _Applied(
@@ -511,6 +523,8 @@ class Shard:
         :data:`FOLD_INTERVAL_S`. Chunks of :data:`FOLD_CHUNK_EVENTS` go in
         oldest first until the budget is spent, so no call is a burst.
         """
+        if self.items.due():
+            self.items.flush()
         if not self._pending:
             return 0
         if self._pending_events < FOLD_MIN_EVENTS and self.insights_lag_s() < FOLD_INTERVAL_S:

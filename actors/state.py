@@ -175,6 +175,7 @@ class UserStateTable:
         # Per row of the batch last applied: the session time each event adds
         # (0 for a session start), aligned with the batch (see apply).
         self.last_session_gaps_ms: np.ndarray = np.zeros(0, dtype=np.int64)
+        self.last_rows: np.ndarray = np.zeros(0, dtype=np.int64)  # row of each event applied
         # Of the batch last applied: item and category id per event (-1 for
         # none); the items pushed into recent-items rings as (row, id) in row
         # then arrival order; and those rows' rings before the batch, newest
@@ -198,12 +199,19 @@ class UserStateTable:
         """Ids of the users held (the first ``limit`` of them), in no particular order."""
         return list(islice(self._index, limit))
 
-    def apply(self, batch: EventBatch, partitions: np.ndarray | None = None) -> int:
+    def apply(
+        self,
+        batch: EventBatch,
+        partitions: np.ndarray | None = None,
+        rows: np.ndarray | None = None,
+    ) -> int:
         """Fold a validated batch into the state, in row (arrival) order.
 
         ``partitions[i]`` is the partition of event ``i`` (all 0 when None); a new
         user's row belongs to the partition of its first event, and the caller
-        makes sure a user's events all come from one partition.
+        makes sure a user's events all come from one partition. ``rows`` is what
+        :meth:`rows_of` said of the batch's users just before (saves looking them
+        up twice); afterwards :attr:`last_rows` holds every event's row.
         Afterwards :attr:`last_session_gaps_ms` holds, per row of ``batch``, the
         session time that event adds (see :meth:`_count_sessions`).
 
@@ -219,7 +227,8 @@ class UserStateTable:
         if n == 0:
             return 0
         parts = np.zeros(n, np.int64) if partitions is None else partitions.astype(np.int64)
-        rows = self._rows(batch.user_id, parts)
+        rows = self._rows(batch.user_id, parts, rows)
+        self.last_rows = rows
         types = np.asarray(batch.type, dtype=np.intp)
         g = _group(rows, np.asarray(batch.ts, dtype=np.int64), types)
 
@@ -647,10 +656,15 @@ class UserStateTable:
 
     # -- internals -----------------------------------------------------------
 
-    def _rows(self, user_ids: list[str], parts: np.ndarray) -> np.ndarray:
+    def _rows(
+        self, user_ids: list[str], parts: np.ndarray, known: np.ndarray | None = None
+    ) -> np.ndarray:
         """Row per event; unseen users get a fresh row (the only per-event Python)."""
         get = self._index.get
-        rows = np.fromiter(map(get, user_ids, repeat(-1)), np.int64, len(user_ids))
+        if known is None:
+            rows = np.fromiter(map(get, user_ids, repeat(-1)), np.int64, len(user_ids))
+        else:
+            rows = known.astype(np.int64, copy=True)
         missing = np.flatnonzero(rows < 0)
         if missing.size:
             first: dict[str, int] = {}  # each new user, at its first event (arrival order)

@@ -6,6 +6,9 @@ reference measured in the same run: how long Ray itself takes to restart a
 trivial actor on this machine. Writes ``chaos.json`` and ``chaos.md``.
 
     python -m tests.bench.chaos --out bench-results [--events 1000000]
+
+``--smoke`` runs the same scenario tiny (see ``SMOKE``: 20k events, one kill, the
+NATS restart, one reference restart), for ``make test``; its times mean little.
 """
 
 from __future__ import annotations
@@ -30,6 +33,15 @@ from tests.bench.report import measure_table, write_named
 from tests.support.chaos import ChaosPlan, ChaosResult, prepare, run_chaos
 
 RECOVERY_TARGET_S = 5.0
+# --smoke: the defaults it changes (options given explicitly still win).
+SMOKE: dict[str, Any] = {
+    "events": 20_000,
+    "users": 2_000,
+    "rate": 20_000.0,
+    "kills": 1,
+    "settle_s": 120.0,
+    "reference_restarts": 1,
+}
 
 
 @ray.remote(max_restarts=-1)
@@ -62,11 +74,19 @@ def ray_restart_reference(times: int = 3) -> list[float]:
     return out
 
 
-def run(events: int, rate: float, kills: int, shards: int, settle_s: float = 600) -> dict[str, Any]:
+def run(
+    events: int,
+    rate: float,
+    kills: int,
+    shards: int,
+    settle_s: float = 600,
+    users: int = 20_000,
+    reference_restarts: int = 3,
+) -> dict[str, Any]:
     streams = StreamNames()
     with tempfile.TemporaryDirectory() as tmp, EmbeddedNats(Path(tmp) / "nats") as server:
         asyncio.run(prepare(server.url, streams))
-        reference = ray_restart_reference()
+        reference = ray_restart_reference(reference_restarts)
         spec = PoolSpec(
             8,
             shards,
@@ -77,7 +97,7 @@ def run(events: int, rate: float, kills: int, shards: int, settle_s: float = 600
         )
         pool = ShardPool.create(spec)
         try:
-            plan = ChaosPlan(events=events, users=20_000, kills=kills, rate=rate, seed=7)
+            plan = ChaosPlan(events=events, users=users, kills=kills, rate=rate, seed=7)
             result = asyncio.run(run_chaos(plan, server, pool, streams, settle_timeout_s=settle_s))
             statuses = asyncio.run(pool.status())
         finally:
@@ -167,20 +187,40 @@ def markdown(report: dict[str, Any]) -> str:
     return measure_table(rows)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="a tiny run (make test runs it)")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--users", type=int, default=20_000)
     parser.add_argument("--rate", type=float, default=40_000)
     parser.add_argument("--kills", type=int, default=5)
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--settle-s", type=float, default=600, help="most wait for catch-up")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--reference-restarts", type=int, default=3, help="restarts of the trivial actor"
+    )
+    if parser.parse_args(argv).smoke:
+        parser.set_defaults(**SMOKE)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     init_ray(4)
     try:
-        report = run(args.events, args.rate, args.kills, args.shards, args.settle_s)
+        report = run(
+            args.events,
+            args.rate,
+            args.kills,
+            args.shards,
+            args.settle_s,
+            users=args.users,
+            reference_restarts=args.reference_restarts,
+        )
     finally:
         ray.shutdown()
+    report["smoke"] = args.smoke
     write_named(args.out, "chaos", report, markdown(report))
     if not report["exact"]:
         raise SystemExit("chaos: the state was NOT exact")

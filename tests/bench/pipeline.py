@@ -36,7 +36,7 @@ from actors.simulator import AudienceModel, Simulator
 from actors.state import UserStateTable
 from cluster.nats_server import find_binary
 from cluster.settings import Settings
-from tests.bench import phases, references, report
+from tests.bench import machine, phases, references, report
 from tests.bench.machine import wait_for_quiet
 from tests.bench.publisher import PublishPlan
 from tests.bench.workload import Workload, generate, link_parts, write_csv_parts
@@ -92,6 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.fresh_warmup = 1.0
         args.steady_rate, args.steady_seconds, args.steady_warmup = 500, 4.0, 1.0
         args.size_users = 20_000
+        machine.QUIET_WAIT_S = 0.0  # figures of a smoke run mean nothing: do not wait
     return args
 
 

@@ -9,6 +9,8 @@ whether every user's counts equal the published events. Writes
 ``rescale.json`` and ``rescale.md``.
 
     python -m tests.bench.rescale --out bench-results [--rate 20000 --duration 60]
+
+``--smoke`` runs both rescales on a tiny stream (see ``SMOKE``), for ``make test``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from tests.support.truth import mismatched, settled_profiles, truth_of
 
 PARTITIONS = 16
 STEPS = (4, 1)  # from 2 shards
+# --smoke: the defaults it changes (options given explicitly still win).
+SMOKE: dict[str, Any] = {"rate": 5_000.0, "duration": 8.0, "users": 2_000}
 
 
 class QueryClock:
@@ -185,18 +189,26 @@ def markdown(report: dict[str, Any]) -> str:
     return measure_table(rows)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="a tiny run (make test runs it)")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     parser.add_argument("--rate", type=float, default=20_000)
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--users", type=int, default=50_000)
-    args = parser.parse_args()
+    if parser.parse_args(argv).smoke:
+        parser.set_defaults(**SMOKE)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     init_ray(4)
     try:
         report = run(args.rate, args.duration, args.users)
     finally:
         ray.shutdown()
+    report["smoke"] = args.smoke
     write_named(args.out, "rescale", report, markdown(report))
     if not report["exact"] or report["queries_failed"]:
         raise SystemExit("rescale: the state was NOT exact or queries failed")

@@ -17,6 +17,10 @@ generator is a minimal keep-alive HTTP/1.1 client on uvloop, the same for both
 servers. Writes ``serving.json`` and ``serving.md`` to ``--out``.
 
     .venv/bin/python -m tests.bench.serving --out bench-results
+
+``--smoke`` runs every step at a tiny size (a few seconds per server and endpoint,
+see ``SMOKE``), so that ``make test`` can tell whether the bench still runs; its
+figures mean nothing.
 """
 
 from __future__ import annotations
@@ -73,10 +77,31 @@ ENDPOINTS = {  # name -> (platform path, bare path); {u} is the user id
 SERVERS = ("platform", "bare")
 GRACE_S = 5.0  # open loop: how long unanswered requests may still come in after the last send
 KEEP_ALIVE_S = 90  # idle keep-alive of the bare app: Ray Serve's proxy default
+# --smoke: the defaults it changes (options given explicitly still win). Enough
+# simulated history for churn training to see churned and retained users; about a
+# second per loop; Ray Data's groupby shuffles into few partitions (its default of
+# 200 costs ~10 s per per-user pass on two cores, a fixed cost at any size).
+SMOKE: dict[str, Any] = {
+    "users": 150,
+    "days": 8.0,
+    "rate": 20.0,
+    "open_seconds": 1.5,
+    "concurrency": 4,
+    "closed_seconds": 1.0,
+    "warmup_seconds": 0.3,
+    "check_users": 5,
+    "quiet_wait": 0.0,
+    "shuffle_partitions": 2,
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a tiny run of every step, seconds per measurement (make test runs it)",
+    )
     p.add_argument("--out", "--out-dir", dest="out", type=Path, default=Path("bench-results"))
     p.add_argument("--users", type=int, default=1500, help="simulated users (train and replay)")
     p.add_argument("--days", type=float, default=30.0, help="days of simulated history")
@@ -98,6 +123,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=5.0,
         help="most seconds to wait, before each server's runs, for other processes to calm down",
     )
+    p.add_argument(
+        "--shuffle-partitions",
+        type=int,
+        default=0,
+        help="Ray Data hash-shuffle partitions for training (0: Ray Data's default)",
+    )
+    if p.parse_args(argv).smoke:
+        p.set_defaults(**SMOKE)
     return p.parse_args(argv)
 
 
@@ -150,7 +183,9 @@ async def take_snapshot(
     pool = platform.pool
     assert pool is not None
     rows = await pool.user_rows(users)
-    index = ItemIndex.merge([p for p in await pool.item_partials(ITEM_TOP_N) if p])
+    # As the Personalizer merges them: one partial per partition, in the pool's order.
+    partials = await pool.item_partials(ITEM_TOP_N)
+    index = ItemIndex.merge([p for p in partials.values() if p is not None])
     limits = CandidateLimits()
     held = [i for i in range(len(users)) if rows.held[i]]
     proposed = {i: list(propose(index, rows, i, limits)) for i in held}
@@ -543,6 +578,9 @@ def markdown(r: dict[str, Any]) -> str:
         + f"; other processes' CPU share before the runs {m['background_busy']}. "
         f"Total run {r['total_s']:.0f} s."
     )
+    if r.get("smoke"):
+        lines.append("")
+        lines.append("Smoke run (--smoke): every step at a tiny size; the figures mean nothing.")
     return "\n".join(lines) + "\n"
 
 
@@ -592,6 +630,12 @@ def prepare(
     api_key = key_file.read_text().strip() if key_file else ""
     headers = {"X-API-Key": api_key} if api_key else {}
 
+    if args.shuffle_partitions:
+        import ray.data  # the driver's DataContext goes with the training's Ray Data jobs
+
+        ray.data.DataContext.get_current().default_hash_shuffle_parallelism = (
+            args.shuffle_partitions
+        )
     t = time.perf_counter()
     end_ms = time.time_ns() // 1_000_000
     frame = simulated_history(args.users, args.days, args.seed, end_ms)
@@ -607,7 +651,13 @@ def prepare(
 
     t = time.perf_counter()
     replay = asyncio.run(
-        replay_history(info.nats_url, settings.partitions, frame, policy=policy_of(settings))
+        replay_history(
+            info.nats_url,
+            settings.partitions,
+            frame,
+            policy=policy_of(settings),
+            credentials=platform.credentials("producer"),  # NATS logins are on, as `audience up`
+        )
     )
     client = httpx.Client(base_url=info.http_url, headers=headers)
     with client:
@@ -730,6 +780,7 @@ def main(argv: list[str] | None = None) -> int:
             platform.stop()
 
     result: dict[str, Any] = {
+        "smoke": args.smoke,
         "endpoints": endpoints,
         "targets": TARGETS,
         "setup": ready.setup,

@@ -448,13 +448,34 @@ _CELLS: dict[str, list[tuple[st.SearchStrategy[Any], Any]]] = {
 }
 
 
+def v1_document(batch: EventBatch) -> dict[str, Any]:
+    """``batch`` as a version 1 wire document (every column JSON): still read by shards."""
+    doc = {
+        "v": 1,
+        "e": batch.event_id,
+        "u": batch.user_id,
+        "t": batch.type.tolist(),
+        "ts": batch.ts.tolist(),
+        "i": batch.item_id,
+        "c": batch.category,
+        "x": [None if x != x else x for x in batch.value.tolist()],
+        "s": batch.source.tolist(),
+    }
+    if any(t is not None for t in batch.traits):
+        doc["tr"] = batch.traits
+    if any(p is not None for p in batch.properties):
+        doc["p"] = batch.properties
+    return doc
+
+
 @st.composite
 def wire_cases(draw: st.DrawFn) -> WireCase:
-    """A valid wire batch broken in one way: a cell, a column, the document, or its bytes."""
+    """A valid version 1 wire batch broken in one way: a cell, a column, the document, or its
+    bytes (version 2 bodies are broken by :func:`v2_bodies`)."""
     batch = draw(batches(valid=True))
     n = len(batch)
     depth = draw(st.integers(200, 1000))
-    doc: dict[str, Any] = orjson.loads(encode(batch))
+    doc: dict[str, Any] = orjson.loads(orjson.dumps(v1_document(batch)))
     for name in ("tr", "p"):
         doc.setdefault(name, [None] * n)
     how = draw(st.sampled_from(["cell", "cell", "column", "document", "bytes"]))
@@ -504,3 +525,20 @@ def wire_cases(draw: st.DrawFn) -> WireCase:
         )
         outcome = BAD_WIRE
     return WireCase(body, n, outcome)
+
+
+@st.composite
+def v2_bodies(draw: st.DrawFn) -> bytes:
+    """A valid version 2 body, then maybe cut, extended, or with bytes overwritten anywhere
+    (the header's counts and lengths included)."""
+    body = bytearray(encode(draw(batches(valid=True))))
+    how = draw(st.sampled_from(["intact", "cut", "extend", "overwrite", "overwrite"]))
+    if how == "cut":
+        del body[draw(st.integers(0, len(body) - 1)) :]
+    elif how == "extend":
+        body += draw(st.binary(min_size=1, max_size=24))
+    elif how == "overwrite":
+        at = draw(st.integers(0, len(body) - 1))
+        patch = draw(st.binary(min_size=1, max_size=8))
+        body[at : at + len(patch)] = patch
+    return bytes(body)

@@ -78,3 +78,53 @@ def test_a_value_column_holding_anything_but_numbers_or_null_is_bad_wire(cell: b
     with pytest.raises(WireError) as info:  # numpy read "1.5", "inf" and true as numbers
         decode(body)
     assert "'x'" in info.value.detail
+
+
+def test_the_written_format_is_version_2_and_version_1_bodies_are_still_read() -> None:
+    batch = random_batch(50, 10)
+    body = encode(batch)
+    assert body[:4] == b"\x00AU2"
+    assert_same(decode(body), batch)
+    v1 = orjson.dumps(
+        {
+            "v": 1,
+            "e": batch.event_id,
+            "u": batch.user_id,
+            "t": batch.type.tolist(),
+            "ts": batch.ts.tolist(),
+            "i": batch.item_id,
+            "c": batch.category,
+            "x": [None if x != x else x for x in batch.value.tolist()],
+            "s": batch.source.tolist(),
+        }
+    )
+    assert_same(decode(v1), batch)
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (lambda b: b[:-1], "bytes do not hold"),
+        (lambda b: b[:10], "truncated header"),
+        (lambda b: b[:4] + (10**6).to_bytes(4, "little") + b[8:], "bytes do not hold"),
+        (lambda b: b.replace(b'"e":["', b'"e":[7,"', 1), "bytes do not hold"),
+    ],
+)
+def test_a_damaged_version_2_body_is_bad_wire_with_a_reason(damage, reason: str) -> None:
+    body = encode(random_batch(20, 5))
+    with pytest.raises(WireError) as info:
+        decode(damage(body))
+    assert info.value.reason == "bad_wire" and reason in info.value.detail
+
+
+def test_a_version_2_string_column_of_numbers_is_bad_wire() -> None:
+    batch = random_batch(3, 2)
+    body = encode(batch)
+    strings = orjson.dumps(
+        {"e": [1, 2, 3], "u": batch.user_id, "i": batch.item_id, "c": batch.category}
+    )
+    head = b"\x00AU2" + (3).to_bytes(4, "little") + len(strings).to_bytes(4, "little")
+    numbers = body[-3 * 18 :]
+    pad = b"\0" * (-(12 + len(strings)) % 8)
+    with pytest.raises(WireError, match="'e' must hold strings"):
+        decode(head + strings + pad + numbers)

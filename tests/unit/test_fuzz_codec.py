@@ -26,7 +26,15 @@ from actors.events import Event
 from actors.shard import Shard
 from actors.state import iso_ms
 from actors.validation import Checked, RejectReason, ValidationPolicy, check_batch, parse_events
-from tests.support.bad_input import BAD_WIRE, Body, WireCase, batches, json_bodies, wire_cases
+from tests.support.bad_input import (
+    BAD_WIRE,
+    Body,
+    WireCase,
+    batches,
+    json_bodies,
+    v2_bodies,
+    wire_cases,
+)
 
 POLICY = ValidationPolicy()
 NOW = 1_767_225_600_000  # 2026-01-01
@@ -57,7 +65,7 @@ def as_event(batch: EventBatch, i: int) -> Event:
 
 
 @FUZZ
-@given(st.binary(max_size=500) | wire_cases().map(lambda case: case.body))
+@given(st.binary(max_size=500) | wire_cases().map(lambda case: case.body) | v2_bodies())
 def test_decoding_any_bytes_gives_a_batch_or_a_wire_error(body: bytes) -> None:
     try:
         batch = decode(body)
@@ -113,6 +121,7 @@ deliveries = st.builds(
     data=st.one_of(
         wire_cases().map(lambda case: case.body),
         batches(valid=True).map(encode),
+        v2_bodies(),
         st.binary(max_size=100),
     ),
 )
