@@ -42,7 +42,7 @@ from actors.engagement import HLL_PRECISION
 from actors.events import N_TYPES, TYPE_CODE, EventType
 from actors.folded import Folded
 from actors.sketches import HyperLogLog
-from actors.windows import GRANULARITIES, BucketSlots, Granularity, LatenessPolicy, WindowConfig
+from actors.windows import BucketSlots, Granularity, LatenessPolicy, WindowConfig
 
 DEFAULT_STEPS = (EventType.PAGE_VIEW, EventType.ADD_TO_CART, EventType.PURCHASE)
 PURCHASERS_RELATIVE_ERROR = HyperLogLog(HLL_PRECISION).relative_error
@@ -295,19 +295,19 @@ class ConversionWindows:
         stores = [(self.on_time, ~is_late)]
         if self.config.policy is LatenessPolicy.CORRECT:
             stores.append((self.corrections, is_late))
-        copies = len(GRANULARITIES)
         for store, chosen in stores:
             sel = np.flatnonzero(chosen)
             if not sel.size:
                 continue
-            slots = store.route(f.partition[at[sel]], f.ts[at[sel]]).reshape(-1)
-            steps = np.tile(step[sel], copies)
-            made = steps >= 0
-            store.add("steps", slots[made], sub=steps[made])
-            store.add("revenue_milli", slots, np.tile(revenue[sel], copies))
-            buyers = np.tile(bought[sel], copies)
-            store.add("purchases", slots[buyers])
-            store.add_users(slots[buyers], np.tile(f.user_hashes()[at[sel]], copies)[buyers])
+            cells = store.cells(f.partition[at[sel]], f.ts[at[sel]])
+            steps = step[sel]
+            made = (steps >= 0).astype(np.float64)
+            store.add("steps", cells, made, sub=np.maximum(steps, 0))
+            store.add("revenue_milli", cells, revenue[sel])
+            buyers = bought[sel]
+            store.add("purchases", cells, buyers.astype(np.float64))
+            if buyers.any():
+                store.add_users(cells.only(buyers), f.user_hashes()[at[sel]][buyers])
             store.prune()
 
     def forget_rows(self, rows: np.ndarray) -> None:

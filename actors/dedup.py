@@ -63,6 +63,7 @@ class _Partition:
     newest: int | None = None
     floor: int = -(2**62)  # buckets below it are dead
     counts: dict[int, int] | None = None  # live bucket -> hashes
+    total: int = 0  # the sum of counts
     duplicates: int = 0
     evicted_early: int = 0  # buckets dropped before the horizon to stay under max_ids
 
@@ -120,11 +121,10 @@ class EventDeduper:
         new = first[~seen]  # a repeat inside the batch: its first copy counts
         keep[:] = False
         keep[new] = True
-        dropped = np.bincount(parts, minlength=len(self._floors)) - np.bincount(
-            parts[new], minlength=len(self._floors)
-        )
-        for p in np.flatnonzero(dropped).tolist():
-            self._partition(p).duplicates += int(dropped[p])
+        if len(new) < n:
+            dropped = np.bincount(parts[~keep], minlength=len(self._floors))
+            for p in np.flatnonzero(dropped).tolist():
+                self._partition(p).duplicates += int(dropped[p])
         self._remember(unique[~seen], ts[new] // self._width, parts[new], ts[new])
         return keep
 
@@ -155,10 +155,10 @@ class EventDeduper:
             state = self._partition(p)
             assert state.counts is not None
             state.counts[bucket + low] = state.counts.get(bucket + low, 0) + count
-        touched = np.unique(parts)
-        newest = np.full(int(touched[-1]) + 1, np.iinfo(np.int64).min, dtype=np.int64)
+            state.total += count
+        newest = np.full(int(parts.max()) + 1, np.iinfo(np.int64).min, dtype=np.int64)
         np.maximum.at(newest, parts, ts)
-        for p in touched.tolist():
+        for p in np.flatnonzero(newest > np.iinfo(np.int64).min).tolist():
             state = self._partition(p)
             top = int(newest[p])
             state.newest = top if state.newest is None else max(state.newest, top)
@@ -168,11 +168,12 @@ class EventDeduper:
         assert state.newest is not None and state.counts is not None
         floor = max(state.floor, (state.newest - self.config.horizon_ms) // self._width)
         counts = state.counts
-        for bucket in [b for b in counts if b < floor]:
-            del counts[bucket]
-        while len(counts) > 1 and sum(counts.values()) > self.config.max_ids:
+        if counts and min(counts) < floor:
+            for bucket in [b for b in counts if b < floor]:
+                state.total -= counts.pop(bucket)
+        while len(counts) > 1 and state.total > self.config.max_ids:
             oldest = min(counts)
-            del counts[oldest]
+            state.total -= counts.pop(oldest)
             floor = max(floor, oldest + 1)
             state.evicted_early += 1
         state.floor = floor
@@ -210,6 +211,7 @@ class EventDeduper:
             newest=data["newest"],
             floor=int(data["floor"]),
             counts={int(b): int(c) for b, c in data["counts"].items()},
+            total=sum(int(c) for c in data["counts"].values()),
             duplicates=int(data["duplicates"]),
             evicted_early=int(data["evicted_early"]),
         )

@@ -47,7 +47,6 @@ from actors.folded import Folded
 from actors.sketches import HyperLogLog
 from actors.state import iso_ms
 from actors.windows import (
-    GRANULARITIES,
     BucketSlots,
     Granularity,
     LatenessPolicy,
@@ -238,24 +237,22 @@ def _store(config: WindowConfig) -> BucketSlots:
 def _fold(store: BucketSlots, f: Folded, rows: np.ndarray) -> None:
     """Fold the events at ``rows`` of ``f`` into their buckets of every granularity.
 
-    Each sum is one ``bincount`` over all granularities, the users one scatter,
-    the items and categories one ``unique`` each: no per-event Python.
+    Events are grouped by (partition, minute) cells; each sum is one
+    ``bincount`` into the cells, then added to each granularity's buckets, the
+    users one scatter: no per-event Python.
     """
     if rows.size == 0:
         return
-    slots = store.route(f.partition[rows], f.ts[rows]).reshape(-1)
-    copies = len(GRANULARITIES)
+    cells = store.cells(f.partition[rows], f.ts[rows])
     types = f.type[rows].astype(np.int64)
-    store.add("events", slots, sub=np.tile(types, copies))
+    store.add("events", cells, sub=types)
     dwell = np.where(types == _DWELL, np.nan_to_num(f.value[rows], nan=0.0), 0.0)
-    dwell_ms = np.tile(np.round(dwell * 1000), copies)
-    store.add("dwell_ms", slots, dwell_ms)
-    starts = np.tile(types == _SESSION_START, copies)
-    store.add("sessions", slots[starts])
-    store.add("session_ms", slots, np.tile(f.session_gap_ms[rows].astype(np.float64), copies))
-    store.add_users(slots, np.tile(f.user_hashes()[rows], copies))
-    store.count("items", slots, np.tile(f.item[rows], copies), f.item_names)  # type: ignore[arg-type]
-    store.count("categories", slots, np.tile(f.category[rows], copies), f.category_names)  # type: ignore[arg-type]
+    store.add("dwell_ms", cells, np.round(dwell * 1000))
+    store.add("sessions", cells, (types == _SESSION_START).astype(np.float64))
+    store.add("session_ms", cells, f.session_gap_ms[rows].astype(np.float64))
+    store.add_users(cells, f.user_hashes()[rows])
+    store.count("items", cells, f.item[rows], f.item_names)
+    store.count("categories", cells, f.category[rows], f.category_names)
     store.prune()
 
 

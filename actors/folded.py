@@ -25,7 +25,10 @@ class Folded:
     """Events of many partitions, in apply order within each partition.
 
     Attributes:
-        batch: the events.
+        user_id: each event's user (hashed for the sketches, see :meth:`user_hashes`).
+        ts: int64 event times (epoch ms).
+        type: uint8 event type codes.
+        value: float64 values (NaN: none).
         partition: int64 partition of each event.
         row: int64 state-table row of each event's user when applied (-1 when
             the user was deleted in the same step).
@@ -37,7 +40,10 @@ class Folded:
         category_names: the table's category names, indexed by id.
     """
 
-    batch: EventBatch
+    user_id: list[str]
+    ts: np.ndarray
+    type: np.ndarray
+    value: np.ndarray
     partition: np.ndarray
     row: np.ndarray
     first_seen: np.ndarray
@@ -48,48 +54,15 @@ class Folded:
     category_names: Sequence[str]
 
     def __len__(self) -> int:
-        return len(self.batch)
-
-    @property
-    def ts(self) -> np.ndarray:
-        """Event times (epoch ms)."""
-        return self.batch.ts
-
-    @property
-    def type(self) -> np.ndarray:
-        """Event type codes."""
-        return self.batch.type
-
-    @property
-    def value(self) -> np.ndarray:
-        """Event values (NaN without one)."""
-        return self.batch.value
+        return len(self.ts)
 
     def user_hashes(self) -> np.ndarray:
         """:func:`~actors.sketches.stable_hash64` of each event's user id (hashed once, kept)."""
         cached: np.ndarray | None = self.__dict__.get("_hashes")
         if cached is None:
-            cached = stable_hash64(self.batch.user_id)
+            cached = stable_hash64(self.user_id)
             object.__setattr__(self, "_hashes", cached)
         return cached
-
-    def take(self, at: np.ndarray) -> Folded:
-        """The events at ``at``, in that order."""
-        taken = Folded(
-            self.batch.take(at),
-            self.partition[at],
-            self.row[at],
-            self.first_seen[at],
-            self.session_gap_ms[at],
-            self.item[at],
-            self.category[at],
-            self.item_names,
-            self.category_names,
-        )
-        cached = self.__dict__.get("_hashes")
-        if cached is not None:
-            object.__setattr__(taken, "_hashes", cached[at])
-        return taken
 
     @classmethod
     def of(
@@ -108,7 +81,10 @@ class Folded:
         items, item_ids = _intern(batch.item_id)
         categories, category_ids = _intern(batch.category)
         return cls(
-            batch,
+            batch.user_id,
+            batch.ts,
+            batch.type,
+            batch.value,
             np.zeros(n, np.int64) if partitions is None else np.asarray(partitions, np.int64),
             np.full(n, -1, np.int64) if rows is None else np.asarray(rows, np.int64),
             np.full(n, -1, np.int64) if first_seen is None else np.asarray(first_seen, np.int64),

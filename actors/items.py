@@ -137,7 +137,7 @@ class ItemGraph:
             self._pairs_pending.append(
                 (before_rows, before, push_rows, push_codes, table.partitions_of_rows(push_rows))
             )
-        for p in np.unique(parts).tolist():
+        for p in np.flatnonzero(np.bincount(parts)).tolist():
             self.versions[p] = self.versions.get(p, 0) + 1
         self._pending_events += len(batch)
         if auto_flush and self.due():
@@ -224,12 +224,14 @@ class ItemGraph:
         rows, seq, new = rows[order], seq[order], new[order]
         parts = np.fromiter(map(part_of_row.__getitem__, rows.tolist()), np.int64, rows.size)
         seq = self._slot_of(seq, parts)
+        later = np.flatnonzero(new)  # each pair's later item is a new one: look back from those
         keys, weights = [], []
         for d in range(1, w + 1):
-            if d >= rows.size:
+            at = later[later >= d]
+            if not at.size:
                 break
-            a, b = seq[:-d], seq[d:]
-            ok = (rows[:-d] == rows[d:]) & new[d:] & (a != b)
+            a, b = seq[at - d], seq[at]
+            ok = (rows[at - d] == rows[at]) & (a != b)
             a, b = a[ok], b[ok]
             if a.size:
                 keys.append((np.minimum(a, b) << 32) | np.maximum(a, b))  # one key per pair

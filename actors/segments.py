@@ -119,6 +119,7 @@ class SegmentTracker:
         self.entered: dict[int, np.ndarray] = {}  # partition -> per segment
         self.left: dict[int, np.ndarray] = {}
         self.now: dict[int, int] = {}  # partition -> its event-time "now"
+        self._now_by_partition: np.ndarray | None = None  # the same as an array, kept
 
     def members(self, view: RowView, now_ms: int | np.ndarray) -> np.ndarray:
         """Membership bits (uint8 per row) of the rows of ``view`` as of ``now_ms``."""
@@ -133,15 +134,19 @@ class SegmentTracker:
         for p, t in zip(partitions.tolist(), newest_ms.tolist(), strict=True):
             if t > self.now.get(p, -(2**63)):
                 self.now[p] = t
+                self._now_by_partition = None
 
     def _now_of(self, view: RowView) -> tuple[np.ndarray, np.ndarray]:
         """Each row's "now" (its partition's), and which rows have one."""
         parts = view.partition.astype(np.int64)
         if not self.now:
             return np.zeros(len(parts), np.int64), np.zeros(len(parts), bool)
-        top = max(max(self.now), int(parts.max(initial=0))) + 1
-        table = np.full(top, -(2**62), dtype=np.int64)
-        table[list(self.now)] = list(self.now.values())
+        table = self._now_by_partition
+        if table is None or len(table) <= int(parts.max(initial=0)):
+            top = max(max(self.now), int(parts.max(initial=0))) + 1
+            table = np.full(top, -(2**62), dtype=np.int64)
+            table[list(self.now)] = list(self.now.values())
+            self._now_by_partition = table
         now = table[parts]
         return now, now != -(2**62)
 
@@ -220,6 +225,7 @@ class SegmentTracker:
         self.left[partition] = np.asarray(data["left"], dtype=np.int64).copy()
         if data["now_ms"] is not None:
             self.now[partition] = int(data["now_ms"])
+        self._now_by_partition = None
 
     def forget(self, partition: int, rows: np.ndarray) -> None:
         """Drop a partition's counters and the bits of its (freed) ``rows``."""
@@ -228,6 +234,7 @@ class SegmentTracker:
         self.entered.pop(partition, None)
         self.left.pop(partition, None)
         self.now.pop(partition, None)
+        self._now_by_partition = None
 
     def clear_rows(self, rows: np.ndarray) -> None:
         """Bits of rows the table freed and will hand to new users (no exit is counted)."""
@@ -240,14 +247,14 @@ class SegmentTracker:
         if not changed.size:
             return
         was, now = old[changed], new[changed]
-        partitions, at = np.unique(parts[changed].astype(np.int64), return_inverse=True)
+        where = parts[changed].astype(np.int64)
         n = len(self.rules)
         for counters, moved in ((self.entered, now & ~was), (self.left, was & ~now)):
             flags = np.unpackbits(moved[:, None], axis=1, bitorder="little")[:, :n]
-            sums = np.zeros((len(partitions), n), dtype=np.int64)
-            np.add.at(sums, at, flags)
-            for p, row in zip(partitions.tolist(), sums, strict=True):
-                self._counter(counters, p)[:] += row
+            sums = np.zeros((int(where.max()) + 1, n), dtype=np.int64)
+            np.add.at(sums, where, flags)
+            for p in np.flatnonzero(sums.any(axis=1)).tolist():
+                self._counter(counters, p)[:] += sums[p]
         self._bits[rows[changed]] = new[changed]
 
     def _counter(self, counters: dict[int, np.ndarray], partition: int) -> np.ndarray:

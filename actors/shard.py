@@ -27,6 +27,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -60,11 +61,11 @@ from actors.validation import Rejection, RejectReason, ValidationPolicy, check_b
 from actors.windows import WindowConfig
 
 FRESHNESS_SAMPLES = 4096
-FOLD_INTERVAL_S = 0.2  # applied events wait at most about this long for the aggregates
+FOLD_INTERVAL_S = 0.5  # applied events wait at most about this long for the aggregates
 FOLD_MIN_EVENTS = 20_000  # ... or until this many are waiting
 FOLD_BUDGET_S = 0.02  # most time one call of fold_due spends (a step is not held up longer)
 FOLD_CHUNK_EVENTS = 8_192  # events folded at a time within the budget
-REFRESH_EVERY_S = 1.0  # time-driven segment entries and exits are evaluated this often
+REFRESH_EVERY_S = 5.0  # time-driven segment entries and exits are evaluated this often
 MIN_SEEN_FILTER_BITS = 1 << 16
 MIN_ITEM_PAIRS = 50_000
 MIN_DEDUP_IDS = 100_000
@@ -399,8 +400,9 @@ class Shard:
         if not fresh.all():  # the same event_id again: applied once
             at = np.flatnonzero(fresh)
             batch, of_partition, rows = batch.take(at), of_partition[at], rows[at]
-        for p, n in zip(*np.unique(of_partition, return_counts=True), strict=True):
-            self._counters[int(p)].applied_events += int(n)
+        per = np.bincount(of_partition)
+        for p in np.flatnonzero(per).tolist():
+            self._counters[p].applied_events += int(per[p])
         for k, (start, stop) in enumerate(_steps_ending_at_deletions(batch)):
             # After a deletion the rows looked up before it may be stale: look again.
             known = rows[start:stop] if k == 0 else None
@@ -481,10 +483,10 @@ class Shard:
             return
         self.table.apply(batch, partitions, rows)
         self.items.observe(self.table, batch, partitions, auto_flush=False)  # see fold_due
-        touched, at = np.unique(partitions, return_inverse=True)
-        newest = np.full(len(touched), -(2**62), dtype=np.int64)
-        np.maximum.at(newest, at, batch.ts)
-        self.segments.advance(touched, newest)  # each partition's "now", also without insights
+        newest = np.full(int(partitions.max()) + 1, -(2**62), dtype=np.int64)
+        np.maximum.at(newest, partitions, batch.ts)
+        touched = np.flatnonzero(newest > -(2**62))
+        self.segments.advance(touched, newest[touched])  # each partition's "now", always
         self._unrefreshed = True
         if not self.insights:
             return  # profile-only: nothing to fold
@@ -586,8 +588,12 @@ class Shard:
     def _fold(self, steps: list[_Applied]) -> None:
         if not self.insights:
             return
+        batches = [s.batch for s in steps]
         f = Folded(
-            EventBatch.concat(s.batch for s in steps),
+            list(chain.from_iterable(b.user_id for b in batches)),
+            np.concatenate([b.ts for b in batches]),
+            np.concatenate([b.type for b in batches]),
+            np.concatenate([b.value for b in batches]),
             np.concatenate([s.partitions for s in steps]),
             np.concatenate([s.rows for s in steps]),
             np.concatenate([s.first_seen for s in steps]),

@@ -343,7 +343,12 @@ class UserStateTable:
 
     def _segments_of(self, partitions: np.ndarray) -> np.ndarray:
         """The seen-filter segment of each partition (made on first use)."""
-        for p in np.unique(partitions).tolist():
+        top = int(partitions.max())
+        if top < len(self._segments):
+            found = self._segments[partitions]
+            if found.min() >= 0:
+                return found
+        for p in np.flatnonzero(np.bincount(partitions)).tolist():
             if p >= len(self._segments) or self._segments[p] < 0:
                 self._segment_of(p)
         return self._segments[partitions]

@@ -21,6 +21,7 @@ few numpy calls per granularity.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -154,8 +155,25 @@ class Watermarks:
         self._newest.pop(partition, None)
 
 
-GRANULARITIES: tuple[Granularity, ...] = tuple(Granularity)
+GRANULARITIES: tuple[Granularity, ...] = tuple(Granularity)  # minute first: the finest
 _KEY_SHIFT = 42  # bucket numbers (start // width) stay far below 2**42
+MAX_SKETCH_CELLS = 256  # cells whose sketches are built in one scratch matrix (4 KiB each)
+
+
+@dataclass(frozen=True)
+class Cells:
+    """Events grouped by (partition, minute), and each cell's bucket slot per granularity."""
+
+    inverse: np.ndarray  # the cell of each event
+    slots: np.ndarray  # int64[len(GRANULARITIES), cells]
+
+    @property
+    def count(self) -> int:
+        return self.slots.shape[1]
+
+    def only(self, events: np.ndarray) -> Cells:
+        """The cells of the events selected by the mask ``events`` (same slots)."""
+        return Cells(self.inverse[events], self.slots)
 
 
 class BucketSlots:
@@ -201,23 +219,31 @@ class BucketSlots:
         self.changed: set[int] = set()  # slots changed since the owner last cleared it
         self._grow(64)
 
-    def route(self, partitions: np.ndarray, ts: np.ndarray) -> np.ndarray:
-        """The slot of every event in every granularity: int64[len(GRANULARITIES), n]."""
-        n = len(ts)
-        out = np.empty((len(GRANULARITIES), n), dtype=np.int64)
-        if not n:
-            return out
+    def cells(self, partitions: np.ndarray, ts: np.ndarray) -> Cells:
+        """Group events into (partition, minute) cells and give each cell its bucket slots.
+
+        A minute lies in one hour and one day, so the cells' slots serve every
+        granularity: sums are reduced per cell once, then added to a few slots.
+        Slots are made when missing.
+        """
         parts = np.asarray(partitions, dtype=np.int64)
+        minute = GRANULARITIES[0].width_ms
+        keys = (parts << _KEY_SHIFT) | (np.asarray(ts, dtype=np.int64) // minute)
+        unique, inverse = np.unique(keys, return_inverse=True)
+        cell_parts, cell_minutes = unique >> _KEY_SHIFT, unique & ((1 << _KEY_SHIFT) - 1)
+        slots = np.empty((len(GRANULARITIES), len(unique)), dtype=np.int64)
+        get = self._slot.get
         for gi, g in enumerate(GRANULARITIES):
-            keys = ((parts * len(GRANULARITIES) + gi) << _KEY_SHIFT) | (ts // g.width_ms)
-            unique, inverse = np.unique(keys, return_inverse=True)
-            get = self._slot.get
-            slots = np.fromiter((get(k, -1) for k in unique.tolist()), np.int64, len(unique))
-            for i in np.flatnonzero(slots < 0).tolist():
-                slots[i] = self._new_slot(int(unique[i]))
-            out[gi] = slots[inverse]
-        self.changed.update(np.unique(out).tolist())
-        return out
+            buckets = cell_minutes * minute // g.width_ms
+            keys = ((cell_parts * len(GRANULARITIES) + gi) << _KEY_SHIFT) | buckets
+            found = np.fromiter((get(k, -1) for k in keys.tolist()), np.int64, len(keys))
+            for i in np.flatnonzero(found < 0).tolist():
+                found[i] = self._slot.get(int(keys[i]), -1)  # made by an earlier cell
+                if found[i] < 0:
+                    found[i] = self._new_slot(int(keys[i]))
+            slots[gi] = found
+        self.changed.update(slots.reshape(-1).tolist())
+        return Cells(inverse.reshape(-1), slots)
 
     def _new_slot(self, key: int) -> int:
         if not self._free:
@@ -234,46 +260,63 @@ class BucketSlots:
     def add(
         self,
         column: str,
-        slots: np.ndarray,
+        cells: Cells,
         values: np.ndarray | None = None,
         sub: np.ndarray | None = None,
     ) -> None:
-        """Add ``values`` (1 each when None) into ``column`` at ``slots`` (and ``sub`` in width)."""
-        if not slots.size:
+        """Add ``values`` (1 each when None) of events into ``column`` (at ``sub`` in its
+        width), in the buckets of their cells, every granularity."""
+        if not cells.inverse.size:
             return
         target = self.columns[column]
         width = target.shape[1]
-        flat = slots * width + (0 if sub is None else sub)
-        sums = np.bincount(flat, weights=values, minlength=target.size)
-        target += sums.reshape(target.shape).astype(np.int64)
+        flat = cells.inverse * width + (0 if sub is None else sub)
+        per_cell = np.bincount(flat, weights=values, minlength=cells.count * width)
+        per_cell = per_cell.reshape(cells.count, width).astype(np.int64)
+        for slots in cells.slots:
+            np.add.at(target, slots, per_cell)
 
-    def add_users(self, slots: np.ndarray, hashes: np.ndarray) -> None:
-        """Add users (their stable hashes) to the sketches of ``slots``, one scatter for all."""
-        if not slots.size:
+    def add_users(self, cells: Cells, hashes: np.ndarray) -> None:
+        """Add users (their stable hashes) to the sketches of their cells' buckets."""
+        if not cells.inverse.size:
             return
         idx, rank = hll_slots(hashes, self.precision or 0)
-        np.maximum.at(self.registers.reshape(-1), slots * self._m + idx, rank)
+        m = self._m
+        if cells.count <= MAX_SKETCH_CELLS:  # one scatter, then a row-wise max per granularity
+            per_cell = np.zeros((cells.count, m), dtype=np.uint8)
+            np.maximum.at(per_cell.reshape(-1), cells.inverse * m + idx, rank)
+            for slots in cells.slots:
+                np.maximum.at(self.registers, slots, per_cell)
+        else:  # events spread over many minutes (a replay): scatter each granularity
+            flat = self.registers.reshape(-1)
+            for slots in cells.slots:
+                np.maximum.at(flat, slots[cells.inverse] * m + idx, rank)
 
-    def count(self, name: str, slots: np.ndarray, codes: np.ndarray, names: list[str]) -> None:
-        """Count ids (``codes`` >= 0 into ``names``) per slot, in the bounded counters."""
+    def count(self, name: str, cells: Cells, codes: np.ndarray, names: Sequence[str]) -> None:
+        """Count ids (``codes`` >= 0 into ``names``) per bucket, in the bounded counters."""
         has = codes >= 0
         if not has.any():
             return
-        keys = (slots[has] << 32) | codes[has]
-        unique, counts = np.unique(keys, return_counts=True)
-        slot_of, code_of = (unique >> 32).tolist(), (unique & 0xFFFFFFFF).tolist()
+        pairs, counts = np.unique(
+            (cells.inverse[has] << 32) | codes[has], return_counts=True
+        )  # (cell, id) pairs: one row per pair, not per event
+        cell_of, code_of = pairs >> 32, pairs & 0xFFFFFFFF
         counters = self.counters[name]
-        bounds = np.flatnonzero(np.diff(unique >> 32)) + 1
-        for lo, hi in zip([0, *bounds.tolist()], [*bounds.tolist(), len(unique)], strict=True):
-            counter = counters[slot_of[lo]]
-            if counter is None:
-                counter = counters[slot_of[lo]] = Counter()
-            ids = [names[c] for c in code_of[lo:hi]]
-            counter.update(dict(zip(ids, counts[lo:hi].tolist(), strict=True)))
-            if len(counter) > self.max_tracked:
-                kept = _busiest(counter, self.max_tracked // 2)
-                counter.clear()
-                counter.update(kept)
+        for slots in cells.slots:
+            keys, inverse = np.unique((slots[cell_of] << 32) | code_of, return_inverse=True)
+            sums = np.bincount(inverse, weights=counts).astype(np.int64).tolist()
+            slot_of, id_of = (keys >> 32).tolist(), (keys & 0xFFFFFFFF).tolist()
+            bounds = np.flatnonzero(np.diff(keys >> 32)) + 1
+            for lo, hi in zip([0, *bounds.tolist()], [*bounds.tolist(), len(keys)], strict=True):
+                counter = counters[slot_of[lo]]
+                if counter is None:
+                    counter = counters[slot_of[lo]] = Counter()
+                ids = [names[c] for c in id_of[lo:hi]]
+                counter.update(dict(zip(ids, sums[lo:hi], strict=True)))
+                if len(counter) > self.max_tracked:
+                    kept = _busiest(counter, self.max_tracked // 2)
+                    counter.clear()
+                    counter.update(kept)
 
     def prune(self) -> None:
         """Drop each partition's oldest buckets beyond the retention (memory stays flat)."""

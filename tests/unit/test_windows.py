@@ -69,8 +69,8 @@ def test_slots_route_events_per_partition_and_keep_only_the_newest_buckets() -> 
     slots = BucketSlots(retention, {"n": 1})
     ts = T + np.arange(10) * 30 * 60_000  # every 30 minutes over 4.5 hours
     for partition in (0, 1):
-        routed = slots.route(np.full(10, partition), ts[::-1])
-        slots.add("n", routed.reshape(-1))
+        cells = slots.cells(np.full(10, partition), ts[::-1])
+        slots.add("n", cells)
         slots.prune()
     for partition in (0, 1):
         held = slots.buckets(partition)
@@ -85,12 +85,12 @@ def test_a_partitions_buckets_move_to_other_slots_unchanged() -> None:
     retention = {g: 10 for g in Granularity}
     old = BucketSlots(retention, {"n": 2}, precision=4, counted=("ids",))
     ts = T + np.arange(6) * 20 * 60_000
-    routed = old.route(np.full(6, 3), ts).reshape(-1)
-    old.add("n", routed, sub=np.tile([0, 1, 1, 0, 1, 1], 3))
-    old.add_users(routed, np.arange(18, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))
-    old.count("ids", routed, np.tile([0, 1, 0, -1, 1, 1], 3), ["a", "b"])
+    cells = old.cells(np.full(6, 3), ts)
+    old.add("n", cells, sub=np.array([0, 1, 1, 0, 1, 1]))
+    old.add_users(cells, np.arange(6, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+    old.count("ids", cells, np.array([0, 1, 0, -1, 1, 1]), ["a", "b"])
     new = BucketSlots(retention, {"n": 2}, precision=4, counted=("ids",))
-    new.route(np.array([5]), np.array([T]))  # the new owner holds another partition already
+    new.cells(np.array([5]), np.array([T]))  # the new owner holds another partition already
     new.insert(3, old.export(3))
     old_held, new_held = old.buckets(3), new.buckets(3)
     assert {g: sorted(b) for g, b in old_held.items()} == {
