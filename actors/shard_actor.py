@@ -79,8 +79,8 @@ FOLD_WAKE_S = 0.05  # while events wait for the aggregates, the loop looks at le
 # A step has a fixed cost (~0.5 ms of numpy calls) whatever it holds: after one,
 # the next waits for STEP_BYTES of messages or STEP_GATHER_S, so a trickle of
 # tiny messages makes ~25 steps a second, not one per message, while a busy
-# stream (64 KiB every few ms) is not held up.
-STEP_BYTES = 64 * 1024
+# stream (32 KiB, ~500 events, every few ms) is not held up.
+STEP_BYTES = 32 * 1024
 STEP_GATHER_S = 0.04
 PARALLEL_LOADS = 4  # snapshot transfers at once when restoring or adopting many partitions
 LAYOUT_POLL_S = 2.0  # how often an actor compares its layout with the stored one
@@ -413,11 +413,17 @@ class ShardActor:
                 f"shard {self.shard_id}", "snapshots wait for NATS to take dead letters", 2.0
             )
 
-    async def _save(self, states: list[dict[str, Any]], created_ms: int) -> list[tuple[str, int]]:
-        """Encode (in a thread), store and prune exported partition states; names and sizes."""
+    async def _snapshot(self, partitions: Sequence[int], created_ms: int) -> list[tuple[str, int]]:
+        """Snapshot partitions one at a time; names and sizes.
+
+        Each is exported at once (applying pauses only for that: a consistent
+        cut of that partition, at its position), then encoded in a thread,
+        stored and pruned while the shard goes on.
+        """
         assert self._store is not None
         saved = []
-        for state in states:
+        for p in partitions:
+            state = self._cut(p)
             partition, position = int(state["partition"]), int(state["position"])
             _, blob = await asyncio.to_thread(
                 encode_partitions, self.shard_id, self.shard.fingerprint, created_ms, [state]
@@ -429,13 +435,13 @@ class ShardActor:
             saved.append((name, len(blob)))
         return saved
 
-    def _cut(self, partitions: Sequence[int]) -> list[dict[str, Any]]:
-        """Export ``partitions`` now: the synchronous part of a snapshot (a consistent cut)."""
+    def _cut(self, partition: int) -> dict[str, Any]:
+        """Export ``partition`` now: the synchronous part of its snapshot."""
         self._refuse_while_holding()  # checked at the cut: a publish may have failed since
         started = time.perf_counter()
-        states = self.shard.exports(partitions)
+        state = self.shard.export(partition)
         self.snapshot_pause_ms.add((time.perf_counter() - started) * 1000)
-        return states
+        return state
 
     async def checkpoint(self, changed_only: bool = False) -> dict[str, Any]:
         """Snapshot every owned partition (``changed_only``: those that moved on) now.
@@ -458,7 +464,7 @@ class ShardActor:
             ]
             if not moved and self._last_checkpoint is not None:
                 return dict(self._last_checkpoint)
-            saved = await self._save(self._cut(moved), created_ms)
+            saved = await self._snapshot(moved, created_ms)
             self._last_checkpoint = {
                 "name": saved[-1][0] if saved else None,
                 "partitions": len(saved),
@@ -549,13 +555,12 @@ class ShardActor:
         async with self._moving, self._checkpointing:
             created_ms = int(time.time() * 1000)
             going = [p for p in self.shard.partitions if new.owners[p] != self.shard_id]
-            for p in going:  # one cut for all of them
+            for p in going:  # one cut for all of them: they apply nothing from here on
                 self.shard.release(p)
-            states = self._cut(going)
             for p in going:  # nothing of them is taken (and skipped) meanwhile
                 await self._reader.remove(p)
             try:
-                saved = await self._save(states, created_ms)
+                saved = await self._snapshot(going, created_ms)
             except Exception:
                 for p in going:  # not handed over: own and read them again
                     position = self.shard.released[p]

@@ -584,13 +584,15 @@ class UserStateTable:
         data: dict[str, Any] = {name[1:]: getattr(self, name)[rows] for name in _COLUMNS}
         del data["recent"]
         ring = self.recent_codes(rows)  # newest first, -1 padded
-        codes, local = np.unique(ring, return_inverse=True)
-        names = self.items.names_of(codes[codes >= 0])
-        order = np.argsort(np.array(names, dtype=object), kind="stable")  # by name
-        rank = np.full(len(codes), -1, dtype=np.int64)
-        rank[np.flatnonzero(codes >= 0)[order]] = np.arange(len(order))
-        data["recent"] = rank[local.reshape(ring.shape)].astype(np.int32)
-        data["recent_names"] = [names[i] for i in order.tolist()]
+        used = np.zeros(len(self.items) + 1, dtype=bool)  # no sort of the whole ring
+        used[ring.reshape(-1)] = True  # -1 marks the last entry, left out below
+        codes = np.flatnonzero(used[:-1])
+        names = self.items.names_of(codes)
+        order = sorted(range(len(names)), key=names.__getitem__)  # the partition's own order
+        rank = np.full(len(used), -1, dtype=np.int64)
+        rank[codes[order]] = np.arange(len(order))
+        data["recent"] = rank[ring].astype(np.int32)
+        data["recent_names"] = [names[i] for i in order]
         data["users"] = [self._users[r] for r in rows.tolist()]
         data["traits"] = {
             i: dict(self._traits[r]) for i, r in enumerate(rows.tolist()) if r in self._traits
