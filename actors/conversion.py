@@ -307,7 +307,7 @@ class ConversionWindows:
             buyers = bought[sel]
             store.add("purchases", cells, buyers.astype(np.float64))
             if buyers.any():
-                store.add_users(cells.only(buyers), f.user_hashes()[at[sel]][buyers])
+                store.add_users(cells.only(buyers), f.user_hash[at[sel]][buyers])
             store.prune()
 
     def forget_rows(self, rows: np.ndarray) -> None:

@@ -250,7 +250,7 @@ def _fold(store: BucketSlots, f: Folded, rows: np.ndarray) -> None:
     store.add("dwell_ms", cells, np.round(dwell * 1000))
     store.add("sessions", cells, (types == _SESSION_START).astype(np.float64))
     store.add("session_ms", cells, f.session_gap_ms[rows].astype(np.float64))
-    store.add_users(cells, f.user_hashes()[rows])
+    store.add_users(cells, f.user_hash[rows])
     store.count("items", cells, f.item[rows], f.item_names)
     store.count("categories", cells, f.category[rows], f.category_names)
     store.prune()

@@ -25,7 +25,8 @@ class Folded:
     """Events of many partitions, in apply order within each partition.
 
     Attributes:
-        user_id: each event's user (hashed for the sketches, see :meth:`user_hashes`).
+        user_hash: :func:`~actors.sketches.stable_hash64` of each event's user id
+            (what the sketches count; the table keeps it per user, hashed once).
         ts: int64 event times (epoch ms).
         type: uint8 event type codes.
         value: float64 values (NaN: none).
@@ -40,7 +41,7 @@ class Folded:
         category_names: the table's category names, indexed by id.
     """
 
-    user_id: list[str]
+    user_hash: np.ndarray
     ts: np.ndarray
     type: np.ndarray
     value: np.ndarray
@@ -55,14 +56,6 @@ class Folded:
 
     def __len__(self) -> int:
         return len(self.ts)
-
-    def user_hashes(self) -> np.ndarray:
-        """:func:`~actors.sketches.stable_hash64` of each event's user id (hashed once, kept)."""
-        cached: np.ndarray | None = self.__dict__.get("_hashes")
-        if cached is None:
-            cached = stable_hash64(self.user_id)
-            object.__setattr__(self, "_hashes", cached)
-        return cached
 
     @classmethod
     def of(
@@ -81,7 +74,7 @@ class Folded:
         items, item_ids = _intern(batch.item_id)
         categories, category_ids = _intern(batch.category)
         return cls(
-            batch.user_id,
+            stable_hash64(batch.user_id),
             batch.ts,
             batch.type,
             batch.value,

@@ -375,7 +375,7 @@ class RetentionFolds:
             return
         t = self.template
         parts = f.partition[keep]
-        idx, rank = hll_slots(f.user_hashes()[keep], t.precision)
+        idx, rank = hll_slots(f.user_hash[keep], t.precision)
         day = f.ts[keep] // DAY_MS
         cohort = f.first_seen[keep] // DAY_MS
         offset = day - cohort

@@ -55,6 +55,7 @@ from actors.latency import LatencyRing
 from actors.partitioning import partition_of
 from actors.retention import RetentionAggregate, RetentionFolds
 from actors.segments import SegmentTracker, merge_segments
+from actors.sketches import stable_hash64
 from actors.state import StateRules, UserRows, UserStateTable
 from actors.trends import TrendAggregate, TrendFolds
 from actors.validation import Rejection, RejectReason, ValidationPolicy, check_batch, row_bytes
@@ -113,6 +114,12 @@ class _Applied:
 
     def __len__(self) -> int:
         return len(self.batch)
+
+    @classmethod
+    def deletion(cls, rows: np.ndarray) -> _Applied:
+        """A deletion's mark in the fold queue: its freed ``rows``, no events."""
+        none = _NO_ROWS
+        return cls(EventBatch.empty(), none, none, none, none, none, none, rows, time.monotonic())
 
     def slice(self, start: int, stop: int) -> _Applied:
         return _Applied(
@@ -461,19 +468,7 @@ class Shard:
             return  # the rows are free at once: no aggregate is keyed by them
         if deleted.size:
             self.segments.update(self.table, deleted, parts)
-        self._pending.append(
-            _Applied(
-                EventBatch.empty(),
-                _NO_ROWS,
-                _NO_ROWS,
-                _NO_ROWS,
-                _NO_ROWS,
-                _NO_ROWS,
-                _NO_ROWS,
-                deleted,
-                time.monotonic(),
-            )
-        )
+        self._pending.append(_Applied.deletion(deleted))
 
     def _apply_activity(
         self, batch: EventBatch, partitions: np.ndarray, rows: np.ndarray | None = None
@@ -592,7 +587,7 @@ class Shard:
             return
         batches = [s.batch for s in steps]
         f = Folded(
-            list(chain.from_iterable(b.user_id for b in batches)),
+            stable_hash64(list(chain.from_iterable(b.user_id for b in batches))),
             np.concatenate([b.ts for b in batches]),
             np.concatenate([b.type for b in batches]),
             np.concatenate([b.value for b in batches]),

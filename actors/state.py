@@ -87,8 +87,8 @@ class StateRules:
             raise ValueError(f"weights needs {N_TYPES} entries, got {len(self.weights)}")
         if self.engagement_half_life_ms <= 0 or self.session_gap_ms < 0:
             raise ValueError("half-life must be positive and session gap non-negative")
-        if self.recent_items < 1 or self.max_categories < 2:
-            raise ValueError("recent_items must be >= 1 and max_categories >= 2")
+        if not 1 <= self.recent_items <= 1000 or self.max_categories < 2:
+            raise ValueError("recent_items must be 1 to 1000 and max_categories >= 2")
         if not 1 <= self.active_day_window <= 64:
             raise ValueError("active_day_window must be between 1 and 64")
         bits = self.seen_filter_bits
@@ -106,7 +106,7 @@ _COLUMNS: dict[str, tuple[type, str | None]] = {
     "_revenue": (np.float64, None),
     "_engagement": (np.float64, None),
     "_recent": (np.int32, "items"),  # ring of item ids
-    "_recent_n": (np.int32, None),  # pushes so far, folded to < 2K (see _fold)
+    "_recent_n": (np.uint16, None),  # pushes so far, folded to < 2K (see _fold)
     "_affinity": (np.float32, "categories"),  # by the partition's category slot
     "_days": (np.uint64, None),
     "_last_cart": (np.int64, None),  # newest add_to_cart time, _NONE without one
@@ -956,28 +956,6 @@ def iso_ms(ms: int) -> str:
 def _fold(pushed: np.ndarray, k: int) -> np.ndarray:
     """Keep a push counter bounded while preserving ``min(n, k)`` and ``n % k``."""
     return np.where(pushed < k, pushed, k + pushed % k).astype(np.int32)
-
-
-def _intern(
-    values: list[str | None], codes: dict[str | None, int], names: list[str], limit: int | None
-) -> np.ndarray:
-    """Codes for strings (-1 for None), adding new names; past ``limit`` they map to it."""
-    get = codes.get
-    out = np.fromiter(map(get, values, repeat(-2)), np.int32, len(values))
-    unknown = np.flatnonzero(out == -2)
-    for i in unknown.tolist():
-        name = values[i]
-        assert name is not None
-        code = codes.get(name)
-        if code is None:
-            if limit is not None and len(names) >= limit:
-                code = limit  # overflow bucket, not remembered: the vocabulary stays bounded
-            else:
-                code = len(names)
-                codes[name] = code
-                names.append(name)
-        out[i] = code
-    return out
 
 
 def _segmented_cummax(values: np.ndarray, gid: np.ndarray) -> np.ndarray:
