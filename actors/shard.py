@@ -24,10 +24,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -49,21 +48,18 @@ from actors.engagement import EngagementWindows
 from actors.engagement import merge_partials as merge_engagement
 from actors.errors import NotOwner, WireError
 from actors.events import TYPE_CODE, EventType
-from actors.folded import Folded
+from actors.fold_queue import Applied, FoldQueue, folded
 from actors.items import ItemGraph, ItemGraphConfig
 from actors.latency import LatencyRing
 from actors.partitioning import partition_of
 from actors.retention import RetentionAggregate, RetentionFolds
 from actors.segments import SegmentTracker, merge_segments
-from actors.sketches import stable_hash64
 from actors.state import StateRules, UserRows, UserStateTable
 from actors.trends import TrendAggregate, TrendFolds
 from actors.validation import Rejection, RejectReason, ValidationPolicy, check_batch, row_bytes
 from actors.windows import WindowConfig
 
 FRESHNESS_SAMPLES = 4096
-FOLD_INTERVAL_S = 0.5  # applied events wait at most about this long for the aggregates
-FOLD_MIN_EVENTS = 20_000  # ... or until this many are waiting
 FOLD_BUDGET_S = 0.005  # most time one call of fold_due spends: it delays the next step
 FOLD_CHUNK_EVENTS = 4_096  # events folded at a time within the budget (~5 ms)
 REFRESH_EVERY_S = 5.0  # time-driven segment entries and exits are evaluated this often
@@ -96,43 +92,6 @@ def partition_configs(
         dataclasses.replace(items, max_pairs=pairs, compact_every=min(items.compact_every, pairs)),
         dataclasses.replace(dedup, max_ids=max(MIN_DEDUP_IDS, dedup.max_ids // partitions)),
     )
-
-
-@dataclass
-class _Applied:
-    """A step applied to the state table and not yet folded into the aggregates."""
-
-    batch: EventBatch
-    partitions: np.ndarray
-    rows: np.ndarray
-    first_seen: np.ndarray
-    session_gaps_ms: np.ndarray  # per event, the session time it adds (the table's rule)
-    items: np.ndarray  # the table's item id per event
-    categories: np.ndarray  # the table's category id per event
-    deleted: np.ndarray  # rows a deletion freed (the step's last event); no events then
-    applied_at: float  # monotonic time of the apply
-
-    def __len__(self) -> int:
-        return len(self.batch)
-
-    @classmethod
-    def deletion(cls, rows: np.ndarray) -> _Applied:
-        """A deletion's mark in the fold queue: its freed ``rows``, no events."""
-        none = _NO_ROWS
-        return cls(EventBatch.empty(), none, none, none, none, none, none, rows, time.monotonic())
-
-    def slice(self, start: int, stop: int) -> _Applied:
-        return _Applied(
-            self.batch.slice(start, stop),
-            self.partitions[start:stop],
-            self.rows[start:stop],
-            self.first_seen[start:stop],
-            self.session_gaps_ms[start:stop],
-            self.items[start:stop],
-            self.categories[start:stop],
-            self.deleted,
-            self.applied_at,
-        )
 
 
 @dataclass
@@ -257,9 +216,7 @@ class Shard:
         self.busy_s = 0.0
         self.apply_ms = LatencyRing()
         self.fold_ms = LatencyRing()
-        self.insights_lag_ms = LatencyRing()  # apply-to-fold delay of each fold's oldest event
-        self._pending: deque[_Applied] = deque()
-        self._pending_events = 0
+        self._queue = FoldQueue()
         self._refreshed_at = 0.0
         self._unrefreshed = False  # applied since the last segment refresh
 
@@ -468,7 +425,7 @@ class Shard:
             return  # the rows are free at once: no aggregate is keyed by them
         if deleted.size:
             self.segments.update(self.table, deleted, parts)
-        self._pending.append(_Applied.deletion(deleted))
+        self._queue.push(Applied.deletion(deleted))
 
     def _apply_activity(
         self, batch: EventBatch, partitions: np.ndarray, rows: np.ndarray | None = None
@@ -487,8 +444,8 @@ class Shard:
             return  # profile-only: nothing to fold
         rows = self.table.last_rows
         self.segments.update(self.table, np.unique(rows))
-        self._pending.append(
-            _Applied(
+        self._queue.push(
+            Applied(
                 batch,
                 partitions,
                 rows,
@@ -500,35 +457,36 @@ class Shard:
                 time.monotonic(),
             )
         )
-        self._pending_events += len(batch)
 
     # -- folding the aggregates ----------------------------------------------------------
 
     @property
     def pending_events(self) -> int:
         """Applied events the aggregates have not seen yet."""
-        return self._pending_events
+        return self._queue.events
+
+    @property
+    def insights_lag_ms(self) -> LatencyRing:
+        """How long each fold's oldest event had waited since it was applied."""
+        return self._queue.lag_ms
 
     def insights_lag_s(self) -> float:
         """How long the oldest unfolded event has waited (0 when none waits)."""
-        return time.monotonic() - self._pending[0].applied_at if self._pending else 0.0
+        return self._queue.lag_s()
 
     def fold_due(self, budget_s: float = FOLD_BUDGET_S) -> int:
-        """Fold waiting events if they are due, for at most about ``budget_s``; how many.
+        """Fold waiting events if they are due (see :meth:`FoldQueue.due`); how many.
 
-        Due: :data:`FOLD_MIN_EVENTS` wait, or the oldest has waited
-        :data:`FOLD_INTERVAL_S`. Chunks of :data:`FOLD_CHUNK_EVENTS` go in
-        oldest first until the budget is spent, so no call is a burst.
+        Chunks of :data:`FOLD_CHUNK_EVENTS` go in oldest first until about
+        ``budget_s`` is spent, so no call is a burst.
         """
         if self.items.due():
             self.items.flush()
-        if not self._pending:
-            return 0
-        if self._pending_events < FOLD_MIN_EVENTS and self.insights_lag_s() < FOLD_INTERVAL_S:
+        if not self._queue.due():
             return 0
         started = time.perf_counter()
         folded = 0
-        while self._pending and time.perf_counter() - started < budget_s:
+        while self._queue and time.perf_counter() - started < budget_s:
             folded += self._fold_chunk(FOLD_CHUNK_EVENTS)
         if time.monotonic() - self._refreshed_at >= REFRESH_EVERY_S:
             self._refresh()
@@ -542,7 +500,7 @@ class Shard:
         wait for the next refresh, on either side of a hand-off); tests call it
         to read the aggregates of what they applied.
         """
-        while self._pending:
+        while self._queue:
             self._fold_chunk(1 << 62)
         self.items.flush()
         if refresh and self._unrefreshed:
@@ -556,54 +514,20 @@ class Shard:
             self.segments.refresh(self.table)
 
     def _fold_chunk(self, most: int) -> int:
-        """Fold up to ``most`` waiting events (steps up to the next deletion); how many."""
+        """Fold up to ``most`` waiting events (up to the next deletion); how many."""
         started = time.perf_counter()
-        oldest = self._pending[0].applied_at
-        steps: list[_Applied] = []
-        count = 0
-        while self._pending and count < most and not self._pending[0].deleted.size:
-            step = self._pending[0]
-            if count + len(step) > most:
-                self._pending[0] = step.slice(most - count, len(step))
-                step = step.slice(0, most - count)
-            else:
-                self._pending.popleft()
-            steps.append(step)
-            count += len(step)
-        if count:
-            self._fold(steps)
-        elif self._pending:  # a deletion: its rows' attempts go, then the rows are free
-            deleted = self._pending.popleft().deleted
-            self.conversion.forget_rows(deleted)
-            self.table.free_rows(deleted)
-        self._pending_events -= count
-        now = time.monotonic()
-        self.insights_lag_ms.add((now - oldest) * 1000)
+        chunk = self._queue.take(most)
+        if chunk.deleted is not None:  # its rows' attempts go, then the rows are free
+            self.conversion.forget_rows(chunk.deleted)
+            self.table.free_rows(chunk.deleted)
+        elif self.insights:
+            f = folded(chunk.steps, self.table.items.names, self.table.categories.names)
+            late = self.engagement.fold(f)
+            self.conversion.fold(f, late)
+            self.retention.fold(f)
+            self.trends.fold(f)
         self.fold_ms.add((time.perf_counter() - started) * 1000)
-        return count
-
-    def _fold(self, steps: list[_Applied]) -> None:
-        if not self.insights:
-            return
-        batches = [s.batch for s in steps]
-        f = Folded(
-            stable_hash64(list(chain.from_iterable(b.user_id for b in batches))),
-            np.concatenate([b.ts for b in batches]),
-            np.concatenate([b.type for b in batches]),
-            np.concatenate([b.value for b in batches]),
-            np.concatenate([s.partitions for s in steps]),
-            np.concatenate([s.rows for s in steps]),
-            np.concatenate([s.first_seen for s in steps]),
-            np.concatenate([s.session_gaps_ms for s in steps]),
-            np.concatenate([s.items for s in steps]),
-            np.concatenate([s.categories for s in steps]),
-            self.table.items.names,
-            self.table.categories.names,
-        )
-        late = self.engagement.fold(f)
-        self.conversion.fold(f, late)
-        self.retention.fold(f)
-        self.trends.fold(f)
+        return sum(len(s) for s in chunk.steps)
 
     # -- partials ----------------------------------------------------------------------
 
@@ -841,7 +765,7 @@ class Shard:
             "apply_ms": self.apply_ms.percentiles(),
             "fold_ms": self.fold_ms.percentiles(),
             "insights_lag_ms": self.insights_lag_ms.percentiles(),
-            "pending_fold_events": self._pending_events,
+            "pending_fold_events": self._queue.events,
         }
 
 

@@ -145,7 +145,17 @@ def run_references(
             py, folder / "small", small_events, folder / "all", workload.events
         ) | {"background_busy": quiet}
     print(f"  flink {out['flink'].get('events_per_s') or out['flink'].get('reason')}")
-    out["flink_same_work"] = {"events_per_s": None, "reason": "not measured yet"}
+    if args.skip_flink:
+        out["flink_same_work"] = {"events_per_s": None, "reason": "--skip-flink"}
+    elif not Path(py).exists():
+        out["flink_same_work"] = {"events_per_s": None, "reason": f"no reference python at {py}"}
+    else:
+        quiet = wait_for_quiet()
+        out["flink_same_work"] = references.flink_same_work(
+            py, folder / "small", small_events, folder / "all", workload.events
+        ) | {"background_busy": quiet}
+    same = out["flink_same_work"]
+    print(f"  flink same work {same.get('events_per_s') or same.get('reason')}")
     return out
 
 
