@@ -78,10 +78,10 @@ MAX_BYTES_PER_APPLY = (
 FOLD_WAKE_S = 0.05  # while events wait for the aggregates, the loop looks at least this often
 # A step has a fixed cost (~0.5 ms of numpy calls) whatever it holds: after one,
 # the next waits for STEP_BYTES of messages or STEP_GATHER_S, so a trickle of
-# tiny messages makes ~25 steps a second, not one per message, while a busy
+# tiny messages makes ~20 steps a second, not one per message, while a busy
 # stream (32 KiB, ~500 events, every few ms) is not held up.
 STEP_BYTES = 32 * 1024
-STEP_GATHER_S = 0.04
+STEP_GATHER_S = 0.05
 PARALLEL_LOADS = 4  # snapshot transfers at once when restoring or adopting many partitions
 LAYOUT_POLL_S = 2.0  # how often an actor compares its layout with the stored one
 LAYOUT_GRACE_S = 10.0  # a stored layout an ordered hand-off has not brought is followed after
