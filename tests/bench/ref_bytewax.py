@@ -40,11 +40,15 @@ class DropSink(DynamicSink):
 
 
 def load(paths: list[str]) -> list[tuple[str, tuple[int, int, float]]]:
-    """``(user_id, (type, ts, value))`` per CSV row; an empty value is 0."""
+    """``(user_id, (type, ts, value))`` per CSV row; an empty value is 0.
+
+    The rows are ``event_id, user_id, type, ts, value, item_id, category``
+    (``tests.bench.workload.CSV_COLUMNS``).
+    """
     out = []
     for path in paths:
         with open(path, newline="", encoding="utf-8") as f:
-            for user, typ, ts, value, _item, _cat in csv.reader(f):
+            for _event, user, typ, ts, value, _item, _cat in csv.reader(f):
                 out.append((user, (int(typ), int(ts), float(value) if value else 0.0)))
     return out
 

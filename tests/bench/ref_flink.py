@@ -29,7 +29,8 @@ TYPE_NAMES = (
 DWELL, PURCHASE = 2, 7
 
 SOURCE = """CREATE TEMPORARY TABLE {name} (
-  user_id STRING, `type` INT, ts BIGINT, `value` DOUBLE, item_id STRING, category STRING
+  event_id STRING, user_id STRING, `type` INT, ts BIGINT, `value` DOUBLE,
+  item_id STRING, category STRING
 ) WITH ('connector' = 'filesystem', 'path' = '{path}', 'format' = 'csv',
         'csv.null-literal' = '')"""
 

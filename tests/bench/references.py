@@ -124,6 +124,51 @@ def flink(
     return result
 
 
+def flink_same_work(
+    python: str,
+    small: Path,
+    small_events: int,
+    large: Path,
+    large_events: int,
+    events: tuple[int, int] = (250_000, 1_000_000),
+    operator_events: tuple[int, int] | None = (250_000, 1_000_000),
+    parallelism: int = 2,
+    timeout_s: float = 900,
+) -> dict[str, Any]:
+    """Flink SQL doing the platform's work as one job, and each query alone.
+
+    See ``ref_flink_same_work.py``: de-duplication feeding the per-user profile,
+    30-minute sessions, per-minute and per-hour engagement, the hourly top 10
+    items and the page_view -> add_to_cart -> purchase funnel. The events are the
+    first ``events`` (small, large) of the CSV parts (``small`` holds the first
+    ``small_events``, ``large`` all ``large_events``); the rate is marginal
+    between the two sizes, like :func:`flink`. ``operator_events`` sizes the
+    one-query runs (``None``: skip them). Returns ``events_per_s`` (None and a
+    ``reason`` on failure), ``per_operator`` (query name -> events/s, empty when
+    skipped or failed), ``notes`` (what Flink could not express as asked) and the
+    script's other keys.
+    """
+    java = java_version()
+    if java is None:
+        return {
+            "events_per_s": None,
+            "per_operator": {},
+            "reason": "java not found on PATH (Flink needs a JVM)",
+        }
+    command = [python, str(HERE / "ref_flink_same_work.py")]
+    command += ["--small", str(small), "--small-events", str(small_events)]
+    command += ["--large", str(large), "--large-events", str(large_events)]
+    command += ["--parallelism", str(parallelism), "--events", *map(str, events)]
+    if operator_events is None:
+        command.append("--no-per-operator")
+    else:
+        command += ["--operator-events", *map(str, operator_events)]
+    result = run_reference(command, timeout_s)
+    result.setdefault("per_operator", {})
+    result["java"] = java
+    return result
+
+
 def java_version() -> str | None:
     """The first line of ``java -version``, or None when there is no Java."""
     java = shutil.which("java")

@@ -23,7 +23,7 @@ from actors.events import EVENT_TYPES
 from actors.simulator import AudienceModel, Simulator
 
 # Columns of the CSV files, in order; empty fields are nulls (no value, no item).
-CSV_COLUMNS = ("user_id", "type", "ts", "value", "item_id", "category")
+CSV_COLUMNS = ("event_id", "user_id", "type", "ts", "value", "item_id", "category")
 TYPE_NAMES = tuple(t.value for t in EVENT_TYPES)
 
 
@@ -76,7 +76,10 @@ def slices(batch: EventBatch, size: int) -> list[EventBatch]:
 
 
 def write_csv_parts(batch: EventBatch, folder: Path, part_events: int) -> list[Path]:
-    """Write ``batch`` as ``part-NNN.csv`` files of ``part_events`` rows, in event order."""
+    """Write ``batch`` as ``part-NNN.csv`` files of ``part_events`` rows, in event order.
+
+    The columns are :data:`CSV_COLUMNS`, no header.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for k in range(math.ceil(len(batch) / part_events)):
@@ -85,7 +88,8 @@ def write_csv_parts(batch: EventBatch, folder: Path, part_events: int) -> list[P
         items = [x or "" for x in batch.item_id[lo:hi]]
         cats = [x or "" for x in batch.category[lo:hi]]
         rows = map(
-            "{},{},{},{},{},{}\n".format,
+            "{},{},{},{},{},{},{}\n".format,
+            batch.event_id[lo:hi],
             batch.user_id[lo:hi],
             batch.type[lo:hi].tolist(),
             batch.ts[lo:hi].tolist(),
