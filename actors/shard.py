@@ -216,6 +216,8 @@ class Shard:
         self.busy_s = 0.0
         self.apply_ms = LatencyRing()
         self.fold_ms = LatencyRing()
+        self.fold_s = 0.0  # time spent folding the insight aggregates, and how many events
+        self.folded_events = 0
         self._queue = FoldQueue()
         self._refreshed_at = 0.0
         self._unrefreshed = False  # applied since the last segment refresh
@@ -526,8 +528,12 @@ class Shard:
             self.conversion.fold(f, late)
             self.retention.fold(f)
             self.trends.fold(f)
-        self.fold_ms.add((time.perf_counter() - started) * 1000)
-        return sum(len(s) for s in chunk.steps)
+        took = time.perf_counter() - started
+        self.fold_ms.add(took * 1000)
+        self.fold_s += took
+        count = sum(len(s) for s in chunk.steps)
+        self.folded_events += count
+        return count
 
     # -- partials ----------------------------------------------------------------------
 
@@ -764,6 +770,8 @@ class Shard:
             "freshness_ms": self.freshness_ms.percentiles(),
             "apply_ms": self.apply_ms.percentiles(),
             "fold_ms": self.fold_ms.percentiles(),
+            "fold_s": round(self.fold_s, 3),
+            "folded_events": self.folded_events,
             "insights_lag_ms": self.insights_lag_ms.percentiles(),
             "pending_fold_events": self._queue.events,
         }

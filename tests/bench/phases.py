@@ -202,6 +202,9 @@ async def ingest(
         "linger_ms": plan.linger_ms,
         "send_events": plan.send_events,
         "shard_busy_s": [s["busy_s"] for s in status],
+        "fold_us_per_event": (
+            1e6 * sum(s["fold_s"] for s in status) / max(1, sum(s["folded_events"] for s in status))
+        ),
         "state_bytes": sum(s["state_bytes"] for s in status),
         "users": sum(s["users"] for s in status),
         "rejected": sum(sum(s["rejected"].values()) for s in status),

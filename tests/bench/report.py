@@ -52,6 +52,7 @@ def _ingest_note(r: dict[str, Any]) -> str:
         f"{_num(r['flink_events_per_s'])}/s; "
         f"{ing['applied_events']:,}/{ing['events']:,} events in {ing['seconds']:.2f} s; "
         f"{r['shape']['shards']} shards, P={r['shape']['partitions']}; "
+        f"insight folds {_num(ing['fold_us_per_event'], 2)} us/event; "
         f"{_num(ing['events_per_message'])} events/msg (max_batch {ing['max_batch']}, "
         f"linger {ing['linger_ms']:g} ms); producer alone "
         f"{_num(ing['producer_events_per_s'])}/s; {_cpu(ing['cpu_s'])}"
