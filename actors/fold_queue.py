@@ -47,10 +47,27 @@ class Applied:
         return len(self.batch)
 
     @classmethod
-    def deletion(cls, rows: np.ndarray) -> Applied:
-        """A deletion's mark in the queue: its freed ``rows``, no events."""
+    def deletion(cls, rows: np.ndarray, partitions: np.ndarray) -> Applied:
+        """A deletion's mark in the queue: its freed ``rows`` (of ``partitions``), no events."""
         none = _NO_ROWS
-        return cls(EventBatch.empty(), none, none, none, none, none, none, rows, time.monotonic())
+        return cls(
+            EventBatch.empty(), partitions, none, none, none, none, none, rows, time.monotonic()
+        )
+
+    def select(self, mask: np.ndarray) -> Applied:
+        """The events where ``mask`` holds, in order (not for a deletion's mark)."""
+        at = np.flatnonzero(mask)
+        return Applied(
+            self.batch.take(at),
+            self.partitions[at],
+            self.rows[at],
+            self.first_seen[at],
+            self.session_gaps_ms[at],
+            self.items[at],
+            self.categories[at],
+            self.deleted,
+            self.applied_at,
+        )
 
     def slice(self, start: int, stop: int) -> Applied:
         return Applied(
@@ -100,6 +117,7 @@ class FoldQueue:
     def __init__(self) -> None:
         self._steps: deque[Applied] = deque()
         self.events = 0
+        self.pushed = 0  # events ever pushed: the pace folds must keep
         self.lag_ms = LatencyRing()  # apply-to-fold delay of each chunk's oldest event
 
     def __bool__(self) -> bool:
@@ -109,6 +127,7 @@ class FoldQueue:
         """Queue a step (or a deletion's mark, :meth:`Applied.deletion`)."""
         self._steps.append(step)
         self.events += len(step)
+        self.pushed += len(step)
 
     def lag_s(self) -> float:
         """How long the oldest waiting step has waited (0 when none waits)."""
@@ -139,3 +158,36 @@ class FoldQueue:
         self.events -= count
         self.lag_ms.add((time.monotonic() - oldest) * 1000)
         return Chunk(steps, None, oldest)
+
+    def take_partition(self, partition: int) -> list[Chunk]:
+        """All that waits of one partition, in order, as chunks (events split at deletions).
+
+        The other partitions' steps stay queued in their order: aggregates are
+        per partition, and a row a deletion freed is not reused before its
+        mark is folded, so folding one partition ahead changes nothing.
+        """
+        chunks: list[Chunk] = []
+        steps: list[Applied] = []
+        kept: deque[Applied] = deque()
+        for step in self._steps:
+            mine = step.partitions == partition
+            if step.deleted.size:
+                if mine.any():
+                    if steps:
+                        chunks.append(Chunk(steps, None, steps[0].applied_at))
+                        steps = []
+                    chunks.append(Chunk([], step.deleted, step.applied_at))
+                else:
+                    kept.append(step)
+            elif mine.all():
+                steps.append(step)
+            elif mine.any():
+                steps.append(step.select(mine))
+                kept.append(step.select(~mine))
+            else:
+                kept.append(step)
+        if steps:
+            chunks.append(Chunk(steps, None, steps[0].applied_at))
+        self._steps = kept
+        self.events = sum(len(s) for s in kept)
+        return chunks

@@ -21,6 +21,7 @@ and inserted elsewhere, while one flush serves all of them.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,6 +90,7 @@ class ItemGraph:
         self._counts_pending: list[tuple[np.ndarray, ...]] = []
         self._pairs_pending: list[tuple[np.ndarray, ...]] = []
         self._pending_events = 0
+        self.observed_steps = 0  # steps with pushes ever observed: the pace flushes keep
         self.pruned_pairs = 0
         # Bumped by every observe of a partition: partials of equal versions are equal.
         self.versions: dict[int, int] = {}
@@ -137,6 +139,7 @@ class ItemGraph:
             self._pairs_pending.append(
                 (before_rows, before, push_rows, push_codes, table.partitions_of_rows(push_rows))
             )
+            self.observed_steps += 1
         for p in np.flatnonzero(np.bincount(parts)).tolist():
             self.versions[p] = self.versions.get(p, 0) + 1
         self._pending_events += len(batch)
@@ -147,10 +150,20 @@ class ItemGraph:
         """Whether ``flush_every`` observed events wait for :meth:`flush`."""
         return self._pending_events >= self.config.flush_every
 
-    def flush(self) -> None:
-        """Fold what :meth:`observe` deferred into the item stats and the pair buffer."""
+    def flush(
+        self, deadline: float | None = None, partition: int | None = None, least: int = 1
+    ) -> None:
+        """Fold what :meth:`observe` deferred into the item stats and the pair buffer.
+
+        With a ``deadline`` (a ``time.perf_counter()`` value), pairing stops
+        there once ``least`` steps are done; the steps left wait for the next call.
+        With a ``partition``, only what it observed (before its export): the
+        other partitions' entries wait, in their order.
+        """
+        if partition is not None:
+            self._flush_partition(partition)
+            return
         counts, self._counts_pending = self._counts_pending, []
-        pairs, self._pairs_pending = self._pairs_pending, []
         self._pending_events = 0
         if counts:
             codes, parts, ts, categories, types = (
@@ -159,8 +172,51 @@ class ItemGraph:
             self._count_items(
                 self._slot_of(codes, parts), ts, categories, np.isin(types, _POSITIVE)
             )
-        for step in pairs:  # each step pairs against the rings as they were before it
-            self._pair(*step)
+        done = 0
+        while self._pairs_pending:  # each pairs against the rings as they were before it
+            self._pair(*self._pairs_pending.pop(0))
+            done += 1
+            if deadline is not None and done >= least and time.perf_counter() >= deadline:
+                break
+
+    def _flush_partition(self, partition: int) -> None:
+        counts, self._counts_pending = self._counts_pending, []
+        for entry in counts:
+            mine = entry[1] == partition
+            if mine.any():
+                codes, parts, ts, categories, types = (column[mine] for column in entry)
+                self._count_items(
+                    self._slot_of(codes, parts), ts, categories, np.isin(types, _POSITIVE)
+                )
+            if not mine.all():
+                self._counts_pending.append(tuple(column[~mine] for column in entry))
+        steps, self._pairs_pending = self._pairs_pending, []
+        for before_rows, before, push_rows, push_codes, push_parts in steps:
+            mine = push_parts == partition
+            kept = np.isin(before_rows, push_rows[~mine])
+            if mine.any():
+                self._pair(
+                    before_rows[~kept],
+                    before[~kept],
+                    push_rows[mine],
+                    push_codes[mine],
+                    push_parts[mine],
+                )
+            if not mine.all():
+                self._pairs_pending.append(
+                    (
+                        before_rows[kept],
+                        before[kept],
+                        push_rows[~mine],
+                        push_codes[~mine],
+                        push_parts[~mine],
+                    )
+                )
+
+    @property
+    def unflushed(self) -> bool:
+        """Whether observed steps still wait for :meth:`flush`."""
+        return bool(self._pairs_pending or self._counts_pending)
 
     def _slot_of(self, items: np.ndarray, parts: np.ndarray) -> np.ndarray:
         """The stat slot of each (item, partition), made when missing."""
@@ -241,19 +297,30 @@ class ItemGraph:
             self._pending_weights.append(np.concatenate(weights))
             self._pending += len(self._pending_keys[-1])
             if self._pending >= self.config.compact_every:
-                self.compact()
+                self.compact(flush=False)  # called from a flush: the steps left stay deferred
 
-    def compact(self) -> None:
-        """Fold buffered pairs into the sorted arrays and prune each partition to ``max_pairs``."""
-        if self._pairs_pending or self._counts_pending:
+    def compact(self, flush: bool = True) -> None:
+        """Fold buffered pairs into the sorted arrays and prune each partition to ``max_pairs``.
+
+        The buffer is summed per key (a sort of the buffer only) and merged into
+        the sorted arrays (existing keys add, new ones are inserted in place), so
+        a compaction costs about one pass over the pairs held, not a sort of them.
+        Without ``flush``, observed steps not paired yet stay deferred.
+        """
+        if flush and (self._pairs_pending or self._counts_pending):
             self.flush()
         if not self._pending_keys:
             return
-        keys = np.concatenate([self._keys, *self._pending_keys])
-        weights = np.concatenate([self._weights, *self._pending_weights])
+        keys, inverse = np.unique(np.concatenate(self._pending_keys), return_inverse=True)
+        weights = np.bincount(inverse, weights=np.concatenate(self._pending_weights))
         self._pending_keys, self._pending_weights, self._pending = [], [], 0
-        self._keys, inverse = np.unique(keys, return_inverse=True)
-        self._weights = np.bincount(inverse, weights=weights).astype(np.float32)
+        at = np.searchsorted(self._keys, keys)
+        held = at < len(self._keys)
+        held[held] = self._keys[at[held]] == keys[held]
+        self._weights[at[held]] += weights[held].astype(np.float32)
+        fresh = ~held
+        self._keys = np.insert(self._keys, at[fresh], keys[fresh])
+        self._weights = np.insert(self._weights, at[fresh], weights[fresh].astype(np.float32))
         self._prune()
 
     def _prune(self) -> None:
@@ -344,8 +411,12 @@ class ItemGraph:
         }
 
     def export(self, table: UserStateTable, partition: int) -> dict[str, Any]:
-        """One partition's item state as plain data (names, not ids); see :meth:`insert`."""
-        self.compact()
+        """One partition's item state as plain data (names, not ids); see :meth:`insert`.
+
+        What the partition observed is flushed first; other partitions' steps stay deferred.
+        """
+        self.flush(partition=partition)
+        self.compact(flush=False)
         slots = self._mine(partition)
         names = table.items.names_of(self.item[slots])
         by_name = sorted(range(len(names)), key=names.__getitem__)  # the partition's own order
@@ -361,7 +432,7 @@ class ItemGraph:
         data["items"] = [names[i] for i in by_name]
         a, b = local[lo[mine]], local[hi[mine]]
         a, b = np.minimum(a, b), np.maximum(a, b)
-        order = np.lexsort((b, a))
+        order = np.argsort(a * max(slots.size, 1) + b)  # by (a, b); pairs are distinct
         data["pair_a"], data["pair_b"] = a[order], b[order]
         data["pair_w"] = self._weights[mine][order]
         data["version"] = self.versions.get(partition, 0)
@@ -369,7 +440,6 @@ class ItemGraph:
 
     def insert(self, table: UserStateTable, partition: int, data: dict[str, Any]) -> None:
         """Take over a partition exported by :meth:`export` (not held here)."""
-        self.compact()
         items = table.items.ids(data["items"])
         slots = self._slot_of(items, np.full(len(items), partition, dtype=np.int64))
         for name in _STATS:
@@ -387,7 +457,8 @@ class ItemGraph:
 
     def forget(self, partition: int) -> None:
         """Drop one partition's items and pairs (given to another shard)."""
-        self.compact()
+        self.flush(partition=partition)
+        self.compact(flush=False)
         slots = self._mine(partition)
         for slot in slots.tolist():
             del self._slots[int(self.item[slot]) * _SPAN + partition]

@@ -48,7 +48,7 @@ from actors.engagement import EngagementWindows
 from actors.engagement import merge_partials as merge_engagement
 from actors.errors import NotOwner, WireError
 from actors.events import TYPE_CODE, EventType
-from actors.fold_queue import Applied, FoldQueue, folded
+from actors.fold_queue import Applied, Chunk, FoldQueue, folded
 from actors.items import ItemGraph, ItemGraphConfig
 from actors.latency import LatencyRing
 from actors.partitioning import partition_of
@@ -61,7 +61,7 @@ from actors.windows import WindowConfig
 
 FRESHNESS_SAMPLES = 4096
 FOLD_BUDGET_S = 0.005  # most time one call of fold_due spends: it delays the next step
-FOLD_CHUNK_EVENTS = 4_096  # events folded at a time within the budget (~5 ms)
+FOLD_CHUNK_EVENTS = 2048  # events folded at a time (a call folds one or more)
 REFRESH_EVERY_S = 5.0  # time-driven segment entries and exits are evaluated this often
 MIN_SEEN_FILTER_BITS = 1 << 16
 MIN_ITEM_PAIRS = 50_000
@@ -219,6 +219,8 @@ class Shard:
         self.fold_s = 0.0  # time spent folding the insight aggregates, and how many events
         self.folded_events = 0
         self._queue = FoldQueue()
+        self._paced = 0  # the queue's pushed count at the last fold_due
+        self._paced_steps = 0  # the item graph's observed steps then
         self._refreshed_at = 0.0
         self._unrefreshed = False  # applied since the last segment refresh
 
@@ -427,7 +429,7 @@ class Shard:
             return  # the rows are free at once: no aggregate is keyed by them
         if deleted.size:
             self.segments.update(self.table, deleted, parts)
-        self._queue.push(Applied.deletion(deleted))
+        self._queue.push(Applied.deletion(deleted, parts))
 
     def _apply_activity(
         self, batch: EventBatch, partitions: np.ndarray, rows: np.ndarray | None = None
@@ -479,17 +481,23 @@ class Shard:
     def fold_due(self, budget_s: float = FOLD_BUDGET_S) -> int:
         """Fold waiting events if they are due (see :meth:`FoldQueue.due`); how many.
 
-        Chunks of :data:`FOLD_CHUNK_EVENTS` go in oldest first until about
-        ``budget_s`` is spent, so no call is a burst.
+        Chunks of :data:`FOLD_CHUNK_EVENTS` go in oldest first: at least as many
+        events as were applied since the last call (so folds keep pace and the
+        lag stays bounded), then more until about ``budget_s`` is spent (so a
+        backlog drains without a burst). The item graph's deferred steps follow
+        the same rule, in steps, on every call.
         """
-        if self.items.due():
-            self.items.flush()
-        if not self._queue.due():
-            return 0
         started = time.perf_counter()
         folded = 0
-        while self._queue and time.perf_counter() - started < budget_s:
-            folded += self._fold_chunk(FOLD_CHUNK_EVENTS)
+        if self._queue.due():
+            owed = self._queue.pushed - self._paced
+            while self._queue and (folded < owed or time.perf_counter() - started < budget_s):
+                folded += self._fold_chunk(FOLD_CHUNK_EVENTS)
+        self._paced = self._queue.pushed
+        if self.items.unflushed:
+            owed_steps = self.items.observed_steps - self._paced_steps
+            self.items.flush(deadline=started + budget_s, least=owed_steps)
+        self._paced_steps = self.items.observed_steps
         if time.monotonic() - self._refreshed_at >= REFRESH_EVERY_S:
             self._refresh()
         return folded
@@ -517,8 +525,17 @@ class Shard:
 
     def _fold_chunk(self, most: int) -> int:
         """Fold up to ``most`` waiting events (up to the next deletion); how many."""
+        return self._fold(self._queue.take(most))
+
+    def _fold_partition(self, partition: int) -> None:
+        """Fold what waits of one partition (before its export), leaving the others queued."""
+        for chunk in self._queue.take_partition(partition):
+            self._fold(chunk)
+        self.items.flush(partition=partition)
+
+    def _fold(self, chunk: Chunk) -> int:
+        """Fold a chunk into the aggregates; how many events it held."""
         started = time.perf_counter()
-        chunk = self._queue.take(most)
         if chunk.deleted is not None:  # its rows' attempts go, then the rows are free
             self.conversion.forget_rows(chunk.deleted)
             self.table.free_rows(chunk.deleted)
@@ -649,7 +666,7 @@ class Shard:
         the position. The state holds no raw event (a deleted user's id is in
         no part of it); :meth:`insert` is the inverse.
         """
-        self.fold_insights(refresh=False)
+        self._fold_partition(partition)
         return self._export(partition)
 
     def _export(self, partition: int) -> dict[str, Any]:
@@ -713,8 +730,10 @@ class Shard:
 
     def exports(self, partitions: Sequence[int] | None = None) -> list[dict[str, Any]]:
         """:meth:`export` of owned partitions (all by default): a snapshot's synchronous part."""
-        self.fold_insights(refresh=False)
-        return [self._export(p) for p in (self.partitions if partitions is None else partitions)]
+        chosen = self.partitions if partitions is None else partitions
+        for p in chosen:
+            self._fold_partition(p)
+        return [self._export(p) for p in chosen]
 
     def restore(self, blob: bytes) -> SnapshotHeader:
         """Replace the state of exactly the snapshot's partitions (all this shard owns).

@@ -504,7 +504,9 @@ class TrendFolds:
         dims = []
         for dim in range(len(_DIMENSIONS)):
             slots = np.flatnonzero(self._owner == partition * 2 + dim)
-            slots = slots[sorted(range(len(slots)), key=lambda i: self._name[slots[i]] or "")]
+            names = [self._name[s] or "" for s in slots.tolist()]
+            order = sorted(range(len(slots)), key=names.__getitem__)
+            slots = slots[order]
             dims.append(
                 {
                     "names": [self._name[s] for s in slots.tolist()],

@@ -158,10 +158,18 @@ def _server_log_count(stage: Stage, text: str) -> int:
 
 
 async def ingest(
-    folder: Path, shape: PoolShape, plan: PublishPlan, poll_s: float = 0.05, stall_s: float = 20
+    folder: Path,
+    shape: PoolShape,
+    plan: PublishPlan,
+    poll_s: float = 0.05,
+    stall_s: float = 20,
+    name: str = "ingest",
 ) -> dict[str, Any]:
-    """Publish the workload as fast as possible; time until the shards applied all of it."""
-    stage = await Stage(folder, "ingest", shape).start()
+    """Publish the workload as fast as possible; time until the shards applied all of it.
+
+    ``name`` names the phase's NATS folder and pool: a phase of its own starts empty.
+    """
+    stage = await Stage(folder, name, shape).start()
     plan = replace(plan, nats_url=stage.server.url)
     child = PublisherProcess(plan)
     try:
@@ -240,13 +248,15 @@ async def freshness(
     warmup_s: float,
     poll_s: float = 0.25,
     name: str = "freshness",
-    snapshots: int = 2,
+    snapshots: int = 1,
 ) -> dict[str, Any]:
     """Publish at a fixed rate; store->applied delay per message after the warm-up.
 
     Also the apply-to-fold delay of the insight aggregates (insights lag), and
     ``snapshots`` checkpoints of every shard taken on the way (spread over the
-    run after the warm-up), with the longest time applying paused for one.
+    run after the warm-up), with the longest time applying paused for one. One
+    checkpoint in a run of about 20 s is three times the default cadence (one
+    a minute), so the delays include what snapshots cost.
     """
     stage = await Stage(folder, name, shape).start()
     plan = replace(plan, nats_url=stage.server.url)
@@ -321,6 +331,8 @@ async def freshness(
         "snapshots": taken,
         "snapshot_apply_pause_max_ms": max((p for p in pauses if p is not None), default=None),
         "status_at_end_ms": [s["freshness_ms"] for s in status],
+        "apply_ms": [s["apply_ms"] for s in status],  # per step, the latest 2048
+        "fold_ms": [s["fold_ms"] for s in status],  # per fold chunk
         "lag_messages_at_end": health["lag_messages"],
         "shard_connections": health["connections"],
         "server_slow_consumer_events": _server_log_count(stage, "Slow Consumer Detected"),

@@ -271,7 +271,7 @@ def run_pipeline(
         for name, profile_only in (("ingest", False), ("ingest_profile_only", True)):
             run_shape = dataclasses.replace(shape, insights=not profile_only)
             out[name] = asyncio.run(
-                phases.ingest(folder, run_shape, plan(loads["ingest"], paced=False))
+                phases.ingest(folder, run_shape, plan(loads["ingest"], paced=False), name=name)
             )
             state = "complete" if out[name]["complete"] else "INCOMPLETE"
             print(f"  {name} {out[name]['events_per_s']:,.0f} events/s ({state})")

@@ -137,3 +137,21 @@ def test_a_profile_only_shard_keeps_profiles_and_no_insight_aggregates() -> None
     moved.insert(profiles_only.export(2))
     user = next(u for u in users if moved.table.rows_of([u])[0] >= 0)
     assert moved.profiles([user])[0]["counts"] == full.profiles([user])[0]["counts"]
+
+
+def test_folds_keep_pace_with_applying_on_any_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each fold_due folds at least what was applied since the last one, so the lag is bounded."""
+    import actors.fold_queue
+    import actors.shard
+
+    monkeypatch.setattr(actors.fold_queue, "FOLD_MIN_EVENTS", 1)  # due as soon as one waits
+    monkeypatch.setattr(actors.shard, "FOLD_CHUNK_EVENTS", 16)  # a step is many chunks
+    deliveries = deliveries_of(random_batch(6000, 300, seed=9), 4, per_message=50)
+    shard = Shard(0, range(4))
+    waiting = []
+    for start in range(0, len(deliveries), 8):
+        shard.apply(deliveries[start : start + 8])
+        shard.fold_due(budget_s=0.0)
+        waiting.append((shard.pending_events, shard.items.unflushed))
+    assert all(events == 0 and not items for events, items in waiting)
+    assert shard.folded_events == shard.applied_events == 6000
