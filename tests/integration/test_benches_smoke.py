@@ -13,11 +13,9 @@ positive latencies).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -25,8 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
+
+from tests.support.sessions import end_session
 
 pytestmark = pytest.mark.integration
 
@@ -65,7 +64,7 @@ def run_bench(name: str, out: Path, timeout_s: float, out_flag: str = "--out") -
         except subprocess.TimeoutExpired:
             timed_out = True
         finally:
-            left = end_session(process)
+            left = end_session(process, EXIT_GRACE_S)
             shutil.rmtree(ray_tmp, ignore_errors=True)
     took = time.monotonic() - started
     output = log_path.read_text(errors="replace")
@@ -74,57 +73,6 @@ def run_bench(name: str, out: Path, timeout_s: float, out_flag: str = "--out") -
     assert process.returncode == 0, f"{name} --smoke exited {process.returncode}:\n{tail}"
     assert not left, f"processes left behind by {name} --smoke: {left}"
     print(f"{name} --smoke: {took:.1f} s")
-
-
-def end_session(process: subprocess.Popen[str]) -> list[str]:
-    """Kill the bench if it still runs, then whatever of its session or children remains.
-
-    Returns what was still alive ``EXIT_GRACE_S`` after the bench itself ended:
-    processes its own shutdown should have ended.
-    """
-    family = _family(process.pid)
-    if process.poll() is None:  # not reaped yet, so the group id is still the bench's
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
-    deadline = time.monotonic() + EXIT_GRACE_S
-    while (alive := [p for p in family + _family(process.pid) if _alive(p)]) and (
-        time.monotonic() < deadline
-    ):
-        time.sleep(0.2)
-    left = sorted({f"{p.pid} {_name(p)}" for p in alive})
-    for proc in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
-    return left
-
-
-def _family(pid: int) -> list[psutil.Process]:
-    """Descendants of ``pid`` and members of its session (orphans are re-parented)."""
-    found: dict[int, psutil.Process] = {}
-    with contextlib.suppress(psutil.NoSuchProcess):
-        found.update({p.pid: p for p in psutil.Process(pid).children(recursive=True)})
-    for proc in psutil.process_iter():
-        try:
-            if proc.pid != pid and os.getsid(proc.pid) == pid:
-                found[proc.pid] = proc
-        except (ProcessLookupError, PermissionError, psutil.NoSuchProcess):
-            continue
-    return list(found.values())
-
-
-def _alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _name(proc: psutil.Process) -> str:
-    try:
-        return proc.name()
-    except psutil.NoSuchProcess:
-        return "?"
 
 
 def results(out: Path, name: str) -> dict[str, Any]:

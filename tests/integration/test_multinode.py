@@ -12,23 +12,21 @@ once) or crashed (Ray learns it from missed health checks, seconds later).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import nats
-import psutil
 import pytest
 
 from actors.checkpoint_store import partition_of_name
 from actors.jetstream import StreamNames, ensure_streams
 from cluster.nats_server import EmbeddedNats
+from tests.support.sessions import end_session
 
 pytestmark = pytest.mark.integration
 
@@ -74,7 +72,7 @@ def run_scenario(url: str, tmp_path: Path, *extra: str) -> dict[str, Any]:
         except subprocess.TimeoutExpired:
             pass
         finally:
-            left = _end_family(process)
+            left = end_session(process, grace_s=15)
     output = log_path.read_text(errors="replace")
     assert out.exists(), f"no result (exit {process.returncode}):\n{output[-6000:]}"
     result: dict[str, Any] = json.loads(out.read_text())
@@ -84,56 +82,6 @@ def run_scenario(url: str, tmp_path: Path, *extra: str) -> dict[str, Any]:
     shown = {k: v for k, v in result.items() if k.endswith("_s") or k.startswith("calls_")}
     print(json.dumps(shown, indent=1))
     return result
-
-
-def _end_family(process: subprocess.Popen[bytes]) -> list[str]:
-    """Kill the scenario (if still running) and whatever of its session or children remains.
-
-    Returns what was still alive once the scenario itself had ended (after a grace
-    period): processes a clean shutdown should have ended.
-    """
-    family = _family(process.pid)
-    if process.poll() is None:
-        process.kill()
-        process.wait(30)
-    deadline = time.monotonic() + 15
-    while (alive := [p for p in family + _family(process.pid) if _alive(p)]) and (
-        time.monotonic() < deadline
-    ):
-        time.sleep(0.2)
-    left = sorted({f"{p.pid} {_name(p)}" for p in alive})
-    for proc in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
-    return left
-
-
-def _family(pid: int) -> list[psutil.Process]:
-    """Descendants of ``pid`` and members of its session (Ray re-parents some of its own)."""
-    found: dict[int, psutil.Process] = {}
-    with contextlib.suppress(psutil.NoSuchProcess):
-        found.update({p.pid: p for p in psutil.Process(pid).children(recursive=True)})
-    for proc in psutil.process_iter():
-        try:
-            if proc.pid != pid and os.getsid(proc.pid) == pid:
-                found[proc.pid] = proc
-        except (ProcessLookupError, PermissionError, psutil.NoSuchProcess):
-            continue
-    return list(found.values())
-
-
-def _alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _name(proc: psutil.Process) -> str:
-    try:
-        return proc.name()
-    except psutil.NoSuchProcess:
-        return "?"
 
 
 def assert_spread_and_recovered(result: dict[str, Any], recovery_bound_s: float) -> None:

@@ -7,6 +7,7 @@ import pytest
 from actors.batch import EventBatch
 from actors.codec import decode, encode
 from actors.errors import WireError
+from tests.support.bad_input import v1_document
 from tests.support.events import random_batch
 
 
@@ -85,19 +86,7 @@ def test_the_written_format_is_version_2_and_version_1_bodies_are_still_read() -
     body = encode(batch)
     assert body[:4] == b"\x00AU2"
     assert_same(decode(body), batch)
-    v1 = orjson.dumps(
-        {
-            "v": 1,
-            "e": batch.event_id,
-            "u": batch.user_id,
-            "t": batch.type.tolist(),
-            "ts": batch.ts.tolist(),
-            "i": batch.item_id,
-            "c": batch.category,
-            "x": [None if x != x else x for x in batch.value.tolist()],
-            "s": batch.source.tolist(),
-        }
-    )
+    v1 = orjson.dumps(v1_document(batch))
     assert_same(decode(v1), batch)
 
 
