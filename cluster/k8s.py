@@ -46,6 +46,7 @@ LOCAL_ONLY = frozenset(
         "serve_min_replicas",
         "serve_max_replicas",
         "serve_target_ongoing_requests",
+        "serve_fast_path",  # the pods' environment (rayservice.yaml) sets it on a cluster
     }
 )
 

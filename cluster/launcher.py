@@ -36,6 +36,7 @@ from cluster.autoscaling import ScalingPolicy
 from cluster.nats_server import EmbeddedNats, free_port
 from cluster.nats_users import AccessNames, NatsUsers
 from cluster.scaling_controller import ScalingController
+from cluster.serve_fast_path import ServeFastPath
 from cluster.settings import Settings
 from serving.alerts import AlertsConfig
 from serving.app import AUTOSCALER_NAME, GatewayConfig, build_app
@@ -424,6 +425,7 @@ class Platform:
         self.metrics_port: int | None = None
         self.info: RuntimeInfo | None = None
         self.admin_key_file: Path | None = None
+        self.fast_path = ServeFastPath()
 
     def start(self) -> RuntimeInfo:
         """Start every part; on failure, stop what already started and re-raise."""
@@ -489,6 +491,8 @@ class Platform:
     def _init_local_ray(self) -> None:
         s = self.settings
         self.metrics_port = s.metrics_port or free_port()
+        if s.serve_fast_path:
+            self.fast_path.apply()
         ray.init(
             address="local",  # a new instance, even if another Ray runs on this machine
             _metrics_export_port=self.metrics_port,
@@ -515,6 +519,7 @@ class Platform:
             if self._owns_ray:
                 ray.shutdown()
                 self._owns_ray = False
+                self.fast_path.undo()
         if self.nats is not None:
             self.nats.stop()
             self.nats = None

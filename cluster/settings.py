@@ -194,6 +194,11 @@ class Settings(BaseSettings):
         "plus 2, so that Ray Data training fits beside the always-on shards and replicas "
         "(which mostly wait on I/O and reserve CPU fractions).",
     )
+    serve_fast_path: bool = Field(
+        default=True,
+        description="Start a local Ray with Ray Serve's HAProxy ingress and throughput-optimized "
+        "replicas (cluster/serve_fast_path.py); on a Ray cluster, set them in its pods instead.",
+    )
     http_host: str = Field(default="127.0.0.1", description="Address the HTTP API binds to.")
     http_port: int = Field(default=8000, ge=0, le=65535, description="Port of the HTTP API.")
     metrics_port: int = Field(

@@ -27,6 +27,7 @@ from actors.pool import NAMESPACE
 from cluster.launcher import Platform
 from cluster.nats_server import EmbeddedNats, free_port
 from cluster.nats_users import ROLES
+from cluster.serve_fast_path import ServeFastPath
 from cluster.settings import Settings
 from tests.support.inbound import SOURCES_FILE
 from tests.support.waiting import wait_until
@@ -42,6 +43,8 @@ def ray_local() -> Iterator[int]:
     tasks need whole ones beside them.
     """
     metrics_port = free_port()
+    fast_path = ServeFastPath()  # as `audience up` starts its Ray
+    fast_path.apply()
     ray.init(
         address="local",  # a new instance, even if another Ray runs on this machine
         _metrics_export_port=metrics_port,
@@ -53,6 +56,7 @@ def ray_local() -> Iterator[int]:
     )
     yield metrics_port
     ray.shutdown()
+    fast_path.undo()
 
 
 @pytest.fixture(scope="module")

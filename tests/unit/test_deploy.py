@@ -28,6 +28,7 @@ from ray.serve.schema import DeploymentSchema, ServeApplicationSchema, ServeDepl
 from actors.errors import AudienceError
 from cluster import k8s
 from cluster.launcher import pool_spec_of
+from cluster.serve_fast_path import SWITCHES
 from cluster.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -315,6 +316,12 @@ def test_every_ray_pod_reads_the_configmap_and_the_secret() -> None:
         sources = container["envFrom"]
         assert {"configMapRef": {"name": configmap}} in sources, container["name"]
         assert {"secretRef": {"name": secret}} in sources, container["name"]
+
+
+def test_every_ray_pod_starts_ray_with_serves_fast_path() -> None:
+    for container in _containers():
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        assert {k: env.get(k) for k in SWITCHES} == SWITCHES, container["name"]
 
 
 def test_every_ray_pod_mounts_the_shared_registry_where_the_setting_points() -> None:
