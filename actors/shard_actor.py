@@ -717,22 +717,27 @@ class ShardActor:
             log.error("shard %s is not consuming", self.shard_id, exc_info=task.exception())
 
     # -- queries ------------------------------------------------------------------------
+    # The per-request reads record no Ray task events: at hundreds of requests a
+    # second they would cost the shard, the caller and the GCS more than the read.
 
     async def users(self, limit: int) -> list[str]:
         """Up to ``limit`` ids of users this shard holds."""
         self._ready()
         return self.shard.user_ids(limit)
 
+    @ray.method(enable_task_events=False)
     async def profiles(self, user_ids: Sequence[str]) -> list[dict[str, Any] | None]:
         """Live profiles for ``user_ids``, None for unknown users."""
         self._ready()
         return self.shard.profiles(user_ids)
 
+    @ray.method(enable_task_events=False)
     async def user_rows(self, user_ids: Sequence[str]) -> UserRows:
         """Model-feature state of ``user_ids``: one call per shard per request batch."""
         self._ready()
         return self.shard.user_rows(user_ids)
 
+    @ray.method(enable_task_events=False)
     async def seen(self, pairs: Sequence[tuple[str, Sequence[str]]]) -> list[list[bool]]:
         """Which candidate items each user has touched (see ``Shard.seen``)."""
         self._ready()

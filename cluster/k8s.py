@@ -1,4 +1,7 @@
-"""The Serve application builder that a KubeRay ``RayService`` deploys: ``cluster.k8s:app``.
+"""The Serve application builders a KubeRay ``RayService`` deploys: ``cluster.k8s:app`` (the
+API gateway, at ``/``), ``cluster.k8s:churn_app`` and ``cluster.k8s:personalize_app`` (each
+model deployment as the ingress of its own application, at ``/v1/churn`` and
+``/v1/personalize``; the config must use the names in :data:`serving.models.MODEL_APPS`).
 
 On Kubernetes nobody runs ``audience up``. The RayService controller hands
 ``serveConfigV2`` to Ray Serve, and Serve calls :func:`app` in a short-lived
@@ -12,7 +15,8 @@ and run again whenever the application's config changes). So the builder:
 * creates the shard pool as *detached* named actors, or attaches to the one an
   earlier build created: the shards outlive the build task, and Ray restarts
   them on any node; the autoscaling controller likewise;
-* returns the same application ``audience up`` runs.
+* returns the same applications ``audience up`` runs; only :func:`app` starts the
+  backend (the model builders only build).
 
 The Serve config decides where the API listens (``http_options``) and how many
 replicas each deployment runs (``autoscaling_config``, over the code's default of
@@ -29,8 +33,10 @@ from typing import Any
 from ray import serve
 
 from actors.errors import AudienceError
-from cluster.launcher import pool_spec_of, prepare_streams_of, serve_app_of, start_shards
+from cluster.launcher import pool_spec_of, prepare_streams_of, serve_apps_of, start_shards
 from cluster.settings import Settings
+from serving.app import GATEWAY_APP
+from serving.models import CHURN_APP, PERSONALIZE_APP
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +82,23 @@ def settings_from(args: Mapping[str, Any]) -> Settings:
     return settings
 
 
-def application(settings: Settings) -> serve.Application:
-    """The Serve application for ``settings``; starts nothing (no Ray, no NATS needed).
+def application(settings: Settings, name: str = GATEWAY_APP) -> serve.Application:
+    """The Serve application ``name`` for ``settings``; starts nothing (no Ray, no NATS needed).
 
     Replica counts come from the Serve config (``serveConfigV2``), not from settings.
+
+    Raises:
+        AudienceError: no such application (a model one while models are not served).
     """
-    return serve_app_of(settings, pool_spec_of(settings, settings.nats_url))
+    apps = {
+        a.name: a.app for a in serve_apps_of(settings, pool_spec_of(settings, settings.nats_url))
+    }
+    if name not in apps:
+        raise AudienceError(
+            f"no Serve application {name!r} with these settings (AUDIENCE_SERVE_MODELS="
+            f"{str(settings.serve_models).lower()}); there are: {', '.join(apps)}"
+        )
+    return apps[name]
 
 
 def start_backend(settings: Settings) -> None:
@@ -105,3 +122,13 @@ def app(args: dict[str, Any]) -> serve.Application:
     settings = settings_from(args)
     start_backend(settings)
     return application(settings)
+
+
+def churn_app(args: dict[str, Any]) -> serve.Application:
+    """Serve's builder of the churn model's application (``import_path: cluster.k8s:churn_app``)."""
+    return application(settings_from(args), CHURN_APP)
+
+
+def personalize_app(args: dict[str, Any]) -> serve.Application:
+    """Serve's builder of the personalization model's application (its own, at /v1/personalize)."""
+    return application(settings_from(args), PERSONALIZE_APP)

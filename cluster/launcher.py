@@ -39,7 +39,7 @@ from cluster.scaling_controller import ScalingController
 from cluster.serve_fast_path import ServeFastPath
 from cluster.settings import Settings
 from serving.alerts import AlertsConfig
-from serving.app import AUTOSCALER_NAME, GatewayConfig, build_app
+from serving.app import AUTOSCALER_NAME, GatewayConfig, ServeApp, build_apps
 from serving.auth import KeyStore, Scope, new_key, write_private
 from serving.guard import AuthConfig
 from serving.inbound_config import InboundSources, load_sources
@@ -48,7 +48,6 @@ from serving.replicas import ReplicaScaling
 
 log = logging.getLogger(__name__)
 
-APP_NAME = "audience"
 TRAINING_HEADROOM_CPUS = 2  # logical CPUs beyond the cores, for Ray Data training tasks
 
 
@@ -240,13 +239,13 @@ def replicas_of(settings: Settings) -> ReplicaScaling:
     )
 
 
-def serve_app_of(
+def serve_apps_of(
     settings: Settings,
     spec: PoolSpec,
     replicas: ReplicaScaling | None = None,
     nats_credentials: NatsCredentials | None = None,
-) -> serve.Application:
-    """The Serve application the settings describe: the API, and the models if served.
+) -> list[ServeApp]:
+    """The Serve applications the settings describe: the API, and each model's if served.
 
     ``nats_credentials``: the API's NATS login; by default the settings' (api role).
     """
@@ -272,11 +271,13 @@ def serve_app_of(
             registry=registry,
             poll_s=settings.model_poll_s,
             item_refresh_s=settings.item_index_refresh_s,
+            auth=config.auth,
+            max_json_body_bytes=settings.max_json_body_bytes,
         )
         if settings.serve_models
         else None
     )
-    return build_app(config, models, replicas)
+    return build_apps(config, models, replicas, access_logs=settings.access_logs)
 
 
 def funnel_of(settings: Settings) -> FunnelSpec:
@@ -455,8 +456,8 @@ class Platform:
         spec = pool_spec_of(s, self.nats_url, self.credentials("shard"))
         self.pool, self.controller = start_shards(s, spec)
         serve.start(http_options={"host": s.http_host, "port": s.http_port})
-        app = serve_app_of(s, spec, replicas_of(s), self.credentials("api"))
-        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        for one in serve_apps_of(s, spec, replicas_of(s), self.credentials("api")):
+            serve.run(one.app, name=one.name, route_prefix=one.route_prefix, blocking=False)
         host = "127.0.0.1" if s.http_host in ("0.0.0.0", "::") else s.http_host
         self.info = RuntimeInfo(
             nats_url=self.nats_url,

@@ -31,6 +31,10 @@ SWITCHES = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": 
 # Serve's default (30 s) suits rolling updates behind a load balancer; a local
 # instance stops in seconds instead (``audience down``, the end of a test session).
 LOCAL_DRAIN_S = "1"
+# Set beside the variables by the process that chose them: a child process (a CLI
+# test's `audience up`, a bench) inherits them, and must choose its own files and
+# ports instead of taking its parent's for an operator's.
+OWNER = "RAY_SERVE_FAST_PATH_CHOSEN_BY"  # a pid; named like the variables it travels with
 
 
 def haproxy_available() -> bool:
@@ -71,8 +75,9 @@ class ServeFastPath:
     """Puts the fast path's environment in place for a local Ray about to start, and takes it back.
 
     Values already in the environment win (an operator's own ports or paths, or
-    ``RAY_SERVE_ENABLE_HA_PROXY=0`` to turn HAProxy off). Without an HAProxy
-    binary (macOS, Windows) only the throughput settings are set.
+    ``RAY_SERVE_ENABLE_HA_PROXY=0`` to turn HAProxy off), unless another process's
+    :meth:`apply` put them there (:data:`OWNER`). Without an HAProxy binary (macOS,
+    Windows) only the throughput settings are set.
     """
 
     def __init__(self) -> None:
@@ -85,8 +90,10 @@ class ServeFastPath:
         wanted = fast_path_env(self.folder)
         if not haproxy_available():
             wanted = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
-        self.applied = {k: v for k, v in wanted.items() if k not in os.environ}
+        inherited = os.environ.get(OWNER) not in (None, str(os.getpid()))
+        self.applied = {k: v for k, v in wanted.items() if inherited or k not in os.environ}
         os.environ.update(self.applied)
+        os.environ[OWNER] = str(os.getpid())
         return self.applied
 
     def undo(self) -> None:
@@ -94,6 +101,8 @@ class ServeFastPath:
         for key, value in self.applied.items():
             if os.environ.get(key) == value:
                 del os.environ[key]
+        if os.environ.get(OWNER) == str(os.getpid()):
+            del os.environ[OWNER]
         self.applied = {}
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)

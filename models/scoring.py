@@ -95,13 +95,19 @@ def recommend(
     user: int,
     candidates: dict[str, str],
     k: int,
+    scores: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
-    """The ``k`` best candidates with scores and reasons (popularity order without a ranker)."""
+    """The ``k`` best candidates with scores and reasons (popularity order without a ranker).
+
+    ``scores``: the candidates' scores in ``candidates``' order, when the caller
+    scored a whole batch at once (:func:`scores_many`).
+    """
     items = list(candidates)
     if not items:
         return []
     positions = index.positions(items)
-    scores = _scores(ranker, index, rows, user, positions)
+    if scores is None:
+        scores = _scores(ranker, index, rows, user, positions)
     top = np.argsort(-scores, kind="stable")[:k]
     out = []
     for i in top.tolist():
@@ -114,13 +120,19 @@ def recommend(
 
 
 def rank_items(
-    ranker: Ranker | None, index: ItemIndex, rows: UserRows, user: int, items: Sequence[str]
+    ranker: Ranker | None,
+    index: ItemIndex,
+    rows: UserRows,
+    user: int,
+    items: Sequence[str],
+    scores: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
     """``items`` ordered by score for the user, each with its score (re-ranking)."""
     if not items:
         return []
     positions = index.positions(items)
-    scores = _scores(ranker, index, rows, user, positions)
+    if scores is None:
+        scores = _scores(ranker, index, rows, user, positions)
     order = np.argsort(-scores, kind="stable")
     return [
         {"item_id": items[i], "score": float(scores[i]), "known_item": bool(positions[i] >= 0)}
@@ -141,3 +153,33 @@ def _scores(
     if ranker is None or not rows.held[user]:
         return np.log1p(np.where(positions >= 0, index.count[np.maximum(positions, 0)], 0.0))
     return ranker.score(pair_columns(index, rows, user, positions))
+
+
+def scores_many(
+    ranker: Ranker | None, index: ItemIndex, rows: UserRows, items: Sequence[Sequence[str]]
+) -> list[np.ndarray]:
+    """The scores of ``items[i]`` for user ``i`` of ``rows``, the ranker's in one call.
+
+    The same numbers as scoring each user alone (a tree ensemble scores each row
+    on its own), with LightGBM's fixed cost per call paid once per batch.
+    """
+    positions = [index.positions(list(some)) for some in items]
+    out: list[np.ndarray] = [np.zeros(0)] * len(items)
+    by_model = []
+    for user, at in enumerate(positions):
+        if not len(at):
+            continue
+        if ranker is None or not len(index.count) or not rows.held[user]:
+            out[user] = _scores(ranker, index, rows, user, at)
+        else:
+            by_model.append(user)
+    if by_model and ranker is not None:
+        parts = [pair_columns(index, rows, user, positions[user]) for user in by_model]
+        merged = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+        scored = ranker.score(merged)
+        ends = np.cumsum([len(positions[user]) for user in by_model])
+        for user, end, size in zip(
+            by_model, ends, (len(positions[u]) for u in by_model), strict=True
+        ):
+            out[user] = scored[end - size : end]
+    return out

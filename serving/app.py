@@ -26,9 +26,8 @@ from typing import Annotated, Any
 import nats
 import orjson
 import ray
-from fastapi import Depends, FastAPI, Path, Query, Request, Security
+from fastapi import Depends, Path, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from nats.aio.client import Client
 from ray import serve
 from ray.exceptions import RayActorError
@@ -62,27 +61,34 @@ from models.churn import KIND as CHURN
 from models.ranker import KIND as PERSONALIZATION
 from models.registry import ModelRegistry
 from serving import dashboard
+from serving.access import ADMIN, DASHBOARD_READ, READ, RequireScope, api_app
 from serving.alerts import AlertCenter, AlertsConfig
 from serving.auth import KeyRecord, Scope
-from serving.errors import InsightsOff, install_error_handlers
-from serving.guard import AuthConfig, Forbidden, Guard, Unauthenticated
+from serving.errors import InsightsOff, ModelsOff
+from serving.guard import AuthConfig, Forbidden, Guard
 from serving.inbound_config import InboundSources
 from serving.inbound_webhooks import InboundWebhooks
-from serving.limits import BodyLimit
-from serving.models import ChurnScorer, ModelsConfig, Personalizer
+from serving.model_routes import (
+    CHURN_PREFIX,
+    PERSONALIZE_PREFIX,
+    churn_routes,
+    personalize_routes,
+)
+from serving.models import (
+    CHURN_APP,
+    MODEL_APPS,
+    PERSONALIZE_APP,
+    ChurnScorer,
+    ModelsConfig,
+    Personalizer,
+)
 from serving.replicas import ReplicaScaling
 from serving.schemas import (
-    ChurnAnswer,
-    ChurnBatchRequest,
     ConversionAnswer,
     EngagementAnswer,
     IngestResult,
-    PersonalizeAnswer,
-    PersonalizeBatchRequest,
     Profile,
     PromoteRequest,
-    RankAnswer,
-    RankRequest,
     RejectedEvent,
     RescaleRequest,
     RetentionAnswer,
@@ -95,13 +101,16 @@ log = logging.getLogger(__name__)
 
 RETENTION_CHECK_S = 30.0  # how long a retention check is reused by /v1/status
 AUTOSCALER_NAME = "audience-autoscaler"  # the cluster layer's controller actor, by name
+GATEWAY_APP = "audience"  # the Serve application of the gateway, at /
 
-app = FastAPI(
+app = api_app(
     title="audience-insights",
     version="0.1.0",
     description="Real-time audience insights: ingest events, read live per-user state.",
 )
-install_error_handlers(app)
+# Served by the model deployments' own apps; here for the schema, and 503 without models.
+app.include_router(churn_routes)
+app.include_router(personalize_routes)
 
 
 def _worst(rings: Any) -> dict[str, float | None]:
@@ -112,88 +121,6 @@ def _worst(rings: Any) -> dict[str, float | None]:
             if value is not None and key in out:
                 out[key] = max(value, out[key] or 0.0)
     return out
-
-
-def _api_latency(request: Request) -> LatencyRing:
-    """This replica's ring of request latencies, kept on the running app's state.
-
-    Not a module global: Serve pickles the ingress class by value, so a global
-    read there would be a copy of the one the middleware writes.
-    """
-    state = request.app.state
-    if not hasattr(state, "api_latency"):
-        state.api_latency = LatencyRing()
-    ring: LatencyRing = state.api_latency
-    return ring
-
-
-@app.middleware("http")
-async def _time_requests(request: Request, call_next: Any) -> Response:
-    started = time.perf_counter()
-    response: Response = await call_next(request)
-    _api_latency(request).add((time.perf_counter() - started) * 1000)
-    return response
-
-
-# Helpers stand above the deployment: Serve pickles the ingress class by value,
-# with the module globals defined at that point.
-
-
-def _gateway() -> Any:
-    """This replica's ``ApiGateway`` instance (dependencies and middleware cannot take ``self``)."""
-    return serve.get_replica_context().servable_object
-
-
-_bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer aud_...`")
-_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key.")
-
-
-class RequireScope:
-    """The dependency :func:`require` makes; keeps its scope, so tests can list who needs what."""
-
-    def __init__(self, scope: Scope, dashboard: bool = False) -> None:
-        self.scope = scope
-        self.dashboard = dashboard
-
-    async def __call__(
-        self,
-        bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
-        header: Annotated[str | None, Security(_key_header)],
-    ) -> KeyRecord | None:
-        sent = {k for k in (header, bearer.credentials if bearer is not None else None) if k}
-        if len(sent) > 1:
-            raise Unauthenticated("ambiguous_key", "two different API keys sent; send one")
-        guard: Guard = _gateway().guard
-        return guard.admit(sent.pop() if sent else None, self.scope, public=self.dashboard)
-
-
-def require(scope: Scope, *, dashboard: bool = False) -> Any:
-    """A route dependency: the caller's key must grant ``scope`` (admin grants all).
-
-    Use as ``@app.post(..., dependencies=[require(Scope.INGEST)])`` (or the
-    lists below); the key comes from ``Authorization: Bearer`` or ``X-API-Key``.
-    ``dashboard`` marks the data calls of the dashboard, open when the
-    dashboard is public. Refusals are 401 (no or bad key), 403 (scope) and 429
-    (rate), in :mod:`serving.errors`.
-    """
-    return Depends(RequireScope(scope, dashboard))
-
-
-INGEST = [require(Scope.INGEST)]
-READ = [require(Scope.READ)]
-DASHBOARD_READ = [require(Scope.READ, dashboard=True)]
-ADMIN = [require(Scope.ADMIN)]
-
-
-def _body_limit(scope: dict[str, Any]) -> int:
-    """Bytes a request's body may have: ingest's limit for events, a smaller one elsewhere."""
-    config: GatewayConfig = _gateway().config
-    if scope.get("path") == "/v1/events":
-        return config.max_body_bytes
-    return config.max_json_body_bytes
-
-
-app.add_middleware(BodyLimit, limit_for=_body_limit)
 
 
 @dataclass(frozen=True)
@@ -215,26 +142,6 @@ class GatewayConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
     max_json_body_bytes: int = 1024 * 1024  # every body but POST /v1/events
     nats_credentials: NatsCredentials | None = None  # the API's NATS login (api role)
-
-
-def _model_answer(answer: dict[str, Any]) -> Response:
-    """A model deployment's answer as HTTP: the result, 404 for unknown users, 503 for no model."""
-    error = answer.get("error")
-    if error == "unknown_user":
-        return _error(404, answer["detail"])
-    if error is not None:
-        return JSONResponse(
-            {"detail": answer.get("detail")}, status_code=503, headers={"Retry-After": "5"}
-        )
-    return Response(orjson.dumps(answer), media_type="application/json")
-
-
-def _no_models() -> JSONResponse:
-    return JSONResponse(
-        {"detail": "model serving is not enabled on this platform"},
-        status_code=503,
-        headers={"Retry-After": "30"},
-    )
 
 
 def _unwrap_events(raw: bytes) -> bytes:
@@ -314,16 +221,11 @@ def _range_problem(
 class ApiGateway:
     """One API replica: a NATS connection, a producer, handles to the shard pool."""
 
-    def __init__(
-        self,
-        config: GatewayConfig,
-        churn: DeploymentHandle | None = None,
-        personalizer: DeploymentHandle | None = None,
-    ) -> None:
+    def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.guard = Guard(config.auth)
-        self.churn = churn
-        self.personalizer = personalizer
+        self.api_latency = LatencyRing()
+        self._model_handles: dict[str, DeploymentHandle] = {}
         self.pool = ShardPool.connect(config.pool)
         self._nc: Client | None = None
         self._producer: Producer | None = None
@@ -337,6 +239,34 @@ class ApiGateway:
         if config.alerts.webhook_urls:  # deliveries must not wait for a first reader
             with contextlib.suppress(RuntimeError):  # no loop: the first request starts it
                 self._merge_task = asyncio.get_running_loop().create_task(self._merge_forever())
+
+    def body_limit(self, path: str) -> int:
+        """Bytes a request's body may have: ingest's limit for events, a smaller one elsewhere."""
+        if path == "/v1/events":
+            return self.config.max_body_bytes
+        return self.config.max_json_body_bytes
+
+    # The model routes' entries (serving.model_routes): the model deployments answer
+    # them in their own Serve applications; a request reaches these only when the
+    # platform serves no models.
+
+    async def churn_answers(self, user_ids: list[str]) -> list[dict[str, Any]]:
+        raise ModelsOff()
+
+    async def top_items(self, user_ids: list[str], k: int) -> list[dict[str, Any]]:
+        raise ModelsOff()
+
+    async def ranked_items(self, user_id: str, items: list[str]) -> dict[str, Any]:
+        raise ModelsOff()
+
+    def _model_handle(self, kind: str) -> DeploymentHandle | None:
+        """The deployment serving ``kind``, in its own application; None without models."""
+        if self.config.registry is None:
+            return None
+        if kind not in self._model_handles:
+            deployment, app_name = MODEL_APPS[kind]
+            self._model_handles[kind] = serve.get_deployment_handle(deployment, app_name)
+        return self._model_handles[kind]
 
     async def _connected(self) -> Producer:
         """This replica's producer, on a NATS connection that reconnects for ever.
@@ -702,78 +632,13 @@ class ApiGateway:
         await self._merged_insights()  # starts the merge timer that evaluates the rules
         return self.alerts.answer(limit)
 
-    @app.get(
-        "/v1/churn/{user_id}",
-        dependencies=READ,
-        response_model=ChurnAnswer,
-        responses={
-            404: {"description": "No event of this user has been applied."},
-            503: {"description": "No churn model is loaded yet; retry after the given seconds."},
-        },
-        summary="How likely this user is to leave, and why",
-    )
-    async def churn_one(self, user_id: Annotated[str, Path(max_length=MAX_ID_LENGTH)]) -> Response:
-        """Calibrated churn probability on the user's live features, with the top reasons."""
-        if self.churn is None:
-            return _no_models()
-        return _model_answer(await self.churn.score.remote(user_id))
-
-    @app.post(
-        "/v1/churn", dependencies=READ, summary="Churn scores for many users (unknown ones say so)"
-    )
-    async def churn_many(self, body: ChurnBatchRequest) -> Any:
-        """One result per user id, in order; an unknown user gets ``{"error": "unknown_user"}``."""
-        if self.churn is None:
-            return _no_models()
-        answers = await asyncio.gather(*(self.churn.score.remote(u) for u in body.user_ids))
-        if any(a.get("error") == "unavailable" for a in answers):
-            return _model_answer(next(a for a in answers if a.get("error") == "unavailable"))
-        return {"results": answers}
-
-    @app.get(
-        "/v1/personalize/{user_id}",
-        dependencies=READ,
-        response_model=PersonalizeAnswer,
-        summary="What this user should see next, with reasons",
-    )
-    async def personalize_one(
-        self,
-        user_id: Annotated[str, Path(max_length=MAX_ID_LENGTH)],
-        k: Annotated[int, Query(ge=1, le=100, description="Items to return.")] = 10,
-    ) -> Response:
-        """Top-k items the user has not touched; unknown users get popular items (cold start)."""
-        if self.personalizer is None:
-            return _no_models()
-        return _model_answer(await self.personalizer.recommend.remote(user_id, k))
-
-    @app.post("/v1/personalize", dependencies=READ, summary="Top-k items for many users")
-    async def personalize_many(self, body: PersonalizeBatchRequest) -> Any:
-        """One answer per user id, in order (see the single-user endpoint)."""
-        if self.personalizer is None:
-            return _no_models()
-        calls = (self.personalizer.recommend.remote(u, body.k) for u in body.user_ids)
-        return {"results": await asyncio.gather(*calls)}
-
-    @app.post(
-        "/v1/personalize/{user_id}/rank",
-        dependencies=READ,
-        response_model=RankAnswer,
-        summary="Re-rank the given items for this user, with scores",
-    )
-    async def personalize_rank(
-        self, user_id: Annotated[str, Path(max_length=MAX_ID_LENGTH)], body: RankRequest
-    ) -> Response:
-        """The items, best first, each with the model's score (items unknown to the shards too)."""
-        if self.personalizer is None:
-            return _no_models()
-        return _model_answer(await self.personalizer.rank.remote(user_id, list(body.items)))
-
     @app.get("/v1/models", dependencies=READ, summary="Model versions served and in the registry")
     async def models(self) -> dict[str, Any]:
         """What each model deployment serves (one replica's view) and the registry's versions."""
         out: dict[str, Any] = {}
         registry = ModelRegistry(PathLib(self.config.registry)) if self.config.registry else None
-        for kind, handle in ((CHURN, self.churn), (PERSONALIZATION, self.personalizer)):
+        for kind in (CHURN, PERSONALIZATION):
+            handle = self._model_handle(kind)
             served = await handle.model_version.remote() if handle is not None else None
             out[kind] = {
                 "served": served,
@@ -793,7 +658,7 @@ class ApiGateway:
         if kind not in (CHURN, PERSONALIZATION):
             return _error(404, f"unknown model kind {kind!r}; use {CHURN!r} or {PERSONALIZATION!r}")
         if self.config.registry is None:
-            return _no_models()
+            raise ModelsOff()
         registry = ModelRegistry(PathLib(self.config.registry))
         try:
             registry.promote(kind, body.version)
@@ -816,9 +681,13 @@ class ApiGateway:
         lag = {p: n for s in shards for p, n in s.get("lag", {}).items()}
         producer = self._producer
         models = {}
-        for kind, handle in ((CHURN, self.churn), (PERSONALIZATION, self.personalizer)):
+        for kind in (CHURN, PERSONALIZATION):
+            handle = self._model_handle(kind)
             if handle is not None:
                 models[kind] = await handle.model_version.remote()
+        # The worst of this replica's and the model replicas' (their own HTTP apps).
+        latencies = [self.api_latency.percentiles()]
+        latencies += [m.pop("api_latency_ms", None) for m in models.values()]
         return {
             "models": models,
             "ingest": {
@@ -831,7 +700,7 @@ class ApiGateway:
             "recovering": [s["shard"] for s in shards if s.get("recovering")],
             "autoscaling": await self._autoscaling(),
             "retention_warnings": retention,
-            "api_latency_ms": _api_latency(request).percentiles(),
+            "api_latency_ms": _worst(latencies),
             "insights_lag_ms": _worst(s.get("insights_lag_ms") for s in shards),
             "inbound_webhooks": self.inbound.answer(),
         }
@@ -966,22 +835,40 @@ class ApiGateway:
         )
 
 
-def build_app(
+@dataclass(frozen=True)
+class ServeApp:
+    """One Serve application: what ``serve.run`` (or a Serve config entry) needs."""
+
+    name: str
+    route_prefix: str
+    app: serve.Application
+
+
+def build_apps(
     config: GatewayConfig,
     models: ModelsConfig | None = None,
     replicas: ReplicaScaling | None = None,
-) -> serve.Application:
-    """The Serve application for ``serve.run``: the API, and the model deployments if asked.
+    access_logs: bool = True,
+) -> list[ServeApp]:
+    """The Serve applications: each model's own (if served), then the gateway at ``/``.
 
-    ``replicas`` sizes every deployment; without it, Serve's defaults (one replica
-    each) hold, and a Serve config file (KubeRay's ``serveConfigV2``) may size them.
+    Serve sends a request to the application with the longest matching route
+    prefix, so ``/v1/churn`` and ``/v1/personalize`` reach the model replicas
+    without crossing a gateway replica. ``replicas`` sizes every deployment;
+    without it, Serve's defaults (one replica each) hold, and a Serve config file
+    (KubeRay's ``serveConfigV2``) may size them. ``access_logs``: a log line per
+    request from every replica.
     """
     options = replicas.options() if replicas is not None else {}
-    gateway = ApiGateway.options(**options)  # type: ignore[attr-defined]
-    if models is None:
-        return gateway.bind(config)
-    return gateway.bind(
-        config,
-        ChurnScorer.options(**options).bind(models),  # type: ignore[attr-defined]
-        Personalizer.options(**options).bind(models),  # type: ignore[attr-defined]
-    )
+    options["logging_config"] = {"enable_access_log": access_logs}
+    apps = [ServeApp(GATEWAY_APP, "/", ApiGateway.options(**options).bind(config))]  # type: ignore[attr-defined]
+    if models is not None:
+        apps[:0] = [
+            ServeApp(CHURN_APP, CHURN_PREFIX, ChurnScorer.options(**options).bind(models)),  # type: ignore[attr-defined]
+            ServeApp(
+                PERSONALIZE_APP,
+                PERSONALIZE_PREFIX,
+                Personalizer.options(**options).bind(models),  # type: ignore[attr-defined]
+            ),
+        ]
+    return apps

@@ -32,6 +32,25 @@ class InsightsOff(AudienceError):
         )
 
 
+class ModelsOff(AudienceError):
+    """This platform serves no models (``AUDIENCE_SERVE_MODELS=false``)."""
+
+    def __init__(self) -> None:
+        super().__init__("model serving is not enabled on this platform")
+
+
+def access_refusal(exc: AccessError) -> JSONResponse:
+    """The answer to a refused caller: 401 (no or bad key), 403 (scope), 429 (rate)."""
+    body = {"detail": exc.detail, "reason": exc.reason}
+    if isinstance(exc, Unauthenticated):
+        return JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+    if isinstance(exc, RateLimited):
+        headers = {"Retry-After": retry_after(exc.retry_after_s)}
+        return JSONResponse(body, status_code=429, headers=headers)
+    status = 403 if isinstance(exc, Forbidden) else 400
+    return JSONResponse(body, status_code=status)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the project's exception -> status code mapping on ``app``."""
 
@@ -71,14 +90,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(AccessError)
     async def _refused(request: Request, exc: AccessError) -> JSONResponse:
-        body = {"detail": exc.detail, "reason": exc.reason}
-        if isinstance(exc, Unauthenticated):
-            return JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
-        if isinstance(exc, RateLimited):
-            headers = {"Retry-After": retry_after(exc.retry_after_s)}
-            return JSONResponse(body, status_code=429, headers=headers)
-        status = 403 if isinstance(exc, Forbidden) else 400
-        return JSONResponse(body, status_code=status)
+        return access_refusal(exc)
+
+    @app.exception_handler(ModelsOff)
+    async def _models_off(request: Request, exc: ModelsOff) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "30"})
 
     @app.exception_handler(WebhookRefused)
     async def _webhook_refused(request: Request, exc: WebhookRefused) -> JSONResponse:

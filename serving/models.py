@@ -8,8 +8,12 @@ place without restarting replicas) and, when the configured version is
 reference assignment after the new model is loaded: a request batch scores
 with the model it started with, and none is dropped.
 
-Requests are grouped with ``@serve.batch``; each batch costs one call per shard
-involved for the users' rows (plus one for the seen-items check of a top-k).
+Each deployment is the HTTP ingress of its own Serve application
+(:mod:`serving.model_routes`): ``/v1/churn`` and ``/v1/personalize`` reach the
+model replica straight from Serve's ingress, with the gateway's keys, limits and
+error answers. Requests are grouped with ``@serve.batch``; each batch costs one
+call per shard involved for the users' rows (plus one for the seen-items check of
+a top-k).
 """
 
 import asyncio
@@ -22,6 +26,7 @@ from typing import Any
 
 from ray import serve
 
+from actors.latency import LatencyRing
 from actors.pool import PoolSpec, ShardPool
 from models.booster import ArtifactError
 from models.candidates import ItemIndex
@@ -32,11 +37,29 @@ from models.features import FEATURES_VERSION
 from models.ranker import KIND as PERSONALIZATION
 from models.ranker import Ranker, pair_schema
 from models.registry import ModelRegistry
-from models.scoring import CandidateLimits, churn_answers, propose, rank_items, recommend
+from models.scoring import (
+    CandidateLimits,
+    churn_answers,
+    propose,
+    rank_items,
+    recommend,
+    scores_many,
+)
+from serving.guard import AuthConfig, Guard
+from serving.model_routes import churn_api, personalize_api
 
 log = logging.getLogger(__name__)
 
 NO_MODEL = "none"
+# A request for many users is answered in chunks of this many, one after the other,
+# each with one call per shard and one model call, computed off the replica's loop:
+# single requests (grouped by @serve.batch) keep being answered meanwhile.
+CHUNK_USERS = 100
+# Each model deployment is the ingress of its own Serve application (a Serve config
+# must use these names: the gateway finds the deployments by them).
+CHURN_APP = "audience-churn"
+PERSONALIZE_APP = "audience-personalize"
+MODEL_APPS = {CHURN: ("ChurnScorer", CHURN_APP), PERSONALIZATION: ("Personalizer", PERSONALIZE_APP)}
 
 
 @dataclass(frozen=True)
@@ -49,6 +72,8 @@ class ModelsConfig:
     item_refresh_s: float = 5.0
     item_top_n: int = ITEM_TOP_N
     limits: CandidateLimits = field(default_factory=CandidateLimits)
+    auth: AuthConfig = field(default_factory=AuthConfig)  # the gateway's, as handed down
+    max_json_body_bytes: int = 1024 * 1024
 
 
 class _Follower:
@@ -65,14 +90,17 @@ class _Follower:
         self.problem: str | None = f"no {kind} model loaded yet"
         self._task: asyncio.Task[None] | None = None
 
-    def configure(self, user_config: dict[str, Any], wrap: Any) -> None:
-        """Load the configured version now; keep following CURRENT when it is ``"current"``."""
+    async def configure(self, user_config: dict[str, Any], wrap: Any) -> None:
+        """Load the configured version now; keep following CURRENT when it is ``"current"``.
+
+        The load runs in a thread: the replica's loop (which runs the requests in
+        Serve's throughput mode) keeps answering with the model it has meanwhile.
+        """
         self.wanted = str(user_config.get("version", "current"))
         self.wrap = wrap
-        self.refresh()
+        await asyncio.to_thread(self.refresh)
         if self._task is None:
-            with contextlib.suppress(RuntimeError):  # no running loop: no following
-                self._task = asyncio.get_running_loop().create_task(self._follow())
+            self._task = asyncio.get_running_loop().create_task(self._follow())
 
     def refresh(self) -> None:
         """Load the wanted version if it is not the one served (errors keep the old model)."""
@@ -106,33 +134,66 @@ class _Follower:
     max_ongoing_requests=256,
     user_config={"version": "current"},
 )
+@serve.ingress(churn_api)
 class ChurnScorer:
-    """Scores churn for users on their live state."""
+    """Scores churn for users on their live state; answers ``/v1/churn``."""
 
     def __init__(self, config: ModelsConfig) -> None:
+        self.config = config
+        self.guard = Guard(config.auth)
+        self.api_latency = LatencyRing()
         self.pool = ShardPool.connect(config.pool)
         self.follower = _Follower(config, CHURN, FEATURES_VERSION)
 
-    async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Serve's hook for a new ``user_config``: load the version it names."""
-        self.follower.configure(user_config, ChurnModel)
+    def body_limit(self, path: str) -> int:
+        """Most bytes of a request body (JSON lists of user ids)."""
+        return self.config.max_json_body_bytes
 
-    def model_version(self) -> dict[str, Any]:
-        """The version served and why none is, if none."""
-        return {"version": self.follower.version, "problem": self.follower.problem}
+    async def churn_answers(self, user_ids: list[str]) -> list[dict[str, Any]]:
+        """One answer per user, in order (the routes' entry).
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0005, max_concurrent_batches=4)
-    async def score(self, user_ids: list[str]) -> list[dict[str, Any]]:
+        A single user joins the next batch of concurrent requests; many users are
+        scored in chunks (:data:`CHUNK_USERS`).
+        """
+        if len(user_ids) == 1:
+            answer: dict[str, Any] = await self.score(user_ids[0])
+            return [answer]
+        out: list[dict[str, Any]] = []
+        for at in range(0, len(user_ids), CHUNK_USERS):
+            out += await self._scored(user_ids[at : at + CHUNK_USERS], in_thread=True)
+        return out
+
+    async def _scored(self, user_ids: list[str], in_thread: bool) -> list[dict[str, Any]]:
         """One answer per user: the score, or ``{"error": ...}`` saying why there is none."""
         model, version = self.follower.model, self.follower.version
         if model is None:
             return [{"error": "unavailable", "detail": self.follower.problem}] * len(user_ids)
         rows = await self.pool.user_rows(user_ids)
-        answers = churn_answers(model, version, rows)
+        if in_thread:
+            answers = await asyncio.to_thread(churn_answers, model, version, rows)
+        else:
+            answers = churn_answers(model, version, rows)
         return [
             a if a is not None else {"error": "unknown_user", "detail": f"unknown user {u!r}"}
             for u, a in zip(user_ids, answers, strict=True)
         ]
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve's hook for a new ``user_config``: load the version it names."""
+        await self.follower.configure(user_config, ChurnModel)
+
+    def model_version(self) -> dict[str, Any]:
+        """The version served and why none is, if none."""
+        return {
+            "version": self.follower.version,
+            "problem": self.follower.problem,
+            "api_latency_ms": self.api_latency.percentiles(),
+        }
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0005, max_concurrent_batches=4)
+    async def score(self, user_ids: list[str]) -> list[dict[str, Any]]:
+        """Concurrent single requests, grouped: one call per shard, one model call."""
+        return await self._scored(user_ids, in_thread=False)
 
 
 @serve.deployment(
@@ -140,11 +201,15 @@ class ChurnScorer:
     max_ongoing_requests=256,
     user_config={"version": "current"},
 )
+@serve.ingress(personalize_api)
 class Personalizer:
-    """Recommends and re-ranks items for users on their live state and the merged item index."""
+    """Recommends and re-ranks items for users on their live state and the merged item index;
+    answers ``/v1/personalize``."""
 
     def __init__(self, config: ModelsConfig) -> None:
         self.config = config
+        self.guard = Guard(config.auth)
+        self.api_latency = LatencyRing()
         self.pool = ShardPool.connect(config.pool)
         self.follower = _Follower(config, PERSONALIZATION, pair_schema().version)
         self.index = ItemIndex.empty()
@@ -153,7 +218,7 @@ class Personalizer:
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Serve's hook for a new ``user_config``: load the version it names."""
-        self.follower.configure(user_config, Ranker)
+        await self.follower.configure(user_config, Ranker)
         if self._index_task is None:
             with contextlib.suppress(RuntimeError):
                 self._index_task = asyncio.get_running_loop().create_task(self._refresh_index())
@@ -183,6 +248,32 @@ class Personalizer:
                 log.warning("could not refresh the item index", exc_info=True)
             await asyncio.sleep(pause)
 
+    def body_limit(self, path: str) -> int:
+        """Most bytes of a request body (user ids, items to rank)."""
+        return self.config.max_json_body_bytes
+
+    async def top_items(self, user_ids: list[str], k: int) -> list[dict[str, Any]]:
+        """Top-``k`` per user, in order (the routes' entry).
+
+        A single user joins the next batch of concurrent requests; many users are
+        answered in chunks (:data:`CHUNK_USERS`).
+        """
+        if len(user_ids) == 1:
+            batched: Any = self.recommend  # type: ignore[misc]  # @serve.batch: its typing
+            answer: dict[str, Any] = await batched(user_ids[0], k)
+            return [answer]
+        out: list[dict[str, Any]] = []
+        for at in range(0, len(user_ids), CHUNK_USERS):
+            chunk = user_ids[at : at + CHUNK_USERS]
+            out += await self._recommended(chunk, [k] * len(chunk), in_thread=True)
+        return out
+
+    async def ranked_items(self, user_id: str, items: list[str]) -> dict[str, Any]:
+        """``items`` ordered for ``user_id`` (the route's entry)."""
+        batched: Any = self.rank  # type: ignore[misc]
+        answer: dict[str, Any] = await batched(user_id, items)
+        return answer
+
     def _header(self) -> dict[str, Any]:
         return {"model_version": self.follower.version, "items_indexed": len(self.index)}
 
@@ -190,27 +281,43 @@ class Personalizer:
     async def recommend(  # type: ignore[misc]
         self, user_ids: list[str], ks: list[int]
     ) -> list[dict[str, Any]]:
-        """Top-k per user with reasons; unknown users get the popular items (cold start)."""
-        ranker, index = self.follower.model, self.index
+        """Concurrent single requests, grouped (see :meth:`_recommended`)."""
+        return await self._recommended(user_ids, ks, in_thread=False)
+
+    async def _recommended(
+        self, user_ids: list[str], ks: list[int], in_thread: bool
+    ) -> list[dict[str, Any]]:
+        """Top-k per user with reasons; unknown users get the popular items (cold start).
+
+        One call per shard for the rows, one for the seen-items check, one model call.
+        """
+        ranker, index, header = self.follower.model, self.index, self._header()
         rows = await self.pool.user_rows(user_ids)
-        proposed = [propose(index, rows, i, self.config.limits) for i in range(len(user_ids))]
+        limits = self.config.limits
+        proposed = [propose(index, rows, i, limits) for i in range(len(user_ids))]
         checks = [(u, list(c)) for u, c, h in zip(user_ids, proposed, rows.held, strict=True) if h]
         flags = iter(await self.pool.seen(checks)) if checks else iter(())
-        out = []
-        for i, user in enumerate(user_ids):
-            candidates = proposed[i]
+        candidates = []
+        for i, found in enumerate(proposed):
             if rows.held[i]:
                 seen = next(flags)
-                fresh = {
-                    c: why for (c, why), s in zip(candidates.items(), seen, strict=True) if not s
+                fresh = {c: why for (c, why), s in zip(found.items(), seen, strict=True) if not s}
+                found = fresh or found  # all seen: better something than nothing
+            candidates.append(found)
+
+        def answers() -> list[dict[str, Any]]:
+            scores = scores_many(ranker, index, rows, [list(c) for c in candidates])
+            return [
+                {
+                    "user_id": user,
+                    "cold_start": not bool(rows.held[i]),
+                    "items": recommend(ranker, index, rows, i, candidates[i], ks[i], scores[i]),
                 }
-                candidates = fresh or candidates  # all seen: better something than nothing
-            items = recommend(ranker, index, rows, i, candidates, ks[i])
-            out.append(
-                {"user_id": user, "cold_start": not bool(rows.held[i]), "items": items}
-                | self._header()
-            )
-        return out
+                | header
+                for i, user in enumerate(user_ids)
+            ]
+
+        return await asyncio.to_thread(answers) if in_thread else answers()
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0005, max_concurrent_batches=4)  # type: ignore[arg-type]
     async def rank(  # type: ignore[misc]
@@ -219,11 +326,12 @@ class Personalizer:
         """The given items per user, ordered by the model's score for that user."""
         ranker, index = self.follower.model, self.index
         rows = await self.pool.user_rows(user_ids)
+        scores = scores_many(ranker, index, rows, items)
         return [
             {
                 "user_id": user,
                 "cold_start": not bool(rows.held[i]),
-                "items": rank_items(ranker, index, rows, i, items[i]),
+                "items": rank_items(ranker, index, rows, i, items[i], scores[i]),
             }
             | self._header()
             for i, user in enumerate(user_ids)
@@ -236,4 +344,5 @@ class Personalizer:
             "problem": self.follower.problem,
             "items_indexed": len(self.index),
             "index_age_s": round(time.time() - self.index_at, 1) if self.index_at else None,
+            "api_latency_ms": self.api_latency.percentiles(),
         }

@@ -14,13 +14,33 @@ short warm-up: an open loop at ``--rate`` requests/s (latency from each
 request's scheduled send time, so queueing counts), then a closed loop with
 ``--concurrency`` requests in flight (the most answers per second). The load
 generator is a minimal keep-alive HTTP/1.1 client on uvloop, the same for both
-servers. Writes ``serving.json`` and ``serving.md`` to ``--out``.
+servers.
+
+In the same run, against the same platform:
+
+- the floor of Ray Serve on this machine: a trivial deployment
+  (``tests/bench/trivial_serve_app.py``, no key, no model) deployed into the
+  platform's Serve and measured like the model endpoints; ``/v1/personalize``
+  is judged against its p50;
+- batch requests: one ``POST /v1/churn`` and one ``POST /v1/personalize`` for
+  ``--batch-users`` users (1,000 by default), timed, while single GETs of the same
+  endpoint go one after another (their p99: what a batch costs everyone else);
+- HTTP ingest: ``POST /v1/events`` with ``--ingest-batch`` events per request and
+  ``--ingest-concurrency`` requests in flight for ``--ingest-seconds``; the events
+  accepted (202 answers only) per second. Last, since it changes the live users.
+
+Writes ``serving.json`` (with a flat ``summary`` of every target figure) and
+``serving.md`` to ``--out``.
 
     .venv/bin/python -m tests.bench.serving --out bench-results
 
+Each open and closed loop runs 30 s by default (p99 is then the 10th-worst of
+3,000 requests at 100 rps); ``--quick`` runs them 10 s and 8 s, for a look.
+
 ``--smoke`` runs every step at a tiny size (a few seconds per server and endpoint,
 see ``SMOKE``), so that ``make test`` can tell whether the bench still runs; its
-figures mean nothing.
+figures mean nothing, but it exits 1 when a step did not run properly (see
+``broken_steps``).
 """
 
 from __future__ import annotations
@@ -28,6 +48,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -41,6 +62,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
 from time import perf_counter
@@ -65,6 +87,8 @@ from tests.bench.bare_scoring_app import SNAPSHOT_ENV, Snapshot
 from tests.bench.machine import CpuMeter, wait_for_quiet
 from tests.bench.pipeline import versions as pipeline_versions
 from tests.bench.report import _num, _verdict
+from tests.bench.trivial_serve_app import ROUTE_PREFIX as TRIVIAL_PREFIX
+from tests.bench.trivial_serve_app import deploy as deploy_trivial
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
@@ -73,6 +97,26 @@ TARGETS = {"p99_ms_at_rate": 25.0, "rate": 100.0, "max_rps": 500.0, "p50_vs_bare
 ENDPOINTS = {  # name -> (platform path, bare path); {u} is the user id
     "churn": ("/v1/churn/{u}", "/churn/{u}"),
     "personalize": ("/v1/personalize/{u}?k=10", "/personalize/{u}?k=10"),
+}
+TRIVIAL_PATH = TRIVIAL_PREFIX + "/{u}"
+BATCHES = {  # name -> (POST path, body besides the user ids)
+    "churn": ("/v1/churn", {}),
+    "personalize": ("/v1/personalize", {"k": 10}),
+}
+INGEST_TYPES = ("page_view", "click", "like", "add_to_cart")
+# The issue's targets, by key of the JSON's flat ``summary``: (comparison, bound). The
+# figures at --rate and the batch ones keep their names whatever --rate and --batch-users.
+GOALS: dict[str, tuple[str, float]] = {
+    "churn_p99_ms_100rps": ("<=", 25.0),
+    "personalize_p99_ms_100rps": ("<=", 25.0),
+    "churn_max_rps": (">=", 500.0),
+    "personalize_max_rps": (">=", 500.0),
+    "personalize_p50_vs_trivial_serve": ("<=", 2.0),
+    "personalize_batch_1000_s": ("<=", 1.5),
+    "personalize_single_p99_ms_during_batch": ("<=", 50.0),
+    "churn_batch_1000_s": ("<=", 1.5),
+    "churn_single_p99_ms_during_batch": ("<=", 50.0),
+    "http_ingest_events_per_s": (">=", 100_000.0),
 }
 SERVERS = ("platform", "bare")
 GRACE_S = 5.0  # open loop: how long unanswered requests may still come in after the last send
@@ -92,7 +136,11 @@ SMOKE: dict[str, Any] = {
     "check_users": 5,
     "quiet_wait": 0.0,
     "shuffle_partitions": 2,
+    "batch_users": 50,
+    "ingest_seconds": 1.0,
 }
+# --quick: shorter loops than the default 30 s, for a developer's look (p99 from fewer requests).
+QUICK: dict[str, Any] = {"open_seconds": 10.0, "closed_seconds": 8.0, "ingest_seconds": 5.0}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -102,13 +150,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="a tiny run of every step, seconds per measurement (make test runs it)",
     )
+    p.add_argument(
+        "--quick", action="store_true", help="shorter loops (10 s open, 8 s closed, 5 s ingest)"
+    )
     p.add_argument("--out", "--out-dir", dest="out", type=Path, default=Path("bench-results"))
     p.add_argument("--users", type=int, default=1500, help="simulated users (train and replay)")
     p.add_argument("--days", type=float, default=30.0, help="days of simulated history")
     p.add_argument("--rate", type=float, default=TARGETS["rate"], help="open loop requests/s")
-    p.add_argument("--open-seconds", type=float, default=10.0)
+    p.add_argument("--open-seconds", type=float, default=30.0)
     p.add_argument("--concurrency", type=int, default=32, help="closed loop requests in flight")
-    p.add_argument("--closed-seconds", type=float, default=8.0)
+    p.add_argument("--closed-seconds", type=float, default=30.0)
     p.add_argument(
         "--warmup-seconds",
         type=float,
@@ -129,7 +180,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="Ray Data hash-shuffle partitions for training (0: Ray Data's default)",
     )
-    if p.parse_args(argv).smoke:
+    p.add_argument(
+        "--batch-users",
+        type=int,
+        default=1000,
+        help="user ids in the one timed POST /v1/churn and /v1/personalize (live users, repeated "
+        "if fewer)",
+    )
+    p.add_argument("--ingest-seconds", type=float, default=10.0, help="HTTP ingest run")
+    p.add_argument("--ingest-batch", type=int, default=500, help="events per POST /v1/events")
+    p.add_argument("--ingest-concurrency", type=int, default=8, help="ingest requests in flight")
+    first = p.parse_args(argv)
+    if first.quick:
+        p.set_defaults(**QUICK)
+    if first.smoke:  # after --quick: smoke sizes win
         p.set_defaults(**SMOKE)
     return p.parse_args(argv)
 
@@ -262,7 +326,8 @@ def compare_answers(
 
 
 class Connection:
-    """One keep-alive HTTP/1.1 connection; GET only, minimal parsing (cheap per request)."""
+    """One keep-alive HTTP/1.1 connection for prepared requests; minimal parsing (cheap per
+    request)."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
@@ -275,6 +340,11 @@ class Connection:
 
     async def get(self, request: bytes) -> int:
         """Send a prepared request; read the whole answer; return its status."""
+        status, _ = await self.fetch(request)
+        return status
+
+    async def fetch(self, request: bytes) -> tuple[int, bytes]:
+        """Send a prepared request (a GET, or a POST with its body); its status and body."""
         self.writer.write(request)
         head = await self.reader.readuntil(b"\r\n\r\n")
         status = int(head[9:12])
@@ -282,19 +352,21 @@ class Connection:
         at = lower.find(b"\r\ncontent-length:")
         if at >= 0:
             end = lower.index(b"\r\n", at + 2)
-            await self.reader.readexactly(int(lower[at + 17 : end]))
+            body = await self.reader.readexactly(int(lower[at + 17 : end]))
         elif b"\r\ntransfer-encoding: chunked" in lower:
+            chunks = []
             while True:
                 size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
-                await self.reader.readexactly(size + 2)
+                chunks.append((await self.reader.readexactly(size + 2))[:-2])
                 if size == 0:
                     break
+            body = b"".join(chunks)
         else:
-            await self.reader.read()
+            body = await self.reader.read()
             self.close()
         if b"\r\nconnection: close" in lower:
             self.close()
-        return status
+        return status, body
 
     def close(self) -> None:
         self.closed = True
@@ -435,6 +507,172 @@ async def closed_loop(
     return out
 
 
+async def batch_during_singles(
+    port: int,
+    path: str,
+    body: dict[str, Any],
+    singles: Sequence[bytes],
+    api_key: str,
+    seed: int,
+) -> dict[str, Any]:
+    """One timed ``POST path`` of ``body`` while single GETs go one after another.
+
+    The singles' latency is what the batch costs everyone else (the deployments answer
+    a batch in chunks, so single requests keep being answered meanwhile). A small batch
+    first, untimed, opens the connection and warms the route. The answer must hold one
+    result per user id and no ``error`` result.
+    """
+    headers = {"Content-Type": "application/json"} | ({"X-API-Key": api_key} if api_key else {})
+    users = list(body["user_ids"])
+    warm = json.dumps(body | {"user_ids": users[:10]}).encode()
+    payload = json.dumps(body).encode()
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    done = asyncio.Event()
+
+    async def one_after_another() -> float:
+        """Singles until the batch is answered (at least one); returns how long they ran."""
+        rng = random.Random(seed)
+        conn = await Connection.open(port)
+        start = perf_counter()
+        while True:
+            sent = perf_counter()
+            try:
+                status = await conn.get(rng.choice(singles))
+            except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+                errors[type(exc).__name__] += 1
+                conn.close()
+                status = 0
+            latencies.append(perf_counter() - sent)
+            if status and status != 200:
+                errors[str(status)] += 1
+            if done.is_set():
+                break
+            if conn.closed:
+                conn = await Connection.open(port)
+        conn.close()
+        return perf_counter() - start
+
+    url = f"http://127.0.0.1:{port}"
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=120) as client:
+        (await client.post(path, content=warm)).raise_for_status()
+        singles_task = asyncio.create_task(one_after_another())
+        started = perf_counter()
+        answer = await client.post(path, content=payload)
+        took = perf_counter() - started
+        done.set()
+        singles_ran = await singles_task
+    results = answer.json().get("results", []) if answer.status_code == 200 else []
+    failed = Counter(str(r["error"]) for r in results if "error" in r)
+    return {
+        "users": len(users),
+        "distinct_users": len(set(users)),
+        "status": answer.status_code,
+        "seconds": took,
+        "results": len(results),
+        "result_errors": dict(failed),
+        "complete": answer.status_code == 200 and len(results) == len(users) and not failed,
+        "detail": None if answer.status_code == 200 else answer.text[:300],
+        "singles": summary(latencies, errors, singles_ran),
+    }
+
+
+def batch_users(users: Sequence[str], n: int, seed: int) -> list[str]:
+    """``n`` live users at random, each once while there are enough, then repeated."""
+    rng = random.Random(seed)
+    picked = rng.sample(list(users), min(n, len(users)))
+    while len(picked) < n:
+        picked += rng.sample(list(users), min(n - len(picked), len(users)))
+    return picked
+
+
+MARK = b"@REQ@"  # where each ingest request writes its number: event ids unique over the run
+
+
+def ingest_template(users: Sequence[str], events: int, seed: int) -> bytes:
+    """One ``POST /v1/events`` body: ``events`` valid events of the live users (as the
+    contract has it: unique ``event_id``, ``user_id``, ``type``, RFC 3339 ``ts`` with a
+    timezone), over the last minute; ``MARK`` in each event id."""
+    rng = random.Random(seed)
+    now_ms = time.time_ns() // 1_000_000
+    out = []
+    for i in range(events):
+        at = datetime.fromtimestamp((now_ms - 60_000 + i * 60_000 // events) / 1000, timezone.utc)
+        out.append(
+            {
+                "event_id": f"bench-ingest-{MARK.decode()}-{i}",
+                "user_id": rng.choice(users),
+                "type": rng.choice(INGEST_TYPES),
+                "ts": at.isoformat(timespec="milliseconds"),
+                "item_id": f"item-{rng.randrange(500)}",
+                "category": f"cat-{rng.randrange(12)}",
+            }
+        )
+    return json.dumps(out).encode()
+
+
+async def http_ingest(
+    port: int, template: bytes, api_key: str, concurrency: int, seconds: float
+) -> dict[str, Any]:
+    """``concurrency`` clients posting ``template`` (numbered) back to back for ``seconds``.
+
+    Only 202 answers count, with the events their answer says were accepted (durably in
+    the stream). A 429 or 503 (the producer full, NATS away) makes that client pause
+    50 ms, as a well-behaved producer would, rather than spin.
+    """
+    key = f"X-API-Key: {api_key}\r\n" if api_key else ""
+    length = len(template.replace(MARK, b"%08d" % 0))  # the same for every request number
+    head = (
+        f"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\n{key}"
+        f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    ).encode()
+    numbers = itertools.count()
+    statuses: Counter[str] = Counter()
+    latencies: list[float] = []
+    accepted = 0
+    conns = [await Connection.open(port) for _ in range(concurrency)]
+    start = perf_counter()
+    stop_at = start + seconds
+
+    async def client(k: int) -> None:
+        nonlocal accepted
+        conn = conns[k]
+        while perf_counter() < stop_at:
+            request = head + template.replace(MARK, b"%08d" % next(numbers))
+            sent = perf_counter()
+            try:
+                status, answer = await conn.fetch(request)
+            except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+                statuses[type(exc).__name__] += 1
+                conn.close()
+                conn = await Connection.open(port)
+                continue
+            latencies.append(perf_counter() - sent)
+            statuses[str(status)] += 1
+            if status == 202:
+                accepted += int(json.loads(answer)["accepted"])
+            elif status in (429, 503):
+                await asyncio.sleep(0.05)
+            if conn.closed:
+                conn = await Connection.open(port)
+        conn.close()
+
+    await asyncio.wait_for(asyncio.gather(*(client(k) for k in range(concurrency))), seconds + 120)
+    took = perf_counter() - start
+    ms = np.asarray(latencies) * 1000
+    return {
+        "requests": sum(statuses.values()),
+        "events_per_request": template.count(MARK),
+        "concurrency": concurrency,
+        "seconds": round(took, 3),
+        "statuses": dict(statuses),
+        "accepted_events": accepted,
+        "events_per_s": accepted / took if took > 0 else 0.0,
+        "request_p50_ms": float(np.percentile(ms, 50)) if ms.size else None,
+        "request_p99_ms": float(np.percentile(ms, 99)) if ms.size else None,
+    }
+
+
 def run_async(coro: Awaitable[T]) -> T:
     """Run the load generator on uvloop when it is installed (less client CPU per request)."""
     try:
@@ -550,7 +788,115 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                 f"{_ms(bc['p99_ms'])} ms, {_errors(bc)})",
             )
         )
+    return out + trivial_rows(r) + batch_rows(r) + ingest_rows(r) + answers_rows(r)
+
+
+def goal(key: str) -> str:
+    op, bound = GOALS[key]
+    return f"{op} {bound:,g}"
+
+
+def meets(key: str, value: float | None) -> bool | None:
+    """Whether ``value`` meets the target of summary key ``key`` (None: not measured)."""
+    if value is None:
+        return None
+    op, bound = GOALS[key]
+    return value <= bound if op == "<=" else value >= bound
+
+
+def trivial_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """``/v1/personalize`` against Serve's floor, and the floor itself."""
+    rate, conc, s = r["args"]["rate"], r["args"]["concurrency"], r["summary"]
+    t = r["endpoints"]["trivial"]["serve"]
+    to, tc, po = t["open_loop"], t["closed_loop"], r["endpoints"]["personalize"]["platform"]
+    key, ratio = "personalize_p50_vs_trivial_serve", s["personalize_p50_vs_trivial_serve"]
+    route = TRIVIAL_PREFIX + "/{user}"
+    return [
+        (
+            "/v1/personalize/{user} p50 / trivial Serve p50",
+            "n/a" if ratio is None else f"{ratio:.2f}x",
+            goal(key) + "x",
+            _verdict(meets(key, ratio)),
+            f"at {rate:g} rps: {_ms(s['personalize_p50_ms_100rps'])} ms vs "
+            f"{_ms(s['trivial_serve_p50_ms_100rps'])} ms (GET {route}, a Serve deployment "
+            f"doing nothing: Serve's floor here){_overloaded(po['open_loop'])}",
+        ),
+        (
+            f"trivial Serve GET {route} (floor)",
+            f"{_ms(to['p50_ms'])} / {_ms(to['p99_ms'])} ms; {_num(tc['rps'])} rps",
+            "",
+            "",
+            f"p50 / p99 at {rate:g} rps ({_errors(to)}, max {_ms(to['max_ms'])} ms, "
+            f"{_foreign(to)}); max rps closed loop {conc} in flight (p50 / p99 "
+            f"{_ms(tc['p50_ms'])} / {_ms(tc['p99_ms'])} ms, {_errors(tc)}); Ray CPU "
+            f"{_ms(tc['server_cpu_ms_per_request'])} ms per request",
+        ),
+    ]
+
+
+def batch_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """Per model endpoint: the batch's wall time, and the singles' p99 meanwhile."""
+    out = []
+    for name, (path, _) in BATCHES.items():
+        b, s = r["batches"][name], r["batches"][name]["singles"]
+        time_key, p99_key = f"{name}_batch_1000_s", f"{name}_single_p99_ms_during_batch"
+        seconds, p99 = r["summary"][time_key], r["summary"][p99_key]
+        problem = "" if b["complete"] else f"**incomplete answer** (status {b['status']}"
+        problem += f", {b['detail']})" if b["detail"] else (")" if problem else "")
+        out.append(
+            (
+                f"POST {path} {b['users']:,} users, s",
+                _num(seconds, 2),
+                goal(time_key),
+                _verdict(meets(time_key, seconds) if b["complete"] else False),
+                f"{problem}{b['results']:,}/{b['users']:,} results ({b['distinct_users']:,} "
+                f"distinct users), error results {b['result_errors'] or 0}; one request, "
+                f"wall time at the client ({b['seconds']:.3f} s)",
+            )
+        )
+        out.append(
+            (
+                f"{ENDPOINTS[name][0].split('{')[0]}{{user}} p99 ms during the batch",
+                _ms(p99),
+                goal(p99_key),
+                _verdict(meets(p99_key, p99) and not s["errors"]),
+                f"{s['requests']} single requests one after another while the batch ran; "
+                f"p50 {_ms(s['p50_ms'])} ms, max {_ms(s['max_ms'])} ms; {_errors(s)}",
+            )
+        )
     return out
+
+
+def ingest_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    ing, key = r["ingest"], "http_ingest_events_per_s"
+    return [
+        (
+            "POST /v1/events events/s",
+            _num(ing["events_per_s"]),
+            goal(key),
+            _verdict(meets(key, ing["events_per_s"])),
+            f"{ing['events_per_request']} events per request, {ing['concurrency']} in flight, "
+            f"{ing['seconds']:.1f} s; {ing['accepted_events']:,} events accepted (202 answers "
+            f"only, durably in the stream); statuses {ing['statuses']}; request p50 / p99 "
+            f"{_ms(ing['request_p50_ms'])} / {_ms(ing['request_p99_ms'])} ms; Ray/NATS CPU "
+            f"{ing['cpu_s']['own_other']:.1f} s, load client {ing['cpu_s']['bench_client']:.1f} s,"
+            f" {_foreign(ing)}",
+        )
+    ]
+
+
+def answers_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    check = r["answers_match"]
+    return [
+        (
+            "answers equal to the bare app's",
+            ", ".join(f"{n} {c['same_answer']}/{c['users']}" for n, c in check.items()),
+            "all",
+            _verdict(r["summary"]["answers_match_bare"]),
+            "whole JSON (scores, reasons, features) of the compared users, both endpoints"
+            + "".join(f"; {n} differ: {c['differ']}" for n, c in check.items() if c["differ"]),
+        )
+    ]
 
 
 def markdown(r: dict[str, Any]) -> str:
@@ -697,6 +1043,15 @@ def prepare(
     timings["bare_start_s"] = time.perf_counter() - t
     print(f"  bare app (pid {bare[0].pid}) up in {timings['bare_start_s']:.1f} s", flush=True)
 
+    # The floor of Serve: into the platform's running Ray and Serve (same proxy and port).
+    t = time.perf_counter()
+    deploy_trivial()
+    with httpx.Client(base_url=info.http_url) as c:
+        trivial = TRIVIAL_PATH.format(u="anyone")
+        poll(lambda: c.get(trivial, timeout=2).status_code == 200, "trivial Serve app", 60)
+    timings["trivial_start_s"] = time.perf_counter() - t
+    print(f"  trivial Serve app up in {timings['trivial_start_s']:.1f} s", flush=True)
+
     check_users = random.Random(args.seed).sample(live, min(args.check_users, len(live)))
     answers = compare_answers(info.http_url, f"http://127.0.0.1:{port}", check_users, headers)
     print(f"  answers compared: {answers}", flush=True)
@@ -718,35 +1073,149 @@ def prepare(
     return Prepared(settings.http_port, port, bare[0].pid, live, setup, answers, api_key)
 
 
-def measure_all(args: argparse.Namespace, ready: Prepared) -> dict[str, dict[str, Any]]:
-    """Per endpoint, both servers one after the other, and the p50 ratio."""
-    endpoints: dict[str, dict[str, Any]] = {}
+def measure_server(
+    args: argparse.Namespace, ready: Prepared, name: str, server: str, path: str
+) -> dict[str, Any]:
+    """One server's warm-up, open and closed loops on one endpoint, with the CPU it used."""
     pids = {"bare_app": ready.bare_pid, "bench_client": os.getpid()}
+    port = ready.bare_port if server == "bare" else ready.platform_port
+    quiet = wait_for_quiet(max_wait_s=args.quiet_wait)
+    measured = measure(port, requests_for(path, ready.users, ready.api_key), args, pids)
+    measured["background_busy_before"] = quiet
+    cpu_of = "bare_app" if server == "bare" else "own_other"  # own_other: Ray, NATS
+    for phase in ("open_loop", "closed_loop"):
+        m = measured[phase]
+        m["server_cpu_ms_per_request"] = (
+            m["cpu_s"][cpu_of] * 1000 / m["requests"] if m["requests"] else None
+        )
+    o, c = measured["open_loop"], measured["closed_loop"]
+    print(
+        f"  {server:<8} {name:<11} at {args.rate:g} rps p50/p99 "
+        f"{_ms(o['p50_ms'])}/{_ms(o['p99_ms'])} ms ({o['errors']} errors); "
+        f"closed loop {c['rps']:,.0f} rps ({c['errors']} errors)",
+        flush=True,
+    )
+    return measured
+
+
+def measure_all(args: argparse.Namespace, ready: Prepared) -> dict[str, dict[str, Any]]:
+    """Per endpoint, both servers one after the other, and the p50 ratio; then the trivial
+    Serve app (``endpoints["trivial"]["serve"]``, the same key sent, though it checks none)."""
+    endpoints: dict[str, dict[str, Any]] = {}
     for name, paths in ENDPOINTS.items():
-        endpoints[name] = {}
-        for server, path in zip(SERVERS, paths, strict=True):
-            port = ready.platform_port if server == "platform" else ready.bare_port
-            quiet = wait_for_quiet(max_wait_s=args.quiet_wait)
-            measured = measure(port, requests_for(path, ready.users, ready.api_key), args, pids)
-            measured["background_busy_before"] = quiet
-            cpu_of = "bare_app" if server == "bare" else "own_other"  # own_other: Ray, NATS
-            for phase in ("open_loop", "closed_loop"):
-                m = measured[phase]
-                m["server_cpu_ms_per_request"] = (
-                    m["cpu_s"][cpu_of] * 1000 / m["requests"] if m["requests"] else None
-                )
-            endpoints[name][server] = measured
-            o, c = measured["open_loop"], measured["closed_loop"]
-            print(
-                f"  {server:<8} {name:<11} at {args.rate:g} rps p50/p99 "
-                f"{_ms(o['p50_ms'])}/{_ms(o['p99_ms'])} ms ({o['errors']} errors); "
-                f"closed loop {c['rps']:,.0f} rps ({c['errors']} errors)",
-                flush=True,
-            )
+        endpoints[name] = {
+            server: measure_server(args, ready, name, server, path)
+            for server, path in zip(SERVERS, paths, strict=True)
+        }
         ours = endpoints[name]["platform"]["open_loop"]["p50_ms"]
         ref = endpoints[name]["bare"]["open_loop"]["p50_ms"]
         endpoints[name]["p50_ratio"] = ours / ref if ours and ref else None
+    endpoints["trivial"] = {"serve": measure_server(args, ready, "trivial", "serve", TRIVIAL_PATH)}
     return endpoints
+
+
+def measure_batches(args: argparse.Namespace, ready: Prepared) -> dict[str, dict[str, Any]]:
+    """Per model endpoint, one POST for ``--batch-users`` users, singles meanwhile."""
+    out: dict[str, dict[str, Any]] = {}
+    users = batch_users(ready.users, args.batch_users, args.seed)
+    for name, (path, extra) in BATCHES.items():
+        quiet = wait_for_quiet(max_wait_s=args.quiet_wait)
+        singles = requests_for(ENDPOINTS[name][0], ready.users, ready.api_key)
+        body = {"user_ids": users, **extra}
+        b = run_async(
+            batch_during_singles(ready.platform_port, path, body, singles, ready.api_key, args.seed)
+        )
+        b["background_busy_before"] = quiet
+        out[name] = b
+        s = b["singles"]
+        print(
+            f"  POST {path} {b['users']:,} users: {b['seconds']:.3f} s, {b['results']:,} "
+            f"results, complete {b['complete']}; singles meanwhile {s['requests']} p99 "
+            f"{_ms(s['p99_ms'])} ms ({s['errors']} errors)",
+            flush=True,
+        )
+    return out
+
+
+def measure_ingest(args: argparse.Namespace, ready: Prepared) -> dict[str, Any]:
+    """HTTP ingest at ``--ingest-concurrency`` requests in flight, with the CPU it used."""
+    quiet = wait_for_quiet(max_wait_s=args.quiet_wait)
+    template = ingest_template(ready.users, args.ingest_batch, args.seed)
+    meter = CpuMeter({"bare_app": ready.bare_pid, "bench_client": os.getpid()})
+    meter.start()
+    out = run_async(
+        http_ingest(
+            ready.platform_port,
+            template,
+            ready.api_key,
+            args.ingest_concurrency,
+            args.ingest_seconds,
+        )
+    )
+    out["cpu_s"] = meter.stop()
+    out["background_busy_before"] = quiet
+    print(
+        f"  POST /v1/events: {out['events_per_s']:,.0f} events/s accepted "
+        f"({out['accepted_events']:,} in {out['seconds']:.1f} s; statuses {out['statuses']})",
+        flush=True,
+    )
+    return out
+
+
+def summary_of(
+    endpoints: dict[str, Any],
+    batches: dict[str, Any],
+    ingest: dict[str, Any] | None,
+    answers: dict[str, Any],
+) -> dict[str, Any]:
+    """The flat ``summary``: every target figure (see ``GOALS``; None when not measured).
+
+    The ``_100rps`` figures are at ``--rate`` and the ``_1000_`` ones for ``--batch-users``
+    users, whatever those were; a batch whose answer was incomplete has no time.
+    """
+
+    def at(name: str, server: str, phase: str, key: str) -> Any:
+        return endpoints.get(name, {}).get(server, {}).get(phase, {}).get(key)
+
+    person_p50 = at("personalize", "platform", "open_loop", "p50_ms")
+    trivial_p50 = at("trivial", "serve", "open_loop", "p50_ms")
+    out: dict[str, Any] = {}
+    for name in ENDPOINTS:
+        out[f"{name}_p99_ms_100rps"] = at(name, "platform", "open_loop", "p99_ms")
+        out[f"{name}_max_rps"] = at(name, "platform", "closed_loop", "rps")
+    out["personalize_p50_ms_100rps"] = person_p50
+    out["trivial_serve_p50_ms_100rps"] = trivial_p50
+    out["personalize_p50_vs_trivial_serve"] = (
+        person_p50 / trivial_p50 if person_p50 and trivial_p50 else None
+    )
+    for name in BATCHES:
+        b = batches.get(name)
+        out[f"{name}_batch_1000_s"] = b["seconds"] if b and b["complete"] else None
+        out[f"{name}_single_p99_ms_during_batch"] = b["singles"]["p99_ms"] if b else None
+    out["http_ingest_events_per_s"] = ingest["events_per_s"] if ingest else None
+    out["answers_match_bare"] = bool(answers) and all(
+        c["users"] > 0 and c["same_answer"] == c["users"] for c in answers.values()
+    )
+    for name in ENDPOINTS:
+        out[f"{name}_p50_vs_bare"] = endpoints.get(name, {}).get("p50_ratio")
+    return out
+
+
+def broken_steps(r: dict[str, Any]) -> list[str]:
+    """Steps that did not run properly (whatever their speed): a smoke run fails on them."""
+    out = []
+    trivial = r["endpoints"]["trivial"]["serve"]
+    for phase in ("sequential", "open_loop", "closed_loop"):
+        if not trivial[phase]["ok"]:
+            out.append(f"trivial Serve app: no answer in the {phase}")
+    for name, b in r["batches"].items():
+        if not b["complete"]:
+            out.append(f"POST {BATCHES[name][0]}: incomplete answer {b}")
+        if not b["singles"]["ok"]:
+            out.append(f"{name}: no single request answered during the batch")
+    if not r["ingest"]["accepted_events"]:
+        out.append(f"POST /v1/events: no event accepted ({r['ingest']['statuses']})")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -774,6 +1243,8 @@ def main(argv: list[str] | None = None) -> int:
             print("setup:", flush=True)
             ready = prepare(args, platform, tmp, bare)
             endpoints = measure_all(args, ready)
+            batches = measure_batches(args, ready)
+            ingest = measure_ingest(args, ready)  # last: it changes the live users
         finally:
             for proc in bare:
                 stop_process(proc)
@@ -781,7 +1252,11 @@ def main(argv: list[str] | None = None) -> int:
 
     result: dict[str, Any] = {
         "smoke": args.smoke,
+        "summary": summary_of(endpoints, batches, ingest, ready.answers_match),
+        "summary_targets": {key: goal(key) for key in GOALS} | {"answers_match_bare": "all"},
         "endpoints": endpoints,
+        "batches": batches,
+        "ingest": ingest,
         "targets": TARGETS,
         "setup": ready.setup,
         "answers_match": ready.answers_match,
@@ -795,11 +1270,17 @@ def main(argv: list[str] | None = None) -> int:
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }
     result["total_s"] = time.perf_counter() - started
+    result["summary_pass"] = {key: meets(key, result["summary"][key]) for key in GOALS} | {
+        "answers_match_bare": result["summary"]["answers_match_bare"]
+    }
     json_path, _ = write(result, args.out)
     print()
     print(markdown(result))
     print(f"JSON: {json_path.resolve()}")
-    return 0
+    broken = broken_steps(result)
+    for problem in broken:
+        print(f"step not run properly: {problem}", file=sys.stderr)
+    return 1 if broken and args.smoke else 0
 
 
 if __name__ == "__main__":

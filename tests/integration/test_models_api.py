@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -17,6 +18,7 @@ from cluster.replay import replay_history
 from cluster.train import TrainReport, simulated_history, train_and_register
 from models.registry import ModelRegistry
 from models.training import ChurnPlan
+from serving.models import CHUNK_USERS
 from tests.support.events import event
 from tests.support.waiting import wait_until
 
@@ -120,6 +122,30 @@ def test_batch_churn_answers_each_user_in_order(
     results = api.post("/v1/churn", json={"user_ids": [*users, "nobody"]}).json()["results"]
     assert [r.get("user_id") for r in results[:-1]] == users
     assert results[-1]["error"] == "unknown_user"
+
+
+def test_a_batch_over_several_chunks_answers_as_single_requests_do(
+    api: httpx.Client, trained: TrainReport, history: pd.DataFrame
+) -> None:
+    users = sorted(set(history["user_id"]))
+    users = [*users, *users][: CHUNK_USERS * 2 + 7]  # three chunks, users repeated
+    with ThreadPoolExecutor(2) as pool:
+        batches = [
+            pool.submit(api.post, "/v1/personalize", json={"user_ids": users, "k": 3}),
+            pool.submit(api.post, "/v1/churn", json={"user_ids": users}),
+        ]
+        # Single requests are answered while the batches run (not queued behind them).
+        singles = [api.get(f"/v1/churn/{u}").status_code for u in users[:20]]
+        top, churn = (b.result().json()["results"] for b in batches)
+    assert singles == [200] * 20
+    assert [r["user_id"] for r in top] == users == [r["user_id"] for r in churn]
+    for i in (0, CHUNK_USERS, len(users) - 1):  # one user of each chunk
+        one = api.get(f"/v1/personalize/{users[i]}", params={"k": 3}).json()
+        assert [x["item_id"] for x in top[i]["items"]] == [x["item_id"] for x in one["items"]]
+        assert (
+            churn[i]["churn_probability"]
+            == api.get(f"/v1/churn/{users[i]}").json()["churn_probability"]
+        )
 
 
 def test_recommendations_skip_seen_items_and_say_why(

@@ -59,6 +59,23 @@ def test_requests_without_a_key_get_401_saying_how_to_send_one(anonymous: httpx.
         assert answer.headers["www-authenticate"] == "Bearer"
 
 
+def test_the_key_is_checked_before_the_body_is_read(
+    anonymous: httpx.Client, store: KeyStore
+) -> None:
+    """A refused caller costs no body read or JSON parse: 401/403, never 422."""
+    junk = b'{"not json'
+    reader = {"X-API-Key": _new_key(store, anonymous, Scope.READ)}
+    for path in ("/v1/churn", "/v1/personalize", "/v1/models/churn/promote", "/v1/shards"):
+        refused = anonymous.post(path, content=junk, headers={"Content-Type": "application/json"})
+        assert refused.status_code == 401, (path, refused.text)
+        assert refused.json()["reason"] == "missing_key"
+    for path in ("/v1/models/churn/promote", "/v1/shards", "/v1/events"):
+        refused = anonymous.post(path, content=junk, headers=reader)
+        assert refused.status_code == 403, (path, refused.text)
+    for path in ("/v1/churn", "/v1/personalize"):  # admitted: now the body is read, and refused
+        assert anonymous.post(path, content=junk, headers=reader).status_code == 422, path
+
+
 def test_a_wrong_or_malformed_key_gets_401(anonymous: httpx.Client, api_key: str) -> None:
     forged = api_key[:-4] + ("AAAA" if not api_key.endswith("AAAA") else "BBBB")
     for key in (forged, "aud_0000000000000000_nope", "not-a-key"):

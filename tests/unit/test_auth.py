@@ -7,9 +7,8 @@ import json
 import os
 import re
 import stat
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -352,20 +351,13 @@ ADMIN_ONLY = {
 
 
 def test_every_route_but_the_probe_and_the_dashboard_files_needs_a_scope() -> None:
-    from fastapi.routing import APIRoute
-
-    from serving.app import RequireScope, app
-
-    def walk(routes: list[Any]) -> Iterator[APIRoute]:  # Serve mounts the class view's router
-        for route in routes:
-            if isinstance(route, APIRoute):
-                yield route
-            inner = getattr(route, "original_router", None) or getattr(route, "router", None)
-            if inner is not None:
-                yield from walk(inner.routes)
+    from serving.access import RequireScope, api_routes
+    from serving.app import app
+    from serving.model_routes import churn_api, personalize_api
 
     seen = set()
-    for route in walk(app.routes):
+    gateway = list(api_routes(app.routes))
+    for route in [*gateway, *api_routes(churn_api.routes), *api_routes(personalize_api.routes)]:
         if route.path in SIGNED:
             continue
         checks = [d.call for d in route.dependant.dependencies if isinstance(d.call, RequireScope)]
@@ -386,5 +378,9 @@ def test_every_route_but_the_probe_and_the_dashboard_files_needs_a_scope() -> No
             if check.dashboard:
                 assert method == "GET" and route.path.startswith(("/v1/status", "/v1/insights/"))
     assert ("POST", "/v1/events") in seen and ("GET", "/healthz") in seen
+    assert ("GET", "/v1/churn/{user_id}") in seen and ("POST", "/v1/personalize") in seen
+    # The model apps' routes are the gateway's (one definition, documented there).
+    for model_api in (churn_api, personalize_api):
+        assert {r.path for r in api_routes(model_api.routes)} <= {r.path for r in gateway}
     schema = app.openapi()
     assert {"HTTPBearer", "APIKeyHeader"} <= set(schema["components"]["securitySchemes"])

@@ -30,6 +30,9 @@ from cluster import k8s
 from cluster.launcher import pool_spec_of
 from cluster.serve_fast_path import SWITCHES
 from cluster.settings import Settings
+from serving.app import GATEWAY_APP
+from serving.model_routes import CHURN_PREFIX, PERSONALIZE_PREFIX
+from serving.models import CHURN_APP, MODEL_APPS, PERSONALIZE_APP
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -54,9 +57,21 @@ def _serve_config() -> dict[str, Any]:
     return config
 
 
-def _application() -> dict[str, Any]:
-    (app,) = _serve_config()["applications"]
+def _applications() -> list[dict[str, Any]]:
+    apps: list[dict[str, Any]] = _serve_config()["applications"]
+    return apps
+
+
+def _application(name: str = GATEWAY_APP) -> dict[str, Any]:
+    (app,) = [a for a in _applications() if a["name"] == name]
     return app
+
+
+def _deployments() -> list[dict[str, Any]]:
+    return [d for app in _applications() for d in app["deployments"]]
+
+
+BUILDERS = {GATEWAY_APP: "app", CHURN_APP: "churn_app", PERSONALIZE_APP: "personalize_app"}
 
 
 def _pod_specs() -> list[dict[str, Any]]:
@@ -159,8 +174,17 @@ def test_the_rayservice_is_kuberays_v1_api() -> None:
 
 def test_serve_config_validates_against_ray_serves_own_schema() -> None:
     schema = ServeDeploySchema.model_validate(_serve_config())
-    assert [app.name for app in schema.applications] == ["audience"]
-    assert schema.applications[0].route_prefix == "/"
+    prefixes = {app.name: app.route_prefix for app in schema.applications}
+    assert prefixes == {
+        GATEWAY_APP: "/",
+        CHURN_APP: CHURN_PREFIX,
+        PERSONALIZE_APP: PERSONALIZE_PREFIX,
+    }
+
+
+def test_every_application_has_the_same_serve_settings() -> None:
+    (first, *others) = [app["runtime_env"] for app in _applications()]
+    assert others and all(env == first for env in others)
 
 
 def _unknown(keys: dict[str, Any], model: Any) -> set[str]:
@@ -172,27 +196,29 @@ def test_serve_config_has_no_keys_ray_serve_would_ignore() -> None:
     # Serve's schema ignores unknown keys: a misspelt option would pass silently.
     config = _serve_config()
     assert not _unknown(config, ServeDeploySchema)
-    assert not _unknown(_application(), ServeApplicationSchema)
-    for deployment in _application()["deployments"]:
+    for app in _applications():
+        assert not _unknown(app, ServeApplicationSchema), app["name"]
+    for deployment in _deployments():
         assert not _unknown(deployment, DeploymentSchema), deployment["name"]
         assert not _unknown(deployment["autoscaling_config"], AutoscalingConfig)
 
 
 def test_every_deployment_autoscales_within_sane_bounds() -> None:
-    for deployment in _application()["deployments"]:
+    for deployment in _deployments():
         # The schema keeps autoscaling_config a dict: validate it as Serve will.
         scaling = AutoscalingConfig.model_validate(deployment["autoscaling_config"])
         assert 1 <= scaling.min_replicas <= scaling.max_replicas, deployment["name"]
         assert scaling.target_ongoing_requests <= deployment["max_ongoing_requests"]
 
 
-def test_import_path_names_an_application_builder() -> None:
-    module_name, _, attribute = _application()["import_path"].partition(":")
-    builder = getattr(importlib.import_module(module_name), attribute)
-    # What Serve requires of a builder: a plain function of exactly one argument.
-    assert isinstance(builder, FunctionType)
-    assert len(inspect.signature(builder).parameters) == 1
-    assert builder is k8s.app
+def test_import_paths_name_the_application_builders() -> None:
+    for app in _applications():
+        module_name, _, attribute = app["import_path"].partition(":")
+        builder = getattr(importlib.import_module(module_name), attribute)
+        # What Serve requires of a builder: a plain function of exactly one argument.
+        assert isinstance(builder, FunctionType)
+        assert len(inspect.signature(builder).parameters) == 1
+        assert builder is getattr(k8s, BUILDERS[app["name"]])
 
 
 def test_serve_calls_the_builder_with_the_configs_args_and_gets_the_app(
@@ -208,24 +234,39 @@ def test_serve_calls_the_builder_with_the_configs_args_and_gets_the_app(
     (settings,) = started
     assert settings.nats_url == cluster_env["AUDIENCE_NATS_URL"]
     assert not ray.is_initialized()
+    for name in (CHURN_APP, PERSONALIZE_APP):  # the model builders only build
+        builder = getattr(k8s, BUILDERS[name])
+        model_app = call_user_app_builder_with_args_if_necessary(builder, args)
+        assert isinstance(model_app, Application)
+    assert len(started) == 1
+
+
+def test_without_models_there_is_no_model_application(cluster_env: dict[str, str]) -> None:
+    with pytest.raises(AudienceError, match="audience-churn"):
+        k8s.application(k8s.settings_from({"serve_models": False}), CHURN_APP)
+
+
+def _built(name: str) -> Any:
+    return build_app(
+        k8s.application(k8s.settings_from({}), name),
+        name=name,
+        make_deployment_handle=lambda deployment, app: None,
+    )
 
 
 def test_configured_deployments_are_the_applications_deployments(
     cluster_env: dict[str, str],
 ) -> None:
-    built = build_app(
-        k8s.application(k8s.settings_from({})),
-        name="audience",
-        make_deployment_handle=lambda deployment, app: None,
-    )
-    in_app = {d.name for d in built.deployments}
-    configured = {d["name"] for d in _application()["deployments"]}
-    assert in_app == configured == {"ApiGateway", "ChurnScorer", "Personalizer"}
-    assert built.ingress_deployment_name == "ApiGateway"
+    ingress = {GATEWAY_APP: "ApiGateway"} | {app: d for d, app in MODEL_APPS.values()}
+    for app in _applications():
+        built = _built(app["name"])
+        configured = {d["name"] for d in app["deployments"]}
+        assert {d.name for d in built.deployments} == configured == {ingress[app["name"]]}
+        assert built.ingress_deployment_name == ingress[app["name"]]
 
 
 def test_model_deployments_follow_the_registry_unless_pinned() -> None:
-    for deployment in _application()["deployments"]:
+    for deployment in _deployments():
         if deployment["name"] in ("ChurnScorer", "Personalizer"):
             assert deployment["user_config"] == {"version": "current"}
 
@@ -472,12 +513,13 @@ def test_the_smallest_ray_cluster_holds_the_smallest_platform_and_the_largest_th
     cluster_env: dict[str, str],
 ) -> None:
     settings = k8s.settings_from({})
-    built = build_app(
-        k8s.application(settings), name="audience", make_deployment_handle=lambda d, a: None
-    )
-    replica_cpus = {d.name: d.ray_actor_options["num_cpus"] for d in built.deployments}
+    replica_cpus = {
+        d.name: d.ray_actor_options["num_cpus"]
+        for app in _applications()
+        for d in _built(app["name"]).deployments
+    }
     shards = settings.shards * pool_spec_of(settings, settings.nats_url).shard_cpus
-    scaling = {d["name"]: d["autoscaling_config"] for d in _application()["deployments"]}
+    scaling = {d["name"]: d["autoscaling_config"] for d in _deployments()}
 
     def need(bound: str) -> float:
         return shards + sum(cpus * scaling[n][bound] for n, cpus in replica_cpus.items())

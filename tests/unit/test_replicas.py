@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from actors.pool import PoolSpec
 from cluster.launcher import replicas_of
 from cluster.settings import Settings
-from serving.app import ApiGateway
+from serving.app import ApiGateway, GatewayConfig, build_apps
+from serving.models import ModelsConfig
 from serving.replicas import ReplicaScaling
 
 
@@ -31,3 +33,14 @@ def test_impossible_replica_bounds_are_refused() -> None:
         ReplicaScaling(min_replicas=3, max_replicas=2)
     with pytest.raises(ValueError, match="serve_min_replicas"):
         Settings(serve_min_replicas=3, serve_max_replicas=2)
+
+
+def test_access_logs_are_a_setting_of_every_deployment() -> None:
+    config = GatewayConfig(pool=PoolSpec(8, 1, "nats://127.0.0.1:4222", "EVENTS"))
+    models = ModelsConfig(pool=config.pool, registry="/tmp/registry")
+    for flag in (True, False):
+        apps = build_apps(config, models, access_logs=flag)
+        assert len(apps) == 3
+        for one in apps:
+            logging = one.app._bound_deployment.logging_config
+            assert logging["enable_access_log"] is flag, one.name

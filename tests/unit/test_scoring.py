@@ -11,7 +11,14 @@ from models.candidates import PAIR_FEATURES, ItemIndex, pair_columns
 from models.churn import ChurnModel
 from models.features import BEHAVIOUR_FEATURES, TraitEncoder, user_schema
 from models.ranker import Ranker
-from models.scoring import CandidateLimits, churn_answers, propose, rank_items, recommend
+from models.scoring import (
+    CandidateLimits,
+    churn_answers,
+    propose,
+    rank_items,
+    recommend,
+    scores_many,
+)
 from tests.support.events import random_batch
 
 
@@ -122,3 +129,24 @@ def test_reranking_before_the_first_index_merge_keeps_the_order_instead_of_faili
             ("a", 0.0, False),
             ("b", 0.0, False),
         ]
+
+
+def test_a_batch_scored_in_one_model_call_answers_as_each_user_alone(
+    live: tuple[UserStateTable, ItemIndex],
+) -> None:
+    table, index = live
+    ranker = tiny_ranker()
+    users = [*table.users(4), "ghost"]  # a cold user is scored by popularity, not the model
+    rows = table.user_rows(users)
+    found = [propose(index, rows, i, CandidateLimits()) for i in range(len(users))]
+    items = [list(f) for f in found]
+    items[1] = []  # a user without candidates
+    scores = scores_many(ranker, index, rows, items)
+    assert [len(s) for s in scores] == [len(i) for i in items]
+    for i in range(len(users)):
+        alone = recommend(ranker, index, rows, i, dict.fromkeys(items[i], "x"), k=10)
+        batched = recommend(ranker, index, rows, i, dict.fromkeys(items[i], "x"), 10, scores[i])
+        assert batched == alone
+        assert rank_items(ranker, index, rows, i, items[i], scores[i]) == rank_items(
+            ranker, index, rows, i, items[i]
+        )

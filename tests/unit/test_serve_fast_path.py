@@ -7,9 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from cluster.serve_fast_path import SWITCHES, ServeFastPath, fast_path_env, short_folder
+from cluster.serve_fast_path import OWNER, SWITCHES, ServeFastPath, fast_path_env, short_folder
 
 NODE_ID = "f" * 56  # HAProxy's files go in a subfolder named by the Ray node's id
+
+
+@pytest.fixture(autouse=True)
+def own_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copy of the environment without Serve's settings (a test session may have set them)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_") and k != OWNER}
+    monkeypatch.setattr(os, "environ", clean)
 
 
 def test_each_instance_gets_its_own_files_and_ports() -> None:
@@ -43,8 +50,6 @@ def test_socket_paths_fit_haproxys_limit_with_the_node_folder() -> None:
 def test_apply_keeps_what_the_operator_set_and_undo_restores(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    for key in SWITCHES:
-        monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "18404")
     fast = ServeFastPath()
     applied = fast.apply()
@@ -57,17 +62,31 @@ def test_apply_keeps_what_the_operator_set_and_undo_restores(
     fast.undo()
     assert not any(key in os.environ for key in applied)
     assert os.environ["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404"
+    assert OWNER not in os.environ
     assert not folder.exists()
 
 
 def test_without_an_haproxy_binary_only_the_throughput_settings_are_set(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    for key in SWITCHES:
-        monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(tmp_path / "no-haproxy"))
     fast = ServeFastPath()
     assert fast.apply() == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
     assert not fast.haproxy
     fast.undo()
     assert "RAY_SERVE_THROUGHPUT_OPTIMIZED" not in os.environ
+
+
+def test_a_child_process_chooses_its_own_files_and_ports() -> None:
+    parent = ServeFastPath()
+    parent.apply()
+    os.environ[OWNER] = "1"  # as a child process sees its parent's choice: another pid
+    child = ServeFastPath()
+    try:
+        applied = child.apply()
+        assert applied["RAY_SERVE_HAPROXY_SOCKET_PATH"].startswith(str(child.folder))
+        assert child.folder != parent.folder
+        assert os.environ[OWNER] == str(os.getpid())
+    finally:
+        child.undo()
+        parent.undo()
