@@ -187,14 +187,18 @@ class ItemIndex:
             found.setdefault(p, "popular")
         return found
 
-    def top_partner(self, recent: Sequence[str], candidate: int) -> str | None:
-        """The recent item most co-visited with ``candidate``, for the reason text."""
+    def top_partners(self, recent: Sequence[str], candidates: np.ndarray) -> list[str | None]:
+        """Per candidate position, the recent item most co-visited with it (for the reason
+        text; the newest on ties), or None when none is; one lookup for all candidates."""
         at = self.positions(recent)
-        if not at.size:
-            return None
-        weights = self.covis(at, np.full(at.size, candidate))
-        best = int(np.argmax(weights))
-        return recent[best] if weights[best] > 0 else None
+        if not at.size or not len(candidates):
+            return [None] * len(candidates)
+        weights = self.covis(at[:, None], np.asarray(candidates, dtype=np.int64)[None, :])
+        best = np.argmax(weights, axis=0)
+        found = weights[best, np.arange(len(candidates))] > 0
+        return [
+            recent[b] if f else None for b, f in zip(best.tolist(), found.tolist(), strict=True)
+        ]
 
 
 def pair_columns(

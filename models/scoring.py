@@ -109,12 +109,17 @@ def recommend(
     if scores is None:
         scores = _scores(ranker, index, rows, user, positions)
     top = np.argsort(-scores, kind="stable")[:k]
+    top_list = top.tolist()
+    partners = (
+        index.top_partners(rows.recent[user], positions[top])
+        if rows.held[user]
+        else [None] * len(top_list)
+    )
     out = []
-    for i in top.tolist():
+    for i, partner in zip(top_list, partners, strict=True):
         why = candidates[items[i]]
-        if why.startswith("viewed with") and rows.held[user]:
-            partner = index.top_partner(rows.recent[user], int(positions[i]))
-            why = f"viewed with {partner}" if partner else why
+        if why.startswith("viewed with") and partner:
+            why = f"viewed with {partner}"
         out.append({"item_id": items[i], "score": float(scores[i]), "reason": why})
     return out
 

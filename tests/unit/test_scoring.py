@@ -150,3 +150,21 @@ def test_a_batch_scored_in_one_model_call_answers_as_each_user_alone(
         assert rank_items(ranker, index, rows, i, items[i], scores[i]) == rank_items(
             ranker, index, rows, i, items[i]
         )
+
+
+def test_each_top_item_names_the_recent_item_it_was_most_viewed_with(
+    live: tuple[UserStateTable, ItemIndex],
+) -> None:
+    table, index = live
+    for user in table.users(5):
+        recent = table.user_rows([user]).recent[0]
+        candidates = np.arange(len(index.items))
+        at = index.positions(recent)
+        want = []  # one candidate at a time, as the reason text asks
+        for c in candidates.tolist():
+            weights = index.covis(at, np.full(at.size, c))
+            best = int(np.argmax(weights)) if at.size else 0
+            want.append(recent[best] if at.size and weights[best] > 0 else None)
+        assert index.top_partners(recent, candidates) == want
+        assert any(want)
+    assert index.top_partners([], candidates[:3]) == [None, None, None]
