@@ -13,7 +13,7 @@ are the same on every route, whichever replica answers it.
 
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Protocol, cast
 
@@ -57,7 +57,7 @@ _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: 
 _key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key.")
 
 
-def _one_key(keys: Iterator[str | None]) -> str | None:
+def _one_key(keys: Iterable[str | None]) -> str | None:
     sent = {k for k in keys if k}
     if len(sent) > 1:
         raise Unauthenticated("ambiguous_key", "two different API keys sent; send one")
@@ -81,7 +81,7 @@ class RequireScope:
         if ADMITTED in state:  # KeyCheck did it before the body was read
             record: KeyRecord | None = state[ADMITTED]
             return record
-        key = _one_key(iter((header, bearer.credentials if bearer is not None else None)))
+        key = _one_key((header, bearer.credentials if bearer is not None else None))
         return serving_replica().guard.admit(key, self.scope, public=self.dashboard)
 
 
@@ -138,7 +138,7 @@ def _presented_key(scope: Scope) -> str | None:
             scheme, _, credentials = value.decode("latin-1").partition(" ")
             if scheme.lower() == "bearer" and credentials:
                 bearer = credentials
-    return _one_key(iter((header, bearer)))
+    return _one_key((header, bearer))
 
 
 class KeyCheck:
@@ -215,22 +215,18 @@ class FullPath:
         await self.app(scope, receive, send)
 
 
-def api_app(
-    *, mounted_under_prefix: bool = False, body_limit: Callable[[str], int] | None = None, **kw: Any
-) -> FastAPI:
+def api_app(*, mounted_under_prefix: bool = False, **kw: Any) -> FastAPI:
     """A FastAPI app with the shared plumbing: error answers, timing, body limits, key checks.
 
-    Middleware runs outermost first: the key check, then the body limit, then the timer.
-    ``mounted_under_prefix``: the app is a Serve application with a route prefix
-    (:class:`FullPath`). ``body_limit``: the byte limit per path; by default the
-    replica's :meth:`ServingReplica.body_limit`.
+    Middleware runs outermost first: the key check, then the body limit (the replica's
+    :meth:`ServingReplica.body_limit`), then the timer. ``mounted_under_prefix``: the
+    app is a Serve application with a route prefix (:class:`FullPath`).
     """
     app = FastAPI(**kw)
     install_error_handlers(app)
 
     def limit_for(scope: dict[str, Any]) -> int:
-        path = scope.get("path", "")
-        return body_limit(path) if body_limit is not None else serving_replica().body_limit(path)
+        return serving_replica().body_limit(scope.get("path", ""))
 
     app.add_middleware(Timed)
     app.add_middleware(BodyLimit, limit_for=limit_for)

@@ -9,7 +9,7 @@ when the platform serves no models. The routes call the replica they run in
 :func:`serving.access.api_app`, as for every other route.
 """
 
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, Protocol, cast
 
 import orjson
 from fastapi import APIRouter, FastAPI, Path, Query
@@ -48,9 +48,12 @@ class ModelAnswers(Protocol):
 
 
 def _models() -> ModelAnswers:
-    replica: Any = serving_replica()
-    models: ModelAnswers = replica
-    return models
+    return cast(ModelAnswers, serving_replica())
+
+
+def _json(document: Any) -> Response:
+    """``document`` as JSON (orjson: answers carry many floats)."""
+    return Response(orjson.dumps(document), media_type="application/json")
 
 
 def model_answer(answer: dict[str, Any]) -> Response:
@@ -62,7 +65,7 @@ def model_answer(answer: dict[str, Any]) -> Response:
         return JSONResponse(
             {"detail": answer.get("detail")}, status_code=503, headers={"Retry-After": "5"}
         )
-    return Response(orjson.dumps(answer), media_type="application/json")
+    return _json(answer)
 
 
 churn_routes = APIRouter()
@@ -94,7 +97,7 @@ async def churn_many(body: ChurnBatchRequest) -> Any:
     unavailable = next((a for a in answers if a.get("error") == "unavailable"), None)
     if unavailable is not None:
         return model_answer(unavailable)
-    return Response(orjson.dumps({"results": answers}), media_type="application/json")
+    return _json({"results": answers})
 
 
 @personalize_routes.get(
@@ -117,8 +120,7 @@ async def personalize_one(
 )
 async def personalize_many(body: PersonalizeBatchRequest) -> Any:
     """One answer per user id, in order (see the single-user endpoint)."""
-    answers = await _models().top_items(list(body.user_ids), body.k)
-    return Response(orjson.dumps({"results": answers}), media_type="application/json")
+    return _json({"results": await _models().top_items(list(body.user_ids), body.k)})
 
 
 @personalize_routes.post(

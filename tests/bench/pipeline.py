@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -127,33 +128,32 @@ def run_references(
     gc.unfreeze()
     del sample
     py = args.reference_python
-    if args.skip_bytewax:
-        out["bytewax"] = {"events_per_s": None, "reason": "--skip-bytewax"}
-    elif not Path(py).exists():
-        out["bytewax"] = {"events_per_s": None, "reason": f"no reference python at {py}"}
-    else:
+
+    def engine(skipped: bool, flag: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """A reference engine's result, or why it did not run (skipped, no interpreter)."""
+        if skipped:
+            return {"events_per_s": None, "reason": flag}
+        if not Path(py).exists():
+            return {"events_per_s": None, "reason": f"no reference python at {py}"}
         quiet = wait_for_quiet()
-        out["bytewax"] = references.bytewax(py, small_parts) | {"background_busy": quiet}
+        return run() | {"background_busy": quiet}
+
+    small, every = folder / "small", folder / "all"
+    out["bytewax"] = engine(
+        args.skip_bytewax, "--skip-bytewax", lambda: references.bytewax(py, small_parts)
+    )
     print(f"  bytewax {out['bytewax'].get('events_per_s') or out['bytewax'].get('reason')}")
-    if args.skip_flink:
-        out["flink"] = {"events_per_s": None, "reason": "--skip-flink"}
-    elif not Path(py).exists():
-        out["flink"] = {"events_per_s": None, "reason": f"no reference python at {py}"}
-    else:
-        quiet = wait_for_quiet()
-        out["flink"] = references.flink(
-            py, folder / "small", small_events, folder / "all", workload.events
-        ) | {"background_busy": quiet}
+    out["flink"] = engine(
+        args.skip_flink,
+        "--skip-flink",
+        lambda: references.flink(py, small, small_events, every, workload.events),
+    )
     print(f"  flink {out['flink'].get('events_per_s') or out['flink'].get('reason')}")
-    if args.skip_flink:
-        out["flink_same_work"] = {"events_per_s": None, "reason": "--skip-flink"}
-    elif not Path(py).exists():
-        out["flink_same_work"] = {"events_per_s": None, "reason": f"no reference python at {py}"}
-    else:
-        quiet = wait_for_quiet()
-        out["flink_same_work"] = references.flink_same_work(
-            py, folder / "small", small_events, folder / "all", workload.events
-        ) | {"background_busy": quiet}
+    out["flink_same_work"] = engine(
+        args.skip_flink,
+        "--skip-flink",
+        lambda: references.flink_same_work(py, small, small_events, every, workload.events),
+    )
     same = out["flink_same_work"]
     print(f"  flink same work {same.get('events_per_s') or same.get('reason')}")
     return out
