@@ -40,6 +40,8 @@ from actors.layout import Layout
 from actors.nats_auth import NatsCredentials
 from actors.partitioning import partition_of
 from actors.shard_actor import ShardActor
+from actors.shard_queries import METHODS as NATS_READS
+from actors.shard_queries import QueryClient
 from actors.state import StateRules, UserRows
 from actors.validation import ValidationPolicy
 from actors.windows import WindowConfig
@@ -109,6 +111,7 @@ class ShardPool:
         self._created: list[ActorHandle] = []
         self._refreshed_at = time.monotonic()
         self._rescaling: asyncio.Lock | None = None
+        self.queries: QueryClient | None = None  # per-request reads over NATS, if asked
 
     @classmethod
     def create(
@@ -153,13 +156,18 @@ class ShardPool:
         return pool
 
     @classmethod
-    def connect(cls, spec: PoolSpec) -> ShardPool:
-        """Handles to a pool another process created (its layout is read on first use)."""
+    def connect(cls, spec: PoolSpec, queries: QueryClient | None = None) -> ShardPool:
+        """Handles to a pool another process created (its layout is read on first use).
+
+        ``queries``: ask the per-request reads (``user_rows``, ``seen``) over NATS
+        (:mod:`actors.shard_queries`), falling back to Ray calls when NATS cannot answer.
+        """
         handles = _running(spec)
         if not handles:
             raise AudienceError(f"no shard of pool {spec.name!r} is running")
         pool = cls(spec, handles, Layout.initial(spec.partitions, len(handles)))
         pool._refreshed_at = 0.0  # the initial layout is a guess: read the real one first
+        pool.queries = queries
         return pool
 
     async def refresh(self) -> bool:
@@ -203,9 +211,17 @@ class ShardPool:
             await self.refresh()
 
     async def _call(self, shard: int, method: str, *args: Any) -> Any:
-        """Call ``method`` on a shard; a dead or restarting actor is "recovering"."""
+        """Call ``method`` on a shard; a dead or restarting actor is "recovering".
+
+        The per-request reads go over NATS first when the pool was given a
+        :class:`QueryClient`; the Ray call answers when NATS cannot.
+        """
         if shard >= len(self.handles):
             raise ShardRecovering(shard, "the shard is not found yet")
+        if self.queries is not None and method in NATS_READS:
+            answered, value = await self.queries.ask(shard, method, args[0])
+            if answered:
+                return value
         try:
             return await getattr(self.handles[shard], method).remote(*args)
         except RayActorError as exc:  # ActorDiedError, ActorUnavailableError

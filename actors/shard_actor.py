@@ -38,6 +38,8 @@ from typing import Any
 import numpy as np
 import ray
 from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
@@ -61,6 +63,7 @@ from actors.nats_auth import NatsCredentials
 from actors.nats_auth import connect as nats_connect
 from actors.partitioning import events_subject
 from actors.shard import Shard, encode_partitions, partition_configs
+from actors.shard_queries import query_subject, respond
 from actors.state import StateRules, UserRows
 from actors.validation import Rejection, ValidationPolicy
 from actors.windows import WindowConfig
@@ -147,6 +150,7 @@ class ShardActor:
         self.layout: Layout | None = None  # what this shard follows (owns by)
         self.settled_layout: Layout | None = None  # what it tells pools to route by
         self._nc: Client | None = None
+        self._queries: Subscription | None = None  # per-request reads over NATS
         self._js: JetStreamContext | None = None
         self._reader: StreamReader | None = None
         self._loop_task: asyncio.Task[None] | None = None
@@ -195,6 +199,9 @@ class ShardActor:
                 max_reconnect_attempts=-1,
                 reconnected_cb=self._reconnected,
             )
+        if self._queries is None:  # answered from the start: "recovering" until caught up
+            subject = query_subject(self.checkpoints.scope, self.shard_id)
+            self._queries = await self._nc.subscribe(subject, cb=self._answer_query)
         js = self._js = self._nc.jetstream()
         self._dead_letters = DeadLetters(js, origin=f"shard:{self.shard_id}")
         self._store = self.checkpoints.open(js)
@@ -720,6 +727,14 @@ class ShardActor:
     # The per-request reads record no Ray task events: at hundreds of requests a
     # second they would cost the shard, the caller and the GCS more than the read.
 
+    async def _answer_query(self, msg: Msg) -> None:
+        """A per-request read over NATS (:mod:`actors.shard_queries`), as its Ray call."""
+        await respond(msg, self._query)
+
+    def _query(self, method: str, arg: list[Any]) -> Any:
+        self._ready()
+        return self.shard.user_rows(arg) if method == "user_rows" else self.shard.seen(arg)
+
     async def users(self, limit: int) -> list[str]:
         """Up to ``limit`` ids of users this shard holds."""
         self._ready()
@@ -847,4 +862,4 @@ class ShardActor:
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._nc.close(), STOP_STEP_TIMEOUT_S)
-            self._nc = None
+            self._nc = self._queries = None

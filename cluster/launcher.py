@@ -273,6 +273,8 @@ def serve_apps_of(
             item_refresh_s=settings.item_index_refresh_s,
             auth=config.auth,
             max_json_body_bytes=settings.max_json_body_bytes,
+            nats_credentials=config.nats_credentials,
+            reads_over_nats=settings.shard_reads_over_nats,
         )
         if settings.serve_models
         else None

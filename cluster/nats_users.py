@@ -6,8 +6,10 @@ The roles, and what each may do (``permissions`` is the table, plain Python):
   and layout buckets with it, ``audience train --from-stream`` reads the stream with it.
 - ``shard``: consume the event stream (create, read and delete its consumers,
   read single messages), publish dead letters, read and write the snapshot
-  object store and the partition layout key-value bucket. It cannot publish
-  events nor create or delete streams or buckets (the launcher makes them).
+  object store and the partition layout key-value bucket, answer the
+  per-request reads on ``audience.query.>`` (:mod:`actors.shard_queries`). It
+  cannot publish events nor create or delete streams or buckets (the launcher
+  makes them).
 - ``api``: publish events (ingest, deletions) and their dead letters, publish
   alerts, read the streams' info (dead-letter counts) and single event
   messages (the retention check times the oldest one a restore needs). It
@@ -30,9 +32,11 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from actors.nats_auth import NatsCredentials
 from actors.partitioning import ALERTS_SUBJECT_PREFIX, EVENTS_SUBJECT_PREFIX, dlq_subject
+from actors.shard_queries import QUERY_SUBJECT_PREFIX
 from actors.validation import RejectReason
 
 ROLES = ("admin", "api", "shard", "producer")
@@ -55,13 +59,17 @@ class Permissions:
 
     publish: tuple[str, ...]
     subscribe: tuple[str, ...]
+    allow_responses: bool = False  # may answer the requests it receives (one reply each)
 
-    def as_config(self) -> dict[str, dict[str, list[str]]]:
+    def as_config(self) -> dict[str, Any]:
         """The ``permissions`` block of a nats-server user (repeats dropped)."""
-        return {
+        block: dict[str, Any] = {
             "publish": {"allow": list(dict.fromkeys(self.publish))},
             "subscribe": {"allow": list(dict.fromkeys(self.subscribe))},
         }
+        if self.allow_responses:
+            block["allow_responses"] = True
+        return block
 
 
 def inbox_prefix(role: str) -> str:
@@ -109,6 +117,7 @@ def permissions(role: str, names: AccessNames | None = None) -> Permissions:
                 events,
                 *dead_letters,
                 f"{ALERTS_SUBJECT_PREFIX}.>",
+                f"{QUERY_SUBJECT_PREFIX}.>",  # per-request reads of the shards
                 f"$JS.API.STREAM.INFO.{names.events}",
                 f"$JS.API.STREAM.MSG.GET.{names.events}",
                 f"$JS.API.STREAM.INFO.{names.dlq}",
@@ -128,7 +137,8 @@ def permissions(role: str, names: AccessNames | None = None) -> Permissions:
                 f"$KV.{names.layout}.>",  # the partition layout (compare-and-set writes)
                 *_consume(layout),
             ),
-            subscribe=(inbox,),
+            subscribe=(inbox, f"{QUERY_SUBJECT_PREFIX}.>"),
+            allow_responses=True,  # the answers to those reads
         )
     raise ValueError(f"unknown NATS role {role!r}; roles are {', '.join(ROLES)}")
 

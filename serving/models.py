@@ -12,8 +12,9 @@ Each deployment is the HTTP ingress of its own Serve application
 (:mod:`serving.model_routes`): ``/v1/churn`` and ``/v1/personalize`` reach the
 model replica straight from Serve's ingress, with the gateway's keys, limits and
 error answers. Requests are grouped with ``@serve.batch``; each batch costs one
-call per shard involved for the users' rows (plus one for the seen-items check of
-a top-k).
+read per shard involved for the users' rows (plus one for the seen-items check of
+a top-k), asked over NATS (:mod:`actors.shard_queries`; ~0.3 ms instead of a Ray
+call's ~2 ms here).
 """
 
 import asyncio
@@ -27,7 +28,9 @@ from typing import Any
 from ray import serve
 
 from actors.latency import LatencyRing
+from actors.nats_auth import NatsCredentials
 from actors.pool import PoolSpec, ShardPool
+from actors.shard_queries import QueryClient
 from models.booster import ArtifactError
 from models.candidates import ItemIndex
 from models.churn import KIND as CHURN
@@ -74,6 +77,20 @@ class ModelsConfig:
     limits: CandidateLimits = field(default_factory=CandidateLimits)
     auth: AuthConfig = field(default_factory=AuthConfig)  # the gateway's, as handed down
     max_json_body_bytes: int = 1024 * 1024
+    nats_credentials: NatsCredentials | None = None  # the API's NATS login (api role)
+    reads_over_nats: bool = True  # ask the shards over NATS, Ray calls as the fallback
+
+    def connect_pool(self) -> ShardPool:
+        """The shard pool, asking its per-request reads over NATS if configured."""
+        queries = None
+        if self.reads_over_nats:
+            queries = QueryClient(self.pool.nats_url, self.nats_credentials, self.pool.scope)
+        return ShardPool.connect(self.pool, queries)
+
+
+def _read_counts(pool: ShardPool) -> dict[str, int] | None:
+    """How a replica's shard reads went: over NATS, or left to Ray calls (None: Ray only)."""
+    return pool.queries.counts() if pool.queries is not None else None
 
 
 class _Follower:
@@ -142,7 +159,7 @@ class ChurnScorer:
         self.config = config
         self.guard = Guard(config.auth)
         self.api_latency = LatencyRing()
-        self.pool = ShardPool.connect(config.pool)
+        self.pool = config.connect_pool()
         self.follower = _Follower(config, CHURN, FEATURES_VERSION)
 
     def body_limit(self, path: str) -> int:
@@ -187,6 +204,7 @@ class ChurnScorer:
         return {
             "version": self.follower.version,
             "problem": self.follower.problem,
+            "shard_reads": _read_counts(self.pool),
             "api_latency_ms": self.api_latency.percentiles(),
         }
 
@@ -210,7 +228,7 @@ class Personalizer:
         self.config = config
         self.guard = Guard(config.auth)
         self.api_latency = LatencyRing()
-        self.pool = ShardPool.connect(config.pool)
+        self.pool = config.connect_pool()
         self.follower = _Follower(config, PERSONALIZATION, pair_schema().version)
         self.index = ItemIndex.empty()
         self.index_at = 0.0
@@ -344,5 +362,6 @@ class Personalizer:
             "problem": self.follower.problem,
             "items_indexed": len(self.index),
             "index_age_s": round(time.time() - self.index_at, 1) if self.index_at else None,
+            "shard_reads": _read_counts(self.pool),
             "api_latency_ms": self.api_latency.percentiles(),
         }

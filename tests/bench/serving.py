@@ -25,9 +25,18 @@ In the same run, against the same platform:
 - batch requests: one ``POST /v1/churn`` and one ``POST /v1/personalize`` for
   ``--batch-users`` users (1,000 by default), timed, while single GETs of the same
   endpoint go one after another (their p99: what a batch costs everyone else);
+- the ``/v1/personalize`` open loop again while ``audience simulate``'s publisher
+  (:func:`cluster.simulate.publish_simulation`, in a process of its own, signed in as
+  the producer) writes ``--under-ingest-rate`` events/s of the same users into the
+  stream, once the shards apply them steadily; with the freshness (JetStream store to
+  applied by the shard, per message) of the messages applied during that run;
 - HTTP ingest: ``POST /v1/events`` with ``--ingest-batch`` events per request and
   ``--ingest-concurrency`` requests in flight for ``--ingest-seconds``; the events
   accepted (202 answers only) per second. Last, since it changes the live users.
+
+The platform's CPU per request (Ray and NATS, ``own_other``) is also given net of
+an idle window: before each open and closed loop on the platform (model endpoints
+and trivial app), the same processes' CPU over as long a time with no request.
 
 Writes ``serving.json`` (with a flat ``summary`` of every target figure) and
 ``serving.md`` to ``--out``.
@@ -51,6 +60,7 @@ import contextlib
 import itertools
 import json
 import logging
+import multiprocessing
 import os
 import pickle
 import platform as host_platform
@@ -58,12 +68,15 @@ import random
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import traceback
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from importlib.metadata import version
+from multiprocessing.connection import Connection as Pipe
 from pathlib import Path
 from time import perf_counter
 from typing import Any, TypeVar
@@ -75,6 +88,7 @@ from cluster.launcher import Platform, policy_of
 from cluster.nats_server import free_port
 from cluster.replay import replay_history
 from cluster.settings import Settings
+from cluster.simulate import publish_simulation
 from cluster.train import simulated_history, train_and_register
 from models.candidates import ItemIndex
 from models.churn import KIND as CHURN
@@ -85,6 +99,7 @@ from models.scoring import CandidateLimits, propose
 from models.training import ChurnPlan
 from tests.bench.bare_scoring_app import SNAPSHOT_ENV, Snapshot
 from tests.bench.machine import CpuMeter, wait_for_quiet
+from tests.bench.phases import _percentiles, _Ring
 from tests.bench.pipeline import versions as pipeline_versions
 from tests.bench.report import _num, _verdict
 from tests.bench.trivial_serve_app import ROUTE_PREFIX as TRIVIAL_PREFIX
@@ -117,10 +132,16 @@ GOALS: dict[str, tuple[str, float]] = {
     "churn_batch_1000_s": ("<=", 1.5),
     "churn_single_p99_ms_during_batch": ("<=", 50.0),
     "http_ingest_events_per_s": (">=", 100_000.0),
+    "personalize_p99_ms_100rps_under_ingest": ("<=", 50.0),
 }
 SERVERS = ("platform", "bare")
 GRACE_S = 5.0  # open loop: how long unanswered requests may still come in after the last send
 KEEP_ALIVE_S = 90  # idle keep-alive of the bare app: Ray Serve's proxy default
+# Under ingest: the run starts once the shards apply STEADY_SHARE of the publish rate
+# over a STEADY_EVERY_S interval, or after STEADY_WAIT_S (the publisher's process starts
+# in a few seconds; a platform that never keeps up is measured anyway, and says so).
+STEADY_SHARE, STEADY_EVERY_S, STEADY_WAIT_S = 0.9, 1.0, 30.0
+FRESHNESS_EVERY_S = 0.5  # how often the shards' freshness rings are read (4,096 messages each)
 # --smoke: the defaults it changes (options given explicitly still win). Enough
 # simulated history for churn training to see churned and retained users; about a
 # second per loop; Ray Data's groupby shuffles into few partitions (its default of
@@ -138,6 +159,7 @@ SMOKE: dict[str, Any] = {
     "shuffle_partitions": 2,
     "batch_users": 50,
     "ingest_seconds": 1.0,
+    "under_ingest_rate": 2000.0,
 }
 # --quick: shorter loops than the default 30 s, for a developer's look (p99 from fewer requests).
 QUICK: dict[str, Any] = {"open_seconds": 10.0, "closed_seconds": 8.0, "ingest_seconds": 5.0}
@@ -190,6 +212,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ingest-seconds", type=float, default=10.0, help="HTTP ingest run")
     p.add_argument("--ingest-batch", type=int, default=500, help="events per POST /v1/events")
     p.add_argument("--ingest-concurrency", type=int, default=8, help="ingest requests in flight")
+    p.add_argument(
+        "--under-ingest-rate",
+        type=float,
+        default=20_000.0,
+        help="events/s `audience simulate` publishes during the repeated personalize open loop",
+    )
     first = p.parse_args(argv)
     if first.quick:
         p.set_defaults(**QUICK)
@@ -682,23 +710,51 @@ def run_async(coro: Awaitable[T]) -> T:
     return uvloop.run(coro)  # type: ignore[arg-type]
 
 
+async def idle_window(meter: CpuMeter, seconds: float) -> dict[str, float]:
+    """The CPU of the metered processes over ``seconds`` with no request: what a run's
+    CPU is taken net of (Ray's and NATS's own timers, health checks, metrics)."""
+    meter.start()
+    await asyncio.sleep(seconds)
+    return meter.stop()
+
+
 def measure(
-    port: int, requests: Sequence[bytes], args: argparse.Namespace, pids: dict[str, int]
+    port: int,
+    requests: Sequence[bytes],
+    args: argparse.Namespace,
+    pids: dict[str, int],
+    idle: bool = False,
 ) -> dict[str, Any]:
-    """Warm-up (one request at a time, kept as the unloaded latency), open loop, closed loop."""
+    """Warm-up (one request at a time, kept as the unloaded latency), open loop, closed loop;
+    with ``idle``, each loop just after an idle window of its length (``idle_cpu_s``)."""
 
     async def go() -> dict[str, Any]:
         sequential = await closed_loop(port, requests, 1, args.warmup_seconds, args.seed + 99)
         meter = CpuMeter(pids)
+        idle_open = await idle_window(meter, args.open_seconds) if idle else None
         meter.start()
         opened = await open_loop(port, requests, args.rate, args.open_seconds, args.seed)
-        opened["cpu_s"] = meter.stop()
+        opened["cpu_s"], opened["idle_cpu_s"] = meter.stop(), idle_open
+        idle_closed = await idle_window(meter, args.closed_seconds) if idle else None
         meter.start()
         closed = await closed_loop(port, requests, args.concurrency, args.closed_seconds, args.seed)
-        closed["cpu_s"] = meter.stop()
+        closed["cpu_s"], closed["idle_cpu_s"] = meter.stop(), idle_closed
         return {"sequential": sequential, "open_loop": opened, "closed_loop": closed}
 
     return run_async(go())
+
+
+def net_cpu_ms_per_request(run: dict[str, Any], who: str) -> float | None:
+    """``who``'s CPU ms per request of a run, less what it used in the idle window before.
+
+    The window is as long as the run's schedule, but the run lasts a little longer (its
+    last answers): the idle CPU is scaled to the run's wall time. None without a window.
+    """
+    idle = run.get("idle_cpu_s")
+    if not idle or not idle["wall_s"] or not run["requests"]:
+        return None
+    net = run["cpu_s"][who] - idle[who] * run["cpu_s"]["wall_s"] / idle["wall_s"]
+    return net * 1000 / run["requests"]
 
 
 # -- report ----------------------------------------------------------------------------
@@ -728,6 +784,13 @@ def _foreign(phase: dict[str, Any]) -> str:
     return f"other processes {cpu['foreign']:.1f} CPU s in {cpu['wall_s']:.0f} s"
 
 
+def _cpu(phase: dict[str, Any]) -> str:
+    """CPU ms per request, and net of the idle window before the run when there was one."""
+    net = phase.get("server_cpu_ms_per_request_net_of_idle")
+    idle = "" if net is None else f" ({_ms(net)} net of an idle window as long)"
+    return f"{_ms(phase['server_cpu_ms_per_request'])} ms per request{idle}"
+
+
 def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     """(metric, value, target, pass/fail, notes) for the Markdown table."""
     out = []
@@ -747,8 +810,7 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                 _verdict(p99_ok and not po["errors"]),
                 f"open loop, {po['requests']:,} requests in {po['seconds']:.1f} s "
                 f"(latency from the scheduled send); max {_ms(po['max_ms'])} ms; {_errors(po)}; "
-                f"platform CPU {_ms(po['server_cpu_ms_per_request'])} ms per request; "
-                f"{_foreign(po)}",
+                f"platform CPU {_cpu(po)}; {_foreign(po)}",
             )
         )
         out.append(
@@ -759,8 +821,8 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                 _verdict(pc["rps"] >= TARGETS["max_rps"] and not pc["errors"]),
                 f"closed loop, {conc} in flight, {pc['seconds']:.1f} s; p50 / p99 "
                 f"{_ms(pc['p50_ms'])} / {_ms(pc['p99_ms'])} ms; {_errors(pc)}; platform "
-                f"CPU {_ms(pc['server_cpu_ms_per_request'])} ms per request (bare app "
-                f"{_ms(bc['server_cpu_ms_per_request'])}); {_foreign(pc)}",
+                f"CPU {_cpu(pc)} (bare app {_ms(bc['server_cpu_ms_per_request'])}); "
+                f"{_foreign(pc)}",
             )
         )
         ratio = e["p50_ratio"]
@@ -788,7 +850,14 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                 f"{_ms(bc['p99_ms'])} ms, {_errors(bc)})",
             )
         )
-    return out + trivial_rows(r) + batch_rows(r) + ingest_rows(r) + answers_rows(r)
+    return (
+        out
+        + trivial_rows(r)
+        + batch_rows(r)
+        + under_ingest_rows(r)
+        + ingest_rows(r)
+        + answers_rows(r)
+    )
 
 
 def goal(key: str) -> str:
@@ -829,7 +898,7 @@ def trivial_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
             f"p50 / p99 at {rate:g} rps ({_errors(to)}, max {_ms(to['max_ms'])} ms, "
             f"{_foreign(to)}); max rps closed loop {conc} in flight (p50 / p99 "
             f"{_ms(tc['p50_ms'])} / {_ms(tc['p99_ms'])} ms, {_errors(tc)}); Ray CPU "
-            f"{_ms(tc['server_cpu_ms_per_request'])} ms per request",
+            f"{_cpu(tc)} closed loop, {_cpu(to)} at {rate:g} rps",
         ),
     ]
 
@@ -865,6 +934,47 @@ def batch_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
             )
         )
     return out
+
+
+def under_ingest_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """``/v1/personalize`` at ``--rate`` while ``audience simulate`` publishes, and the
+    freshness of the same window."""
+    u, key, s = r["under_ingest"], "personalize_p99_ms_100rps_under_ingest", r["summary"]
+    rate, pub, ramp = r["args"]["rate"], u["publisher"], u["ramp"]
+    fresh, f = u["freshness"], u["freshness"]["store_to_applied_ms"]
+    target = f"{u['target_events_per_s']:,.0f} events/s"
+    published = (
+        f"**publisher failed**: {str(pub['error'])[-300:]}"
+        if pub.get("error")
+        else f"{pub['events']:,} events in {pub['seconds']:.1f} s ({pub['rejected']} rejected)"
+    )
+    steady = "" if ramp["steady"] else "**not steady**: "
+    return [
+        (
+            f"/v1/personalize/{{user}} p50 / p99 ms at {rate:g} rps, {target} ingest",
+            f"{_ms(u['p50_ms'])} / {_ms(u['p99_ms'])}",
+            goal(key),
+            _verdict(meets(key, s[key]) and not u["errors"]),
+            f"open loop, {u['requests']:,} requests in {u['seconds']:.1f} s; max "
+            f"{_ms(u['max_ms'])} ms; {_errors(u)}; while `audience simulate` published "
+            f"{_num(s['under_ingest_published_events_per_s'])} events/s of {target} "
+            f"({published}; own process, the benchmark's users); {steady}started once the "
+            f"shards applied {ramp['applied_per_s_last']:,.0f} events/s (after "
+            f"{ramp['waited_s']:g} s), {_num(u['applied_events_per_s'])} events/s applied in "
+            f"the run; Ray/NATS CPU {u['cpu_s']['own_other']:.1f} s, publisher "
+            f"{u['cpu_s']['publisher']:.1f} s; {_foreign(u)}",
+        ),
+        (
+            f"freshness p99 ms during that run ({target})",
+            _ms(f["p99"]),
+            "",
+            "",
+            f"JetStream store -> applied by the shard, per message, the {fresh['messages']:,} "
+            f"messages applied during the run ({fresh['samples_lost']} not sampled); p50 "
+            f"{_ms(f['p50'])} ms, max {_ms(f['max'])} ms; the producer's send -> store "
+            "leg is not in it",
+        ),
+    ]
 
 
 def ingest_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
@@ -1080,7 +1190,9 @@ def measure_server(
     pids = {"bare_app": ready.bare_pid, "bench_client": os.getpid()}
     port = ready.bare_port if server == "bare" else ready.platform_port
     quiet = wait_for_quiet(max_wait_s=args.quiet_wait)
-    measured = measure(port, requests_for(path, ready.users, ready.api_key), args, pids)
+    requests = requests_for(path, ready.users, ready.api_key)
+    # Idle windows for Ray Serve only: the bare app's idle CPU is nil (one asleep process).
+    measured = measure(port, requests, args, pids, idle=server != "bare")
     measured["background_busy_before"] = quiet
     cpu_of = "bare_app" if server == "bare" else "own_other"  # own_other: Ray, NATS
     for phase in ("open_loop", "closed_loop"):
@@ -1088,6 +1200,7 @@ def measure_server(
         m["server_cpu_ms_per_request"] = (
             m["cpu_s"][cpu_of] * 1000 / m["requests"] if m["requests"] else None
         )
+        m["server_cpu_ms_per_request_net_of_idle"] = net_cpu_ms_per_request(m, cpu_of)
     o, c = measured["open_loop"], measured["closed_loop"]
     print(
         f"  {server:<8} {name:<11} at {args.rate:g} rps p50/p99 "
@@ -1137,6 +1250,205 @@ def measure_batches(args: argparse.Namespace, ready: Prepared) -> dict[str, dict
     return out
 
 
+def simulate_in_child(conn: Pipe, options: dict[str, Any]) -> None:
+    """Publisher process: ``audience simulate`` (:func:`publish_simulation` with
+    ``options``) until the parent sends anything or closes the pipe; then sends back
+    ``("done", report)``, or ``("error", traceback)``."""
+
+    async def go() -> dict[str, Any]:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def until_told() -> None:
+            with contextlib.suppress(EOFError, OSError):
+                conn.recv()
+            with contextlib.suppress(RuntimeError):  # the loop ended on its own
+                loop.call_soon_threadsafe(stop.set)
+
+        threading.Thread(target=until_told, daemon=True).start()
+        report = await publish_simulation(stop=stop, **options)
+        return asdict(report) | {"events_per_s": report.events_per_s}
+
+    try:
+        conn.send(("done", asyncio.run(go())))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+        raise
+
+
+class SimulationProcess:
+    """The parent's end of :func:`simulate_in_child`, in a spawned process (its CPU apart
+    from the load generator's, competing with the shards as a co-located producer would)."""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self.process = ctx.Process(
+            target=simulate_in_child, args=(child, options), name="bench-simulate"
+        )
+        self.process.start()
+        child.close()
+
+    @property
+    def pid(self) -> int:
+        assert self.process.pid is not None
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
+    def stop(self, timeout_s: float = 30.0) -> dict[str, Any]:
+        """Tell it to stop; its report (``error`` holds a traceback if it failed)."""
+        with contextlib.suppress(OSError):  # it may have ended already
+            self._conn.send("stop")
+        try:
+            if not self._conn.poll(timeout_s):
+                return {"error": f"no report within {timeout_s:g} s"}
+            kind, payload = self._conn.recv()
+        except (EOFError, OSError) as exc:
+            return {"error": f"no report: {exc!r} (exit code {self.process.exitcode})"}
+        finally:
+            self.process.join(10)
+            if self.process.is_alive():
+                self.process.terminate()
+                self.process.join(10)
+            self._conn.close()
+        return dict(payload) if kind == "done" else {"error": payload}
+
+
+async def shard_calls(handles: Sequence[Any], method: str) -> list[Any]:
+    """A shard actor method on every shard, in shard order."""
+    return list(await asyncio.gather(*(getattr(h, method).remote() for h in handles)))
+
+
+async def applied_by_shards(handles: Sequence[Any]) -> int:
+    """Events applied so far, from the shards' cheap counters (no JetStream round trip)."""
+    return sum(int(c["applied_events"]) for c in await shard_calls(handles, "counters"))
+
+
+async def until_steady(
+    handles: Sequence[Any], rate: float, alive: Callable[[], bool]
+) -> dict[str, Any]:
+    """Wait until the shards apply ``STEADY_SHARE`` of ``rate`` over ``STEADY_EVERY_S``
+    (the publisher runs steadily and the platform keeps up), at most ``STEADY_WAIT_S``."""
+    started = perf_counter()
+    last, at, seen = await applied_by_shards(handles), perf_counter(), 0.0
+    while perf_counter() - started < STEADY_WAIT_S and alive():
+        await asyncio.sleep(STEADY_EVERY_S)
+        applied, now = await applied_by_shards(handles), perf_counter()
+        seen, last, at = (applied - last) / (now - at), applied, now
+        if seen >= STEADY_SHARE * rate:
+            break
+    return {
+        "steady": seen >= STEADY_SHARE * rate,
+        "waited_s": round(perf_counter() - started, 2),
+        "applied_per_s_last": round(seen, 1),
+    }
+
+
+async def freshness_window(handles: Sequence[Any], stop: asyncio.Event) -> dict[str, Any]:
+    """The store-to-applied delays of the messages the shards apply from now until ``stop``.
+
+    The shards' freshness rings are cumulative (the latest 4,096 messages each): the first
+    read is the baseline, later ones keep only what is new; a read every
+    ``FRESHNESS_EVERY_S`` loses none unless a shard applies more messages meanwhile
+    (``samples_lost``). The last read is just after ``stop``.
+    """
+    rings = [_Ring() for _ in handles]
+    baseline = await shard_calls(handles, "freshness_ring")
+    for ring, (count, samples) in zip(rings, baseline, strict=True):
+        ring.new(count, samples)
+    for ring in rings:
+        ring.lost = 0
+    kept: list[np.ndarray] = []
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), FRESHNESS_EVERY_S)
+        reads = await shard_calls(handles, "freshness_ring")
+        kept += [ring.new(c, r) for ring, (c, r) in zip(rings, reads, strict=True)]
+        if stop.is_set():
+            break
+    delays = np.concatenate(kept) if kept else np.zeros(0)
+    return {
+        "messages": len(delays),
+        "samples_lost": sum(r.lost for r in rings),
+        "store_to_applied_ms": _percentiles(delays),
+    }
+
+
+async def open_loop_under_ingest(
+    port: int,
+    requests: Sequence[bytes],
+    args: argparse.Namespace,
+    handles: Sequence[Any],
+    publisher: SimulationProcess,
+    pids: dict[str, int],
+) -> dict[str, Any]:
+    """Once the ingest is steady: the open loop, with the events applied and the
+    freshness over the same window."""
+    ramp = await until_steady(handles, args.under_ingest_rate, publisher.alive)
+    stop = asyncio.Event()
+    applied = await applied_by_shards(handles)
+    watch = asyncio.create_task(freshness_window(handles, stop))
+    meter = CpuMeter(pids)
+    meter.start()
+    out = await open_loop(port, requests, args.rate, args.open_seconds, args.seed + 1)
+    out["cpu_s"] = meter.stop()
+    applied = await applied_by_shards(handles) - applied
+    stop.set()
+    out["freshness"] = await watch
+    out["ramp"] = ramp
+    out["applied_events"] = applied
+    out["applied_events_per_s"] = applied / out["cpu_s"]["wall_s"] if applied else 0.0
+    return out
+
+
+def measure_under_ingest(
+    args: argparse.Namespace, ready: Prepared, platform: Platform
+) -> dict[str, Any]:
+    """``/v1/personalize``'s open loop at ``--rate`` while ``audience simulate`` publishes
+    ``--under-ingest-rate`` events/s of the benchmark's simulated users (the requested live
+    users among them: their state changes while they are read); then the publisher stops."""
+    settings, pool = platform.settings, platform.pool
+    assert pool is not None
+    options = {  # as `audience simulate` calls it, signed in as the producer
+        "nats_url": platform.nats_url,
+        "partitions": settings.partitions,
+        "users": args.users,
+        "rate": args.under_ingest_rate,
+        "duration_s": STEADY_WAIT_S + args.open_seconds + GRACE_S + 60,  # stopped before
+        "seed": args.seed + 1,  # event ids (sim<seed>-n) apart from the replayed history's
+        "max_batch": settings.batch_max_events,
+        "linger_ms": settings.linger_ms,
+        "policy": policy_of(settings),
+        "credentials": platform.credentials("producer"),
+    }
+    quiet = wait_for_quiet(max_wait_s=args.quiet_wait)
+    requests = requests_for(ENDPOINTS["personalize"][0], ready.users, ready.api_key)
+    publisher = SimulationProcess(options)
+    pids = {"publisher": publisher.pid, "bare_app": ready.bare_pid, "bench_client": os.getpid()}
+    try:
+        out = run_async(
+            open_loop_under_ingest(
+                ready.platform_port, requests, args, pool.handles, publisher, pids
+            )
+        )
+    finally:
+        out_publisher = publisher.stop()
+    out["publisher"] = out_publisher
+    out["target_events_per_s"] = args.under_ingest_rate
+    out["background_busy_before"] = quiet
+    fresh = out["freshness"]["store_to_applied_ms"]
+    print(
+        f"  personalize at {args.rate:g} rps under {args.under_ingest_rate:,.0f} events/s: "
+        f"p50/p99 {_ms(out['p50_ms'])}/{_ms(out['p99_ms'])} ms ({out['errors']} errors); "
+        f"published {out_publisher.get('events_per_s', 0.0):,.0f} events/s, applied "
+        f"{out['applied_events_per_s']:,.0f}/s in the run; freshness p99 {_ms(fresh['p99'])} ms",
+        flush=True,
+    )
+    return out
+
+
 def measure_ingest(args: argparse.Namespace, ready: Prepared) -> dict[str, Any]:
     """HTTP ingest at ``--ingest-concurrency`` requests in flight, with the CPU it used."""
     quiet = wait_for_quiet(max_wait_s=args.quiet_wait)
@@ -1167,11 +1479,14 @@ def summary_of(
     batches: dict[str, Any],
     ingest: dict[str, Any] | None,
     answers: dict[str, Any],
+    under_ingest: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The flat ``summary``: every target figure (see ``GOALS``; None when not measured).
 
     The ``_100rps`` figures are at ``--rate`` and the ``_1000_`` ones for ``--batch-users``
-    users, whatever those were; a batch whose answer was incomplete has no time.
+    users, whatever those were; a batch whose answer was incomplete has no time. Beside
+    the p99 under ingest, the rate the publisher achieved and the freshness p99 of the
+    same window (no target of their own here: the pipeline bench has those).
     """
 
     def at(name: str, server: str, phase: str, key: str) -> Any:
@@ -1193,6 +1508,12 @@ def summary_of(
         out[f"{name}_batch_1000_s"] = b["seconds"] if b and b["complete"] else None
         out[f"{name}_single_p99_ms_during_batch"] = b["singles"]["p99_ms"] if b else None
     out["http_ingest_events_per_s"] = ingest["events_per_s"] if ingest else None
+    u = under_ingest or {}
+    out["personalize_p99_ms_100rps_under_ingest"] = u.get("p99_ms")
+    out["under_ingest_published_events_per_s"] = u.get("publisher", {}).get("events_per_s")
+    out["under_ingest_freshness_p99_ms"] = (
+        u.get("freshness", {}).get("store_to_applied_ms", {}).get("p99")
+    )
     out["answers_match_bare"] = bool(answers) and all(
         c["users"] > 0 and c["same_answer"] == c["users"] for c in answers.values()
     )
@@ -1213,6 +1534,14 @@ def broken_steps(r: dict[str, Any]) -> list[str]:
             out.append(f"POST {BATCHES[name][0]}: incomplete answer {b}")
         if not b["singles"]["ok"]:
             out.append(f"{name}: no single request answered during the batch")
+    u = r["under_ingest"]
+    if u["publisher"].get("error") or not u["publisher"].get("events"):
+        out.append(f"audience simulate under ingest published nothing: {u['publisher']}")
+    if not u["ok"] or not u["freshness"]["messages"]:
+        out.append(
+            f"personalize under ingest: {u['ok']} answers, {u['freshness']['messages']} "
+            "messages applied"
+        )
     if not r["ingest"]["accepted_events"]:
         out.append(f"POST /v1/events: no event accepted ({r['ingest']['statuses']})")
     return out
@@ -1244,6 +1573,7 @@ def main(argv: list[str] | None = None) -> int:
             ready = prepare(args, platform, tmp, bare)
             endpoints = measure_all(args, ready)
             batches = measure_batches(args, ready)
+            under_ingest = measure_under_ingest(args, ready, platform)  # changes live users
             ingest = measure_ingest(args, ready)  # last: it changes the live users
         finally:
             for proc in bare:
@@ -1252,10 +1582,11 @@ def main(argv: list[str] | None = None) -> int:
 
     result: dict[str, Any] = {
         "smoke": args.smoke,
-        "summary": summary_of(endpoints, batches, ingest, ready.answers_match),
+        "summary": summary_of(endpoints, batches, ingest, ready.answers_match, under_ingest),
         "summary_targets": {key: goal(key) for key in GOALS} | {"answers_match_bare": "all"},
         "endpoints": endpoints,
         "batches": batches,
+        "under_ingest": under_ingest,
         "ingest": ingest,
         "targets": TARGETS,
         "setup": ready.setup,

@@ -117,6 +117,23 @@ def test_serving_bench_smoke(tmp_path: Path) -> None:
                 assert all(k.startswith("unanswered_") for k in m["error_kinds"]), where
             assert e[server]["open_loop"]["requests"] == round(rate * seconds)
             assert positive(e[server]["closed_loop"]["rps"])
+    # CPU per request net of an idle window as long: on Ray Serve (model routes, trivial app).
+    serve = [r["endpoints"][n]["platform"] for n in ("churn", "personalize")]
+    for runs in [*serve, r["endpoints"]["trivial"]["serve"]]:
+        for phase in ("open_loop", "closed_loop"):
+            net = runs[phase]["server_cpu_ms_per_request_net_of_idle"]
+            assert isinstance(net, int | float), (phase, runs[phase])
+    # The personalize open loop again while `audience simulate` published into the stream.
+    u, summary = r["under_ingest"], r["summary"]
+    assert u["requests"] == round(rate * seconds) and u["ok"] > 0, u
+    assert u["freshness"]["messages"] > 0 and not u["publisher"].get("error"), u
+    for key in (
+        "personalize_p99_ms_100rps_under_ingest",
+        "under_ingest_published_events_per_s",
+        "under_ingest_freshness_p99_ms",
+    ):
+        assert positive(summary[key]), (key, summary[key])
+    assert "personalize_p99_ms_100rps_under_ingest" in r["summary_pass"]
     assert positive(r["total_s"])
 
 

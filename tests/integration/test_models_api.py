@@ -236,5 +236,8 @@ def test_status_says_which_models_are_served(api: httpx.Client, trained: TrainRe
 
     status = api.get("/v1/status").json()
     assert status["models"]["personalization"]["version"] == trained.versions["personalization"]
+    for kind in ("churn", "personalization"):  # every read so far went over NATS
+        reads = status["models"][kind]["shard_reads"]
+        assert reads["over_nats"] > 0 and reads["fell_back"] == 0, (kind, reads)
     assert status["models"]["personalization"]["items_indexed"] > 0
     assert f"personalization {trained.versions['personalization']}" in format_status(status)

@@ -25,6 +25,7 @@ from actors.deadletter import DeadLetters
 from actors.jetstream import StreamNames, dead_letter_counts, ensure_streams
 from actors.nats_auth import NatsAuthError, NatsCredentials, connect
 from actors.partitioning import events_subject
+from actors.shard_queries import query_subject
 from actors.validation import Rejection, RejectReason
 from cluster.nats_server import EmbeddedNats, EmbeddedNatsCluster
 from cluster.nats_users import ROLES
@@ -179,6 +180,38 @@ def test_the_api_ingests_and_reads_what_it_serves_but_cannot_follow_or_delete_st
         with pytest.raises(NatsTimeoutError):
             await denied.object_store(BUCKET)  # snapshots are the shards' business
         await api.nc.close()
+
+    asyncio.run(body())
+
+
+def test_shards_answer_the_apis_reads_and_a_producer_can_neither_ask_nor_listen(
+    secured: EmbeddedNats,
+) -> None:
+    subject = query_subject("AUDIENCE_EVENTS.audience", 0)
+
+    async def body() -> None:
+        shard = await session(secured, "shard")
+
+        async def echo(msg: Any) -> None:
+            await msg.respond(b"answer to " + msg.data)  # a reply to the api's own inbox
+
+        await shard.nc.subscribe(subject, cb=echo)
+        await shard.nc.flush()
+        api = await session(secured, "api")
+        reply = await api.nc.request(subject, b"rows?", timeout=5)
+        assert reply.data == b"answer to rows?"
+        assert not shard.denied and not api.denied
+
+        producer = await session(secured, "producer")
+        with pytest.raises(NatsTimeoutError):  # refused: nothing reaches the shard
+            await producer.nc.request(subject, b"rows?", timeout=1)
+        assert await producer.refused(f'publish to "{subject.lower()}"')
+        await producer.nc.subscribe("audience.query.>", cb=echo)
+        assert await producer.refused('subscription to "audience.query.>"')
+        await shard.nc.publish("_INBOX.api.anything", b"unasked")  # only replies are allowed
+        assert await shard.refused('publish to "_inbox.api.anything"')
+        for s in (shard, api, producer):
+            await s.nc.close()
 
     asyncio.run(body())
 

@@ -26,6 +26,7 @@ from actors.checkpoint_store import CheckpointConfig
 from actors.jetstream import StreamNames
 from actors.pool import NAMESPACE, PoolSpec, ShardPool, shard_name
 from actors.producer import Producer
+from actors.shard_queries import QueryClient
 from actors.windows import WindowConfig
 from cluster.autoscaling import ScalingPolicy
 from cluster.launcher import Platform
@@ -65,10 +66,11 @@ def _spec(url: str, name: str) -> PoolSpec:
 
 
 class Reader:
-    """Asks for the same users' profiles, and every partition's partials, in a loop.
+    """Asks for the same users' profiles, model rows, and every partition's partials, in a loop.
 
-    Keeps what went wrong: a failed call, a user's count going backwards, an
-    aggregate answer that misses a partition (or holds one twice).
+    Keeps what went wrong: a failed call, a user's count going backwards (in a
+    profile or in the rows the models read, over NATS when the pool asks there),
+    an aggregate answer that misses a partition (or holds one twice).
     """
 
     def __init__(self, pool: ShardPool, users: list[str]) -> None:
@@ -80,11 +82,13 @@ class Reader:
         self.backwards: list[str] = []
         self.partial_counts: set[int] = set()
         self._last: dict[str, int] = {}
+        self._rows_last: dict[str, int] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
                 profiles = await self.pool.profiles(self.users)
+                rows = await self.pool.user_rows(self.users)
                 partials = await self.pool.insights_partials()
             except Exception as exc:  # every failure is a finding
                 self.errors.append(repr(exc))
@@ -97,6 +101,10 @@ class Reader:
                 if events < self._last.get(user, 0):
                     self.backwards.append(f"{user}: {self._last[user]} -> {events}")
                 self._last[user] = events
+            for user, counts in zip(rows.user_ids, rows.counts.sum(axis=1).tolist(), strict=True):
+                if counts < self._rows_last.get(user, 0):
+                    self.backwards.append(f"{user} rows: {self._rows_last[user]} -> {counts}")
+                self._rows_last[user] = counts
             await asyncio.sleep(0.01)
 
 
@@ -115,8 +123,10 @@ async def _scenario(url: str, pool: ShardPool, batches: list[Any]) -> dict[str, 
     truth = truth_of(*batches)
     sample = sorted(truth)[:: max(1, len(truth) // 40)]
     reader = Reader(pool, sample)
-    # Another process's view: a pool that learns each layout from the shards.
-    elsewhere = Reader(ShardPool.connect(pool.spec), sample)
+    # Another process's view: a pool that learns each layout from the shards, and
+    # reads the rows over NATS as the model replicas do.
+    queries = QueryClient(pool.spec.nats_url, None, pool.spec.scope)
+    elsewhere = Reader(ShardPool.connect(pool.spec, queries), sample)
     stop = asyncio.Event()
     publishing = asyncio.create_task(_publish(url, batches, every_s=0.1))
     reading = asyncio.gather(reader.run(stop), elsewhere.run(stop))
@@ -130,6 +140,8 @@ async def _scenario(url: str, pool: ShardPool, batches: list[Any]) -> dict[str, 
     stop.set()
     await reading
     assert_counts(profiles, truth)
+    assert queries.answered >= elsewhere.answers and queries.fell_back == 0
+    await queries.close()
     return {"up": up, "down": down, "readers": [reader, elsewhere], "pool": pool}
 
 

@@ -86,9 +86,21 @@ def test_only_admin_may_create_or_delete_the_streams() -> None:
 def test_each_role_subscribes_only_to_its_own_inboxes() -> None:
     for role in ("api", "shard", "producer"):
         subscribe = permissions(role).subscribe
-        assert subscribe == (f"_INBOX.{role}.>",)
+        assert subscribe[0] == f"_INBOX.{role}.>"
         assert not _allows(subscribe, "_INBOX.abc")
         assert not _allows(subscribe, "audience.events.1")
+
+
+def test_only_shards_answer_the_per_request_reads_and_only_the_api_asks_them() -> None:
+    read = "audience.query.AUDIENCE_EVENTS.audience.0"
+    assert [r for r in ("api", "shard", "producer") if _allows(permissions(r).subscribe, read)] == [
+        "shard"
+    ]
+    assert [r for r in ("api", "shard", "producer") if _allows(permissions(r).publish, read)] == [
+        "api"
+    ]
+    assert permissions("shard").as_config()["allow_responses"] is True
+    assert "allow_responses" not in permissions("producer").as_config()
 
 
 def test_shards_reach_their_snapshots_and_layout_under_the_configured_names() -> None:
