@@ -10,7 +10,7 @@ appended.
 from __future__ import annotations
 
 import math
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import Enum
 from typing import Annotated
 
@@ -114,8 +114,8 @@ class Event(BaseModel):
 
 def to_epoch_ms(ts: datetime) -> int:
     """Milliseconds since the epoch for an aware datetime (exact, no float drift)."""
-    delta = ts - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
+    return (ts - EPOCH) // ONE_MS  # timedelta floor division: integers all the way
 
 
-_EPOCH = datetime.fromisoformat("1970-01-01T00:00:00+00:00")
+EPOCH = datetime.fromisoformat("1970-01-01T00:00:00+00:00")
+ONE_MS = timedelta(milliseconds=1)

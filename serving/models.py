@@ -54,10 +54,13 @@ from serving.model_routes import churn_api, personalize_api
 log = logging.getLogger(__name__)
 
 NO_MODEL = "none"
-# A request for many users is answered in chunks of this many, one after the other,
-# each with one call per shard and one model call, computed off the replica's loop:
-# single requests (grouped by @serve.batch) keep being answered meanwhile.
+# A request for many users is answered in chunks of this many, each with one read per
+# shard and one model call, computed off the replica's loop: single requests (grouped
+# by @serve.batch) keep being answered meanwhile.
 CHUNK_USERS = 100
+# Chunks of one request computed at once: LightGBM releases the GIL, so two chunks use
+# both cores of a small machine; more would only queue behind them.
+CHUNKS_IN_FLIGHT = 2
 # Each model deployment is the ingress of its own Serve application (a Serve config
 # must use these names: the gateway finds the deployments by them).
 CHURN_APP = "audience-churn"
@@ -245,19 +248,22 @@ class Personalizer:
         """Merge the shards' item partials into a fresh index, on a timer.
 
         Only when a partition's items changed, and never more often than five times
-        the last merge took, so the merge stays a small share of a replica's CPU.
+        the last refresh took (the shards' partials and the merge), so it stays a
+        small share of the shards' and the replica's CPU. Under steady ingest every
+        partition changes: a refresh then costs about a second of each shard's loop
+        (see the serving bench's under-ingest run).
         """
         partials: dict[int, dict[str, Any]] = {}  # partition -> its latest partial
         while True:
             pause = self.config.item_refresh_s
             try:
                 known = {p: partial["version"] for p, partial in partials.items()}
+                started = time.perf_counter()
                 fresh = await self.pool.item_partials(self.config.item_top_n, known)
                 changed = {p: f for p, f in fresh.items() if f is not None}
                 if changed or set(fresh) != set(partials):
                     # Partitions no shard reports any more are dropped (none, normally).
                     partials = {p: changed.get(p) or partials[p] for p in fresh}
-                    started = time.perf_counter()
                     merged = list(partials.values())
                     self.index = await asyncio.to_thread(ItemIndex.merge, merged)
                     pause = max(pause, 5 * (time.perf_counter() - started))
@@ -280,11 +286,15 @@ class Personalizer:
             batched: Any = self.recommend  # type: ignore[misc]  # @serve.batch: its typing
             answer: dict[str, Any] = await batched(user_ids[0], k)
             return [answer]
-        out: list[dict[str, Any]] = []
-        for at in range(0, len(user_ids), CHUNK_USERS):
+        room = asyncio.Semaphore(CHUNKS_IN_FLIGHT)
+
+        async def chunk_of(at: int) -> list[dict[str, Any]]:
             chunk = user_ids[at : at + CHUNK_USERS]
-            out += await self._recommended(chunk, [k] * len(chunk), in_thread=True)
-        return out
+            async with room:
+                return await self._recommended(chunk, [k] * len(chunk), in_thread=True)
+
+        chunks = await asyncio.gather(*map(chunk_of, range(0, len(user_ids), CHUNK_USERS)))
+        return [answer for chunk in chunks for answer in chunk]
 
     async def ranked_items(self, user_id: str, items: list[str]) -> dict[str, Any]:
         """``items`` ordered for ``user_id`` (the route's entry)."""
@@ -312,7 +322,11 @@ class Personalizer:
         ranker, index, header = self.follower.model, self.index, self._header()
         rows = await self.pool.user_rows(user_ids)
         limits = self.config.limits
-        proposed = [propose(index, rows, i, limits) for i in range(len(user_ids))]
+
+        def proposals() -> list[dict[str, str]]:
+            return [propose(index, rows, i, limits) for i in range(len(user_ids))]
+
+        proposed = await asyncio.to_thread(proposals) if in_thread else proposals()
         checks = [(u, list(c)) for u, c, h in zip(user_ids, proposed, rows.held, strict=True) if h]
         flags = iter(await self.pool.seen(checks)) if checks else iter(())
         candidates = []
