@@ -22,6 +22,7 @@ and inserted elsewhere, while one flush serves all of them.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,9 @@ _POSITIVE = [
     TYPE_CODE[t]
     for t in (EventType.LIKE, EventType.SHARE, EventType.ADD_TO_CART, EventType.PURCHASE)
 ]
+
+
+_LOW = 0xFFFFFFFF  # the later slot of a pair key (a << 32 | b)
 
 
 @dataclass(frozen=True)
@@ -372,29 +376,56 @@ class ItemGraph:
         The merge (:func:`models.item_index.ItemIndex.merge`) sums partials of
         several partitions; ``top_n`` bounds what crosses the wire.
         """
+        return self.partials(table, top_n, [partition])[partition]
+
+    def partials(
+        self, table: UserStateTable, top_n: int, partitions: Sequence[int]
+    ) -> dict[int, dict[str, Any]]:
+        """:meth:`partial` of each of ``partitions``, with one pass over the pairs for all.
+
+        A shard asked for its partitions' partials on a timer (the serving item index)
+        holds its loop while it computes them: splitting the pairs by partition once,
+        rather than scanning them all for each partition, keeps that pause short.
+        """
         self.flush()
         self.compact()
+        lo = (self._keys >> 32).astype(np.int64)
+        owner = self.partition[lo]
+        by_partition = np.argsort(owner, kind="stable")  # each run keeps its key order
+        wanted = np.asarray(partitions, dtype=np.int64)
+        sorted_owner = owner[by_partition]
+        firsts = np.searchsorted(sorted_owner, wanted).tolist()
+        ends = np.searchsorted(sorted_owner, wanted + 1).tolist()
+        out = {}
+        for partition, first, end in zip(partitions, firsts, ends, strict=True):
+            mine = by_partition[first:end]
+            out[partition] = self._partial_of(
+                table, top_n, partition, lo[mine], self._keys[mine] & _LOW, self._weights[mine]
+            )
+        return out
+
+    def _partial_of(
+        self,
+        table: UserStateTable,
+        top_n: int,
+        partition: int,
+        lo: np.ndarray,
+        hi: np.ndarray,
+        pair_w: np.ndarray,
+    ) -> dict[str, Any]:
+        """One partition's partial from its pairs (slots ``lo`` < ``hi``, weights)."""
         slots = self._mine(partition)
         items = slots[self.count[slots] > 0]
         names = table.items.names_of(self.item[items])
         by_name = sorted(range(len(names)), key=names.__getitem__)  # whatever order they came in
         items, names = items[by_name], [names[i] for i in by_name]
-        lo = (self._keys >> 32).astype(np.int64)
-        hi = (self._keys & 0xFFFFFFFF).astype(np.int64)
-        mine = self.partition[lo] == partition
-        lo, hi, pair_w = lo[mine], hi[mine], self._weights[mine]
+        hi = hi.astype(np.int64)
         position = np.full(len(self.count), -1, dtype=np.int64)
         position[items] = np.arange(items.size)
         a = position[np.concatenate([lo, hi])]  # both directions, as positions in ``items``
         b = position[np.concatenate([hi, lo])]
         w = np.concatenate([pair_w, pair_w])
-        order = np.lexsort((b, -w, a))
-        a, b, w = a[order], b[order], w[order]
-        if a.size:
-            starts = np.r_[0, np.flatnonzero(a[1:] != a[:-1]) + 1]
-            rank = np.arange(a.size) - np.repeat(starts, np.diff(np.r_[starts, a.size]))
-            keep = rank < top_n
-            a, b, w = a[keep], b[keep], w[keep]
+        a, b, w = _top_partners(a, b, w, top_n)
         return {
             "items": names,
             "category": [table.category_name(int(c)) for c in self.category[items].tolist()],
@@ -498,3 +529,32 @@ _FILLS = {
     "partition": -1,
 }
 _STATS = ("count", "heat", "positive", "first", "last", "sum_days", "sum_days2", "category")
+
+
+def _top_partners(
+    a: np.ndarray, b: np.ndarray, w: np.ndarray, top_n: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pairs ``(a, b, w)`` keeping each ``a``'s ``top_n`` heaviest partners (lower ``b``
+    first on ties), in no particular order.
+
+    Only the pairs of items with more partners than ``top_n`` are sorted: most items
+    have fewer, and a sort of every pair is most of what a shard's partial costs.
+    """
+    if not a.size:
+        return a, b, w
+    over = np.bincount(a) > top_n
+    if not over.any():
+        return a, b, w
+    heavy = over[a]
+    ha, hb, hw = a[heavy], b[heavy], w[heavy]
+    order = np.lexsort((hb, -hw, ha))
+    ha, hb, hw = ha[order], hb[order], hw[order]
+    starts = np.r_[0, np.flatnonzero(ha[1:] != ha[:-1]) + 1]
+    rank = np.arange(ha.size) - np.repeat(starts, np.diff(np.r_[starts, ha.size]))
+    keep = rank < top_n
+    light = ~heavy
+    return (
+        np.concatenate([a[light], ha[keep]]),
+        np.concatenate([b[light], hb[keep]]),
+        np.concatenate([w[light], hw[keep]]),
+    )

@@ -648,14 +648,10 @@ class Shard:
         ``known[p]`` (the caller keeps that one): an idle partition costs the merge nothing.
         """
         known = known or {}
-        out: dict[int, dict[str, Any] | None] = {}
-        for p in self.held:
-            version = self.items.versions.get(p, 0)
-            if known.get(p) is not None and known[p] == version:
-                out[p] = None
-            else:
-                out[p] = {**self.items.partial(self.table, top_n, p), "version": version}
-        return out
+        versions = {p: self.items.versions.get(p, 0) for p in self.held}
+        changed = [p for p, v in versions.items() if known.get(p) is None or known[p] != v]
+        fresh = self.items.partials(self.table, top_n, changed) if changed else {}
+        return {p: {**fresh[p], "version": versions[p]} if p in fresh else None for p in versions}
 
     # -- snapshots and hand-offs --------------------------------------------------------
 

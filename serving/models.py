@@ -309,8 +309,13 @@ class Personalizer:
     async def recommend(  # type: ignore[misc]
         self, user_ids: list[str], ks: list[int]
     ) -> list[dict[str, Any]]:
-        """Concurrent single requests, grouped (see :meth:`_recommended`)."""
-        return await self._recommended(user_ids, ks, in_thread=False)
+        """Concurrent single requests, grouped (see :meth:`_recommended`).
+
+        A batch of several is computed in a worker thread: LightGBM releases the GIL,
+        so under load one batch scores while the loop answers HTTP for the next; a
+        lone request stays on the loop (a thread hop would only add latency).
+        """
+        return await self._recommended(user_ids, ks, in_thread=len(user_ids) > 1)
 
     async def _recommended(
         self, user_ids: list[str], ks: list[int], in_thread: bool

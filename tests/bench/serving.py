@@ -1563,6 +1563,11 @@ def main(argv: list[str] | None = None) -> int:
             num_cpus=4,
             partitions=8,
             shards=2,
+            # Two shards throughout: the shard autoscaler would consolidate an idle
+            # platform to one between the steps (and the under-ingest step reads
+            # every shard's counters by handle).
+            autoscale_min_shards=2,
+            autoscale_max_shards=2,
             model_poll_s=1.0,
             rate_limit_per_s=1e6,  # keys stay on; the rate limit must not cap what is measured
             rate_limit_burst=1e6,

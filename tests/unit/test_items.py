@@ -157,3 +157,50 @@ def test_heat_ranks_items_by_recent_activity_and_merges_across_shards() -> None:
     index = ItemIndex.merge(partials)
     assert index.items[index.popular[0]] == "old-hit"  # more events in all
     assert index.items[index.trending[0]] == "new-hit"  # 3 events 5 days later weigh more
+
+
+def test_partials_of_several_partitions_at_once_equal_each_partition_on_its_own() -> None:
+    from actors.shard import Shard
+    from tests.unit.test_shard import deliveries_of
+
+    shard = Shard(0, range(4))
+    shard.apply(deliveries_of(random_batch(4000, 80, seed=5), 4))
+    graph, table = shard.items, shard.table
+    together = graph.partials(table, 7, [3, 0, 2, 1])
+    assert list(together) == [3, 0, 2, 1]
+    lo = (graph._keys >> 32).astype(np.int64)
+    for p in range(4):  # the reference: this partition's pairs picked by a mask
+        mine = graph.partition[lo] == p
+        hi = graph._keys[mine] & 0xFFFFFFFF
+        alone = graph._partial_of(table, 7, p, lo[mine], hi, graph._weights[mine])
+        assert len(alone["pair_a"]) > 0 and alone["items"]
+        assert together[p].keys() == alone.keys()
+        for key, value in alone.items():
+            assert np.array_equal(together[p][key], value), (p, key)
+        assert np.array_equal(graph.partial(table, 7, p)["pair_w"], alone["pair_w"])
+    assert len({len(together[p]["items"]) for p in range(4)}) > 1  # not one partition four times
+
+
+@pytest.mark.parametrize("top_n", [1, 3, 50, 10_000])
+def test_top_partners_keep_the_same_pairs_as_a_sort_of_them_all(top_n: int) -> None:
+    from actors.items import _top_partners
+
+    rng = np.random.default_rng(top_n)
+    a = rng.integers(0, 30, 2000)
+    b = rng.integers(0, 400, 2000)
+    w = rng.integers(1, 5, 2000).astype(np.float32) / 2  # many ties: lower b wins them
+    order = np.lexsort((b, -w, a))  # the plain way: sort all, keep each a's first top_n
+    sa, sb, sw = a[order], b[order], w[order]
+    rank = np.array([np.sum(sa[:i] == sa[i]) for i in range(sa.size)])
+    want = sorted(
+        zip(
+            sa[rank < top_n].tolist(),
+            sb[rank < top_n].tolist(),
+            sw[rank < top_n].tolist(),
+            strict=True,
+        )
+    )
+    got_a, got_b, got_w = _top_partners(a, b, w, top_n)
+    got = sorted(zip(got_a.tolist(), got_b.tolist(), got_w.tolist(), strict=True))
+    assert got == want
+    assert (top_n >= 2000) == (len(got) == 2000)
