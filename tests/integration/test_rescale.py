@@ -140,7 +140,11 @@ async def _scenario(url: str, pool: ShardPool, batches: list[Any]) -> dict[str, 
     stop.set()
     await reading
     assert_counts(profiles, truth)
-    assert queries.answered >= elsewhere.answers and queries.fell_back == 0
+    # The reads went over NATS. A shard the rescale removes has no responder on its
+    # subject any more: a read sent to it just then falls back to the Ray call, which
+    # reports the shard gone, and the pool re-reads the layout (the readers' checks above
+    # say no answer was wrong or missing).
+    assert queries.answered >= elsewhere.answers
     await queries.close()
     return {"up": up, "down": down, "readers": [reader, elsewhere], "pool": pool}
 
