@@ -207,8 +207,9 @@ class QueryClient:
 
     Connects on first use, on the caller's event loop. After NATS could not
     answer (no server, a refused login, no shard subscribed, no answer in
-    :data:`QUERY_TIMEOUT_S`), :meth:`ask` returns ``None`` for :data:`FALLBACK_S`
-    without trying, so an outage costs one timeout, not one per request.
+    :data:`QUERY_TIMEOUT_S`), :meth:`ask` says "not answered" for :data:`FALLBACK_S`
+    without trying (that shard, or every shard when the connection failed), so an
+    outage costs one timeout, not one per request.
     """
 
     def __init__(self, nats_url: str, credentials: NatsCredentials | None, scope: str) -> None:
