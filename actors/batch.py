@@ -17,14 +17,13 @@ from typing import Any
 import numpy as np
 
 from actors.events import (
-    EPOCH,
     EVENT_TYPES,
-    ONE_MS,
     SOURCE_CODE,
     SOURCES,
     TYPE_CODE,
     Event,
     Scalar,
+    to_epoch_ms,
 )
 
 NO_VALUE = float("nan")
@@ -67,7 +66,7 @@ class EventBatch:
             event_id=[e.event_id for e in events],
             user_id=[e.user_id for e in events],
             type=np.fromiter((TYPE_CODE[e.type] for e in events), np.uint8, len(events)),
-            ts=np.fromiter(((e.ts - EPOCH) // ONE_MS for e in events), np.int64, len(events)),
+            ts=np.fromiter((to_epoch_ms(e.ts) for e in events), np.int64, len(events)),
             item_id=[e.item_id for e in events],
             category=[e.category for e in events],
             value=np.fromiter(

@@ -114,8 +114,8 @@ class Event(BaseModel):
 
 def to_epoch_ms(ts: datetime) -> int:
     """Milliseconds since the epoch for an aware datetime (exact, no float drift)."""
-    return (ts - EPOCH) // ONE_MS  # timedelta floor division: integers all the way
+    return (ts - _EPOCH) // _ONE_MS  # timedelta floor division: integers all the way
 
 
-EPOCH = datetime.fromisoformat("1970-01-01T00:00:00+00:00")
-ONE_MS = timedelta(milliseconds=1)
+_EPOCH = datetime.fromisoformat("1970-01-01T00:00:00+00:00")
+_ONE_MS = timedelta(milliseconds=1)

@@ -257,7 +257,8 @@ class QueryClient:
         for ever on its own).
 
         Raises:
-            ShardRecovering: NATS is reconnecting (the caller falls back to Ray).
+            QueryError: NATS is reconnecting, or failed a moment ago (the caller falls
+                back to Ray).
             Exception: the first connection failed (idem; the next use tries again).
         """
         if self._nc is not None and self._nc.is_connected:
@@ -266,7 +267,7 @@ class QueryClient:
             self._connecting = asyncio.Lock()
         async with self._connecting:
             if asyncio.get_running_loop().time() < self._resting_until.get(-1, 0.0):
-                raise ShardRecovering(-1, "NATS could not be reached a moment ago")
+                raise QueryError("NATS could not be reached a moment ago")
             if self._nc is None:
                 nc = Client()
                 try:
@@ -287,7 +288,7 @@ class QueryClient:
                     raise
                 self._nc = nc
             if not self._nc.is_connected:
-                raise ShardRecovering(-1, "NATS is reconnecting")
+                raise QueryError("NATS is reconnecting")
             return self._nc
 
     async def close(self) -> None:

@@ -250,7 +250,7 @@ class Personalizer:
         Only when a partition's items changed, and never more often than five times
         the last refresh took (the shards' partials and the merge), so it stays a
         small share of the shards' and the replica's CPU. Under steady ingest every
-        partition changes: a refresh then costs about a second of each shard's loop
+        partition changes, and each refresh still pauses the shards and the replica
         (see the serving bench's under-ingest run).
         """
         partials: dict[int, dict[str, Any]] = {}  # partition -> its latest partial
@@ -309,13 +309,8 @@ class Personalizer:
     async def recommend(  # type: ignore[misc]
         self, user_ids: list[str], ks: list[int]
     ) -> list[dict[str, Any]]:
-        """Concurrent single requests, grouped (see :meth:`_recommended`).
-
-        A batch of several is computed in a worker thread: LightGBM releases the GIL,
-        so under load one batch scores while the loop answers HTTP for the next; a
-        lone request stays on the loop (a thread hop would only add latency).
-        """
-        return await self._recommended(user_ids, ks, in_thread=len(user_ids) > 1)
+        """Concurrent single requests, grouped (see :meth:`_recommended`)."""
+        return await self._recommended(user_ids, ks, in_thread=False)
 
     async def _recommended(
         self, user_ids: list[str], ks: list[int], in_thread: bool
